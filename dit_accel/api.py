@@ -1,0 +1,328 @@
+"""``accelerate_dit`` / ``remove_acceleration`` and the handle they return.
+
+Applying a recipe to a pipeline (or a bare transformer):
+
+1. resolves the recipe and checks every transformer has an adapter, before touching anything;
+2. per transformer (``pipe.transformer`` and ``pipe.transformer_2`` where present) builds the step tracker, the
+   attention interception and the stats, installs each plugin, and finally the tracker hook (outermost);
+3. wraps, on the instances only, ``pipe.scheduler.set_timesteps`` (a generation starts: reset, and the schedule
+   length) and ``pipe.maybe_free_model_hooks`` (a generation ended: reset). ``pipe.__call__`` cannot be wrapped
+   per instance (Python looks special methods up on the class) and classes are never patched.
+
+Anything that fails half-way is rolled back. Removal restores every module and method exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from dit_accel.core.attention import AttentionInterceptor
+from dit_accel.core.blocks import spec_for
+from dit_accel.core.context import StepTracker
+from dit_accel.core.hooks import attach, detach
+from dit_accel.core.plugin import InstallTarget, Plugin, plugin_for
+from dit_accel.core.stats import GenerationStats, StatsRecorder, format_summary
+from dit_accel.recipe import Recipe, conflict_message, load_recipe
+
+TRACKER_HOOK = "dit_accel.tracker"
+_HANDLE_ATTR = "_dit_accel_handle"
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        return None
+
+
+class _TrackerHook(ModelHook):
+    """Outermost hook on the transformer: classifies each call, and resets everything if the forward raises.
+
+    It is stateful and holds a ``StateManager`` so that diffusers' ``cache_context(name)`` reaches it (we read the
+    name to label branches) and ``maybe_free_model_hooks`` resets it at the end of a generation.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, accelerated: "_AcceleratedTransformer") -> None:
+        super().__init__()
+        self.accelerated = accelerated
+        self.state_manager = StateManager(_NoState)
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        tracker = self.accelerated.tracker
+        context = self.state_manager._context
+        context = tracker.enter(module, args, kwargs, context.name if context is not None else None)
+        self.accelerated.stats.on_call(context)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            tracker.reset(reason="error")
+            raise
+        finally:
+            tracker.exit()
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.accelerated.tracker.reset(reason="end")
+        return module
+
+
+class _AcceleratedTransformer:
+    """Everything installed on one transformer."""
+
+    def __init__(self, transformer: torch.nn.Module, recipe: Recipe, pipe: Any = None) -> None:
+        from dit_accel.pipelines.adapters import CFG_CONVENTIONS
+
+        self.transformer = transformer
+        self.spec = spec_for(transformer)
+        self.plugins: list[Plugin] = []
+        self._tracker_hook: _TrackerHook | None = None
+        self.attention: AttentionInterceptor | None = None
+        null_class = getattr(transformer.config, "num_embeds_ada_norm", None) if self.spec.family == "dit" else None
+        self.tracker = StepTracker(
+            self.spec,
+            on_reset=self._on_reset,
+            cfg_convention=CFG_CONVENTIONS.get(type(pipe).__name__) if pipe is not None else None,
+            guidance_probe=(lambda: getattr(pipe, "do_classifier_free_guidance", None)) if pipe is not None else None,
+            null_class_label=null_class,
+        )
+        self.stats = StatsRecorder(transformer, self.spec)
+        try:
+            self.attention = AttentionInterceptor(transformer, self.spec, self.tracker)
+            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats)
+            for config in recipe.plugins:
+                plugin = plugin_for(config)(config, target)
+                self.plugins.append(plugin)
+                plugin.install()
+            self._check_install_conflicts(target)
+            self._tracker_hook = _TrackerHook(self)
+            attach(transformer, self._tracker_hook, TRACKER_HOOK)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _check_install_conflicts(self, target: InstallTarget) -> None:
+        names = self.stats.sublayer_names
+        from dit_accel.core.plugin import matches_layers
+
+        for i, a in enumerate(self.plugins):
+            for b in self.plugins[i + 1:]:
+                if a.config.kind != b.config.kind:
+                    continue
+                shared = [n for n in names if matches_layers(a.config.layers, n) and matches_layers(b.config.layers, n)]
+                steps_a, steps_b = a.config.steps, b.config.steps
+                disjoint_steps = steps_a and steps_b and (steps_a[1] <= steps_b[0] or steps_b[1] <= steps_a[0])
+                if shared and not disjoint_steps:
+                    raise ValueError(conflict_message(a.config, b.config, where=f" on {shared[0]}"))
+
+    def _on_reset(self, reason: str) -> None:
+        if reason == "error":
+            self.stats.discard()
+        else:
+            self.stats.finish()
+        for plugin in self.plugins:
+            plugin.reset()
+
+    def cache_bytes(self) -> int:
+        return sum(plugin.cache_bytes() for plugin in self.plugins)
+
+    def remove(self) -> None:
+        if self._tracker_hook is not None:
+            detach(self.transformer, TRACKER_HOOK)
+            self._tracker_hook = None
+        for plugin in reversed(self.plugins):
+            plugin.remove()
+        self.plugins.clear()
+        if self.attention is not None:
+            self.attention.remove()
+            self.attention = None
+
+
+def _wrap_method(owner: Any, name: str, after) -> "functools.partial":
+    """Wrap ``owner.name`` on the instance so that ``after(owner, result, *args, **kwargs)`` runs after it.
+    Returns a function that restores the exact previous state."""
+    had_instance_attr = name in vars(owner)
+    previous = vars(owner).get(name)
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        after(owner, result, *args, **kwargs)
+        return result
+
+    vars(owner)[name] = wrapper
+
+    def restore() -> None:
+        if vars(owner).get(name) is not wrapper:
+            return  # someone wrapped it after us; leave their wrapper in place
+        if had_instance_attr:
+            vars(owner)[name] = previous
+        else:
+            del vars(owner)[name]
+
+    return restore
+
+
+class AccelerationHandle:
+    """What :func:`accelerate_dit` returns: stats, summary, reset and removal of one acceleration."""
+
+    def __init__(self, target: Any, recipe: Recipe) -> None:
+        self.target = target
+        self.recipe = recipe
+        self.transformers: list[_AcceleratedTransformer] = []
+        self._restores: list = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.transformers)
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """The stats of the last finished generation of the (first) transformer, or of the running one."""
+        if not self.transformers:
+            return None
+        recorder = self.transformers[0].stats
+        return recorder.last if recorder.last is not None else recorder.current
+
+    def stats_by_transformer(self) -> dict[str, GenerationStats | None]:
+        return {
+            acc.spec.family + (f"#{i}" if i else ""): (acc.stats.last or acc.stats.current)
+            for i, acc in enumerate(self.transformers)
+        }
+
+    def summary(self) -> str:
+        """A text table of the last generation: per block and sub-layer, computed / reused / forecast counts and
+        the estimated FLOPs relative to the dense run."""
+        parts = []
+        for label, stats in self.stats_by_transformer().items():
+            parts.append(format_summary(stats, recipe=self.recipe.name, model=label))
+        return "\n\n".join(parts) if parts else f"dit_accel: recipe {self.recipe.name!r} has been removed"
+
+    def reset(self) -> None:
+        """Drop all plugin state now (the next call starts a fresh generation)."""
+        for acc in self.transformers:
+            acc.tracker.reset(reason="end")
+
+    def remove(self) -> None:
+        """Remove every hook and wrapper; the model then computes exactly what it computed before."""
+        for restore in reversed(self._restores):
+            restore()
+        self._restores.clear()
+        for acc in self.transformers:
+            acc.remove()
+            vars(acc.transformer).pop(_HANDLE_ATTR, None)
+        self.transformers.clear()
+        if vars(self.target).get(_HANDLE_ATTR) is self:
+            del vars(self.target)[_HANDLE_ATTR]
+
+    def __repr__(self) -> str:
+        families = ", ".join(acc.spec.family for acc in self.transformers) or "removed"
+        return f"AccelerationHandle(recipe={self.recipe.name!r}, transformers=[{families}])"
+
+
+def _is_pipeline(obj: Any) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _transformers_of(target: Any) -> list[torch.nn.Module]:
+    if _is_pipeline(target):
+        found = [getattr(target, attr, None) for attr in ("transformer", "transformer_2")]
+        found = [t for t in found if t is not None]
+        if not found:
+            raise TypeError(
+                f"{type(target).__name__} has no `transformer` component; dit_accel accelerates diffusion-transformer "
+                "pipelines (UNet pipelines are not supported)"
+            )
+        return found
+    if isinstance(target, torch.nn.Module):
+        return [target]
+    raise TypeError(
+        f"accelerate_dit expects a diffusers pipeline or transformer model, got {type(target).__name__}"
+    )
+
+
+def accelerate_dit(pipe_or_transformer: Any, recipe: "str | Path | Recipe" = "none", **overrides: Any) -> AccelerationHandle:
+    """Accelerate a Diffusers DiT pipeline (or a bare transformer) with a recipe.
+
+    Args:
+        pipe_or_transformer: a ``DiffusionPipeline`` with a ``transformer`` (and optionally ``transformer_2``), or
+            the transformer model itself (then call ``handle.reset()`` between generations if your loop does not
+            use a diffusers scheduler).
+        recipe: ``"none"`` (default: install the machinery, change nothing), a named recipe (``"fora"``), a
+            composition (``"fora+int8"``), a path to a ``.toml`` file, or a :class:`Recipe`.
+        **overrides: plugin fields to change, e.g. ``interval=4`` or ``fora__interval=4``.
+
+    Returns:
+        An :class:`AccelerationHandle` (``summary()``, ``stats``, ``reset()``, ``remove()``).
+
+    Applying again replaces the previous acceleration; only the instance is changed, never a class or a
+    process-wide function.
+    """
+    resolved = load_recipe(recipe, **overrides)
+    transformers = _transformers_of(pipe_or_transformer)
+    for transformer in transformers:
+        spec_for(transformer)  # fail before touching anything
+    remove_acceleration(pipe_or_transformer)
+    for transformer in transformers:
+        remove_acceleration(transformer)
+
+    handle = AccelerationHandle(pipe_or_transformer, resolved)
+    pipe = pipe_or_transformer if _is_pipeline(pipe_or_transformer) else None
+    try:
+        for transformer in transformers:
+            handle.transformers.append(_AcceleratedTransformer(transformer, resolved, pipe))
+            vars(transformer)[_HANDLE_ATTR] = handle
+        if pipe is not None:
+            _wrap_pipeline(pipe, handle)
+    except BaseException:
+        handle.remove()
+        raise
+    vars(pipe_or_transformer)[_HANDLE_ATTR] = handle
+    return handle
+
+
+def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
+    scheduler = getattr(pipe, "scheduler", None)
+
+    def on_set_timesteps(owner, result, *args, **kwargs) -> None:
+        for acc in handle.transformers:
+            acc.tracker.begin_generation(getattr(owner, "timesteps", None))
+
+    def on_set_begin_index(owner, result, begin_index: int = 0, *args, **kwargs) -> None:
+        # img2img pipelines start part-way into the schedule.
+        timesteps = getattr(owner, "timesteps", None)
+        if timesteps is not None:
+            for acc in handle.transformers:
+                acc.tracker.begin_generation(timesteps[int(begin_index):])
+
+    def on_end(owner, result, *args, **kwargs) -> None:
+        for acc in handle.transformers:
+            acc.tracker.reset(reason="end")
+
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        handle._restores.append(_wrap_method(scheduler, "set_timesteps", on_set_timesteps))
+        if hasattr(scheduler, "set_begin_index"):
+            handle._restores.append(_wrap_method(scheduler, "set_begin_index", on_set_begin_index))
+    if hasattr(pipe, "maybe_free_model_hooks"):
+        handle._restores.append(_wrap_method(pipe, "maybe_free_model_hooks", on_end))
+
+
+def remove_acceleration(pipe_or_transformer: Any) -> bool:
+    """Remove the acceleration applied to a pipeline or transformer. Returns whether there was one."""
+    handle = vars(pipe_or_transformer).get(_HANDLE_ATTR) if hasattr(pipe_or_transformer, "__dict__") else None
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def get_handle(pipe_or_transformer: Any) -> AccelerationHandle | None:
+    """The active handle of an accelerated pipeline or transformer, if any."""
+    return vars(pipe_or_transformer).get(_HANDLE_ATTR) if hasattr(pipe_or_transformer, "__dict__") else None

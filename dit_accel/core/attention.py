@@ -1,0 +1,196 @@
+"""Scoped attention interception: replace the attention computation of chosen layers, inside the transformer only.
+
+Diffusers computes attention in two ways: legacy processors call ``F.scaled_dot_product_attention`` directly
+(DiT, PixArt, SD3, CogVideoX) and new processors go through ``dispatch_attention_fn`` (Flux, Wan, Qwen-Image,
+HunyuanVideo, LTX), whose native backend calls the same function with keyword arguments. Both end in
+``torch.nn.functional.scaled_dot_product_attention``, so that is where we intercept -- but never by replacing the
+function for the process (that breaks text encoders and VAEs and every other thread). Instead each routed
+attention module gets a hook that, for the duration of that module's forward only, enters a
+``TorchFunctionMode`` (thread-local) that catches the SDPA call and hands it to the plugin's function together
+with the layer's identity and the token layout.
+
+Attention backends that do not end in SDPA (flash-attn, sage, xformers, flex) cannot be intercepted; a routed
+layer that finishes its forward without an SDPA call raises an error that says so, instead of silently doing
+nothing.
+
+The plugin contract, one function::
+
+    fn(query, key, value, call: AttentionCall) -> Tensor
+
+with ``query`` (B, H, Sq, D), ``key``/``value`` (B, H, Sk, D) exactly as SDPA receives them ("HND" layout), and
+the output (B, H, Sq, Dv). ``call.dense(query, key, value)`` computes the exact attention with the original options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
+
+from dit_accel.core.blocks import AttentionKind, TokenLayout, TransformerSpec
+from dit_accel.core.context import CallContext, StepTracker
+from dit_accel.core.hooks import attach, detach
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+HOOK_NAME = "dit_accel.attention"
+
+
+@dataclass(frozen=True)
+class LayerId:
+    """The identity of one attention sub-layer: ``transformer_blocks.3.attn`` and its kind."""
+
+    block_list: str
+    block_index: int
+    sublayer: str
+    kind: AttentionKind
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_list}.{self.block_index}.{self.sublayer}"
+
+
+@dataclass
+class AttentionCall:
+    """One intercepted attention call, as a plugin sees it.
+
+    Attributes:
+        layer: which attention sub-layer is calling.
+        layout: where image and text tokens sit in the query sequence (and the token grid).
+        context: the tracker's step/branch decision for the current transformer call (``None`` outside one).
+        index: the SDPA call's index within this module's forward (Wan's image-to-video cross attention makes two).
+        options: the remaining SDPA arguments (``attn_mask``, ``dropout_p``, ``is_causal``, ``scale``,
+            ``enable_gqa``), to be honoured or refused by the plugin.
+    """
+
+    layer: LayerId
+    layout: TokenLayout
+    context: CallContext | None
+    index: int
+    options: dict = field(default_factory=dict)
+
+    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Exact attention with the call's original options (what the model would have computed)."""
+        return _SDPA(query, key, value, **self.options)
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
+
+
+class _SDPAScope(TorchFunctionMode):
+    """Catches SDPA calls made while one attention module runs and routes them to a plugin function."""
+
+    def __init__(self, hook: "AttentionLayerHook", fn: AttentionFn) -> None:
+        super().__init__()
+        self.hook = hook
+        self.fn = fn
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _SDPA:
+            return func(*args, **kwargs)
+        bound = dict(_SDPA_DEFAULTS)
+        bound.update(zip(_SDPA_PARAMS, args))
+        bound.update(kwargs)
+        query, key, value = bound.pop("query"), bound.pop("key"), bound.pop("value")
+        call = AttentionCall(
+            layer=self.hook.layer,
+            layout=self.hook.layout(),
+            context=self.hook.tracker.current,
+            index=self.calls,
+            options=bound,
+        )
+        self.calls += 1
+        return self.fn(query, key, value, call)
+
+
+class AttentionLayerHook(ModelHook):
+    """Installed on every attention sub-layer of the supported block lists; routes SDPA when a plugin asks."""
+
+    def __init__(self, layer: LayerId, tracker: StepTracker) -> None:
+        super().__init__()
+        self.layer = layer
+        self.tracker = tracker
+        self.route: AttentionFn | None = None
+
+    def layout(self) -> TokenLayout:
+        context = self.tracker.current
+        spec = self.tracker.spec
+        grid = context.grid if context is not None else None
+        text = context.num_text_tokens if context is not None and self.layer.kind == "joint" else 0
+        return TokenLayout(
+            kind=self.layer.kind,
+            grid=grid,
+            num_text_tokens=text,
+            text_position=spec.text_position if self.layer.kind == "joint" else None,
+        )
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.route is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        scope = _SDPAScope(self, self.route)
+        with scope:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if scope.calls == 0:
+            backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
+            raise RuntimeError(
+                f"dit_accel could not intercept attention in {self.layer.name}: its processor "
+                f"({type(getattr(module, 'processor', None)).__name__}, backend {backend}) did not call "
+                "torch.nn.functional.scaled_dot_product_attention. Attention plugins need the native SDPA path: "
+                "call transformer.set_attention_backend('native') or remove the attention plugin from the recipe."
+            )
+        return output
+
+
+class AttentionInterceptor:
+    """Owns the attention hooks of one transformer and the routing table layer -> plugin function."""
+
+    def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec, tracker: StepTracker) -> None:
+        self.transformer = transformer
+        self.hooks: dict[str, AttentionLayerHook] = {}
+        for list_attr, index, block, contract in spec.blocks(transformer):
+            for sublayer in contract.sublayers:
+                if sublayer.role != "attention":
+                    continue
+                module = getattr(block, sublayer.name, None)
+                if module is None:
+                    continue
+                layer = LayerId(list_attr, index, sublayer.name, sublayer.kind)
+                hook = AttentionLayerHook(layer, tracker)
+                attach(module, hook, HOOK_NAME)
+                self.hooks[layer.name] = hook
+
+    @property
+    def layers(self) -> list[LayerId]:
+        return [hook.layer for hook in self.hooks.values()]
+
+    def route(self, layers: list[LayerId] | None, fn: AttentionFn, *, owner: str) -> None:
+        """Send the attention of ``layers`` (all if ``None``) to ``fn``; ``owner`` names the plugin in errors."""
+        targets = self.hooks.values() if layers is None else [self.hooks[layer.name] for layer in layers]
+        for hook in targets:
+            if hook.route is not None and getattr(hook, "_owner", owner) != owner:
+                raise ValueError(
+                    f"attention of {hook.layer.name} is already routed to plugin {hook._owner!r}; "
+                    f"{owner!r} cannot take it too"
+                )
+            hook.route, hook._owner = fn, owner
+
+    def unroute(self, owner: str) -> None:
+        for hook in self.hooks.values():
+            if getattr(hook, "_owner", None) == owner:
+                hook.route, hook._owner = None, None
+
+    def remove(self) -> None:
+        for hook in self.hooks.values():
+            detach(_module_by_layer(self.transformer, hook.layer), HOOK_NAME)
+        self.hooks.clear()
+
+
+def _module_by_layer(transformer: torch.nn.Module, layer: LayerId) -> torch.nn.Module:
+    return getattr(getattr(transformer, layer.block_list)[layer.block_index], layer.sublayer)

@@ -1,0 +1,209 @@
+"""Per-generation counters: what each block's sub-layers computed, reused or forecast, and the FLOPs it cost.
+
+Nothing here hooks the model: every transformer call is assumed to compute every sub-layer (the dense run), and
+schedule plugins report the exceptions (``reused``, ``forecast``, ``partial`` with the fraction of tokens
+recomputed). FLOPs are estimated from shapes: the Linear layers of each sub-layer times the token rows it
+transforms, plus ``4 * B * heads * Sq * Sk * head_dim`` for the attention core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from dit_accel.core.blocks import SubLayer, TransformerSpec
+from dit_accel.core.context import CallContext
+
+Event = Literal["reused", "forecast", "partial"]
+
+
+@dataclass
+class SubLayerStats:
+    """Counts for one sub-layer over one generation."""
+
+    calls: int = 0
+    reused: int = 0
+    forecast: int = 0
+    partial: int = 0
+    dense_flops: float = 0.0
+    flops: float = 0.0
+
+    @property
+    def computed(self) -> int:
+        return self.calls - self.reused - self.forecast
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did, per sub-layer (``transformer_blocks.3.attn``)."""
+
+    generation: int = 0
+    steps: int = 0
+    transformer_calls: int = 0
+    sublayers: dict[str, SubLayerStats] = field(default_factory=dict)
+    cache_bytes: int = 0
+
+    @property
+    def dense_flops(self) -> float:
+        return sum(s.dense_flops for s in self.sublayers.values())
+
+    @property
+    def flops(self) -> float:
+        return sum(s.flops for s in self.sublayers.values())
+
+    @property
+    def flops_fraction(self) -> float:
+        """Estimated FLOPs spent relative to the dense run (1.0 = nothing saved)."""
+        dense = self.dense_flops
+        return self.flops / dense if dense else 1.0
+
+    def totals(self) -> dict[str, int]:
+        keys = ("calls", "computed", "reused", "forecast", "partial")
+        return {k: sum(getattr(s, k) for s in self.sublayers.values()) for k in keys}
+
+    def by_block(self) -> dict[str, dict[str, SubLayerStats]]:
+        blocks: dict[str, dict[str, SubLayerStats]] = {}
+        for name, stats in self.sublayers.items():
+            block, _, sublayer = name.rpartition(".")
+            blocks.setdefault(block, {})[sublayer] = stats
+        return blocks
+
+
+def _linear_flops_per_row(module: torch.nn.Module) -> dict[str, int]:
+    """2 * in * out for every Linear under ``module``, by its relative name."""
+    return {
+        name: 2 * child.in_features * child.out_features
+        for name, child in module.named_modules()
+        if isinstance(child, torch.nn.Linear)
+    }
+
+
+def _is_text_projection(name: str, kind: str | None) -> bool:
+    if "add_" in name:  # add_q_proj / add_k_proj / add_v_proj / to_add_out: the text stream of joint attention
+        return True
+    return kind == "cross" and name.split(".")[0] in ("to_k", "to_v")
+
+
+class StatsRecorder:
+    """Collects :class:`GenerationStats` for one transformer; ``last`` is the most recent finished generation."""
+
+    def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec) -> None:
+        self._layers: list[tuple[str, SubLayer, dict[str, int], int]] = []
+        for list_attr, index, block, contract in spec.blocks(transformer):
+            for sublayer in contract.sublayers:
+                module = getattr(block, sublayer.name, None)
+                if module is None:
+                    continue
+                to_q = getattr(module, "to_q", None) if sublayer.role == "attention" else None
+                inner_dim = int(to_q.out_features) if isinstance(to_q, torch.nn.Linear) else 0  # heads * head_dim
+                self._layers.append(
+                    (f"{list_attr}.{index}.{sublayer.name}", sublayer, _linear_flops_per_row(module), inner_dim)
+                )
+        self.current: GenerationStats | None = None
+        self.last: GenerationStats | None = None
+        self._flops_cache: dict[tuple, dict[str, float]] = {}
+
+    @property
+    def sublayer_names(self) -> list[str]:
+        return [name for name, *_ in self._layers]
+
+    def finish(self) -> None:
+        """Close the running generation (if any) and keep it as ``last``."""
+        if self.current is not None and self.current.transformer_calls:
+            self.last = self.current
+        self.current = None
+
+    def discard(self) -> None:
+        """Drop the running generation (it raised)."""
+        self.current = None
+
+    def on_call(self, context: CallContext) -> None:
+        """Account one transformer call as dense; plugins then report what they skipped."""
+        if self.current is None or self.current.generation != context.generation:
+            self.finish()
+            self.current = GenerationStats(generation=context.generation)
+        current = self.current
+        current.transformer_calls += 1
+        current.steps = max(current.steps, context.step + 1)
+        flops = self._dense_flops(context)
+        for name, *_ in self._layers:
+            stats = current.sublayers.get(name)
+            if stats is None:
+                stats = current.sublayers[name] = SubLayerStats()
+            stats.calls += 1
+            stats.dense_flops += flops[name]
+            stats.flops += flops[name]
+
+    def record(self, context: CallContext, sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
+        """A plugin did not compute ``sublayer`` densely in this call.
+
+        ``reused``/``forecast`` cost nothing (``computed_fraction`` is ignored); ``partial`` recomputed that
+        fraction of the work (ToCa's token subset, a cheaper attention).
+        """
+        if self.current is None:
+            return
+        stats = self.current.sublayers[sublayer]
+        per_call = self._dense_flops(context)[sublayer]
+        if event == "partial":
+            stats.partial += 1
+            stats.flops -= per_call * (1.0 - computed_fraction)
+        else:
+            setattr(stats, event, getattr(stats, event) + 1)
+            stats.flops -= per_call
+
+    def set_cache_bytes(self, nbytes: int) -> None:
+        if self.current is not None:
+            self.current.cache_bytes = max(self.current.cache_bytes, int(nbytes))
+
+    def _dense_flops(self, context: CallContext) -> dict[str, float]:
+        key = (context.batch_size, context.grid, context.num_text_tokens)
+        cached = self._flops_cache.get(key)
+        if cached is not None:
+            return cached
+        batch = context.batch_size
+        image = context.grid.num_tokens if context.grid is not None else 0
+        text = context.num_text_tokens
+        rows = {"image": batch * image, "text": batch * text, "joint": batch * (image + text)}
+        result = {}
+        for name, sublayer, linears, inner_dim in self._layers:
+            own_rows = rows["joint" if sublayer.kind == "joint" else sublayer.stream]
+            total = 0.0
+            for linear_name, per_row in linears.items():
+                total += per_row * (rows["text"] if _is_text_projection(linear_name, sublayer.kind) else own_rows)
+            if inner_dim:
+                q_len = image + text if sublayer.kind == "joint" else image
+                k_len = text if sublayer.kind == "cross" else q_len
+                total += 4.0 * batch * q_len * k_len * inner_dim  # QK^T and PV, summed over heads
+            result[name] = total
+        self._flops_cache[key] = result
+        return result
+
+
+
+def format_summary(stats: GenerationStats | None, *, recipe: str, model: str) -> str:
+    """The table ``handle.summary()`` prints."""
+    if stats is None:
+        return f"dit_accel [{model}] recipe {recipe!r}: no generation has run yet"
+    fraction = stats.flops_fraction
+    speedup = 1.0 / fraction if fraction > 0 else float("inf")
+    totals = stats.totals()
+    lines = [
+        f"dit_accel [{model}] recipe {recipe!r}, generation {stats.generation}: {stats.steps} steps, "
+        f"{stats.transformer_calls} transformer calls",
+        f"estimated FLOPs: {fraction:.1%} of dense ({speedup:.2f}x), cache memory {stats.cache_bytes / 2**20:.1f} MiB; "
+        f"sub-layer calls computed {totals['computed']}, reused {totals['reused']}, forecast {totals['forecast']}, "
+        f"partial {totals['partial']}",
+        "",
+    ]
+    header = f"{'block':<30} {'sub-layer':<12} {'computed':>8} {'reused':>7} {'forecast':>8} {'partial':>7} {'FLOPs':>7}"
+    lines += [header, "-" * len(header)]
+    for block, sublayers in stats.by_block().items():
+        for index, (name, s) in enumerate(sublayers.items()):
+            share = s.flops / s.dense_flops if s.dense_flops else 1.0
+            label = block if index == 0 else ""
+            lines.append(
+                f"{label:<30} {name:<12} {s.computed:>8} {s.reused:>7} {s.forecast:>8} {s.partial:>7} {share:>7.1%}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""Imports the built-in plugin modules so that their configs and plugins register themselves.
+
+Each technique lives in its own module under ``dit_accel/caching/`` or ``dit_accel/attention/`` and registers its
+config (``@register_config``) and plugin (``@register_plugin``) on import; list new modules here.
+"""
+
+import importlib
+
+BUILTIN_PLUGIN_MODULES: tuple[str, ...] = ()
+
+for _module in BUILTIN_PLUGIN_MODULES:
+    importlib.import_module(_module)
