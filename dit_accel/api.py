@@ -26,9 +26,9 @@ from dit_accel.core.attention import AttentionInterceptor
 from dit_accel.core.blocks import spec_for
 from dit_accel.core.context import StepTracker
 from dit_accel.core.hooks import attach, detach
-from dit_accel.core.plugin import InstallTarget, Plugin, plugin_for
+from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers, plugin_for
 from dit_accel.core.stats import GenerationStats, StatsRecorder, format_summary
-from dit_accel.recipe import Recipe, conflict_message, load_recipe
+from dit_accel.recipe import Recipe, conflict_message, load_recipe, steps_disjoint
 
 TRACKER_HOOK = "dit_accel.tracker"
 _HANDLE_ATTR = "_dit_accel_handle"
@@ -94,30 +94,27 @@ class _AcceleratedTransformer:
         try:
             self.attention = AttentionInterceptor(transformer, self.spec, self.tracker)
             target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats)
+            self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 plugin = plugin_for(config)(config, target)
                 self.plugins.append(plugin)
                 plugin.install()
-            self._check_install_conflicts(target)
             self._tracker_hook = _TrackerHook(self)
             attach(transformer, self._tracker_hook, TRACKER_HOOK)
         except BaseException:
             self.remove()
             raise
 
-    def _check_install_conflicts(self, target: InstallTarget) -> None:
+    def _check_install_conflicts(self, recipe: Recipe) -> None:
+        """Layer patterns that differ as text may still select the same layers: check against the real model."""
         names = self.stats.sublayer_names
-        from dit_accel.core.plugin import matches_layers
-
-        for i, a in enumerate(self.plugins):
-            for b in self.plugins[i + 1:]:
-                if a.config.kind != b.config.kind:
+        for i, a in enumerate(recipe.plugins):
+            for b in recipe.plugins[i + 1:]:
+                if a.kind != b.kind or steps_disjoint(a, b):
                     continue
-                shared = [n for n in names if matches_layers(a.config.layers, n) and matches_layers(b.config.layers, n)]
-                steps_a, steps_b = a.config.steps, b.config.steps
-                disjoint_steps = steps_a and steps_b and (steps_a[1] <= steps_b[0] or steps_b[1] <= steps_a[0])
-                if shared and not disjoint_steps:
-                    raise ValueError(conflict_message(a.config, b.config, where=f" on {shared[0]}"))
+                shared = [n for n in names if matches_layers(a.layers, n) and matches_layers(b.layers, n)]
+                if shared:
+                    raise ValueError(conflict_message(a, b, where=f" on {shared[0]}"))
 
     def _on_reset(self, reason: str) -> None:
         if reason == "error":

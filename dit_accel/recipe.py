@@ -144,8 +144,13 @@ def config_from_dict(data: dict[str, Any]) -> PluginConfig:
     return cls(**data)
 
 
+def steps_disjoint(a: PluginConfig, b: PluginConfig) -> bool:
+    """Whether two configs act on disjoint step ranges."""
+    return a.steps is not None and b.steps is not None and (a.steps[1] <= b.steps[0] or b.steps[1] <= a.steps[0])
+
+
 def _scopes_overlap(a: PluginConfig, b: PluginConfig) -> bool:
-    if a.steps is not None and b.steps is not None and (a.steps[1] <= b.steps[0] or b.steps[1] <= a.steps[0]):
+    if steps_disjoint(a, b):
         return False
     if a.layers is not None and b.layers is not None and not set(a.layers) & set(b.layers):
         return False  # disjoint patterns may still select the same layers: checked again at install time

@@ -117,7 +117,7 @@ class AttentionLayerHook(ModelHook):
         super().__init__()
         self.layer = layer
         self.tracker = tracker
-        self.route: AttentionFn | None = None
+        self.routes: list[tuple[object, AttentionFn, Callable[[CallContext | None], bool] | None]] = []
 
     def layout(self) -> TokenLayout:
         context = self.tracker.current
@@ -131,10 +131,18 @@ class AttentionLayerHook(ModelHook):
             text_position=spec.text_position if self.layer.kind == "joint" else None,
         )
 
+    def active_route(self) -> AttentionFn | None:
+        context = self.tracker.current
+        for _, fn, when in self.routes:
+            if when is None or when(context):
+                return fn
+        return None
+
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.route is None:
+        fn = self.active_route() if self.routes else None
+        if fn is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        scope = _SDPAScope(self, self.route)
+        scope = _SDPAScope(self, fn)
         with scope:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if scope.calls == 0:
@@ -170,21 +178,23 @@ class AttentionInterceptor:
     def layers(self) -> list[LayerId]:
         return [hook.layer for hook in self.hooks.values()]
 
-    def route(self, layers: list[LayerId] | None, fn: AttentionFn, *, owner: str) -> None:
-        """Send the attention of ``layers`` (all if ``None``) to ``fn``; ``owner`` names the plugin in errors."""
+    def route(
+        self,
+        layers: list[LayerId] | None,
+        fn: AttentionFn,
+        *,
+        owner: object,
+        when: Callable[[CallContext | None], bool] | None = None,
+    ) -> None:
+        """Send the attention of ``layers`` (all if ``None``) to ``fn`` whenever ``when(context)`` holds (always if
+        ``None``). Several owners may route one layer on disjoint step ranges; the first active route wins."""
         targets = self.hooks.values() if layers is None else [self.hooks[layer.name] for layer in layers]
         for hook in targets:
-            if hook.route is not None and getattr(hook, "_owner", owner) != owner:
-                raise ValueError(
-                    f"attention of {hook.layer.name} is already routed to plugin {hook._owner!r}; "
-                    f"{owner!r} cannot take it too"
-                )
-            hook.route, hook._owner = fn, owner
+            hook.routes.append((owner, fn, when))
 
-    def unroute(self, owner: str) -> None:
+    def unroute(self, owner: object) -> None:
         for hook in self.hooks.values():
-            if getattr(hook, "_owner", None) == owner:
-                hook.route, hook._owner = None, None
+            hook.routes = [route for route in hook.routes if route[0] is not owner]
 
     def remove(self) -> None:
         for hook in self.hooks.values():

@@ -38,6 +38,13 @@ class InstallTarget:
         style names; a pattern may also name a whole block, ``transformer_blocks.3``, or a list)."""
         return [layer for layer in self.attention.layers if matches_layers(config.layers, layer.name)]
 
+    def route_attention(self, plugin: "Plugin", fn) -> None:
+        """Route the attention of the plugin's layers to ``fn`` on the plugin's steps (see ``PluginConfig``)."""
+        config = plugin.config
+        self.attention.route(
+            self.attention_layers(config), fn, owner=plugin, when=lambda context: self.in_scope(config, context)
+        )
+
     def in_scope(self, config: "PluginConfig", context: CallContext | None) -> bool:
         """Whether the current call lies in the config's step range."""
         if context is None:

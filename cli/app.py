@@ -1,0 +1,301 @@
+"""The ``ditaccel`` command line: list recipes, generate an image or video with an accelerated pipeline.
+
+    ditaccel recipes
+    ditaccel generate --recipe none --model tiny:dit --steps 4 -o out.png
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import torch
+import typer
+
+import dit_accel
+from dit_accel.pipelines import tiny
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Training-free acceleration for Diffusers diffusion-transformer pipelines.",
+)
+
+DEFAULT_MODEL = "tiny:dit"
+DEFAULT_PROMPT = "a photo of a cat"  # for non-tiny text-conditional pipelines given no --prompt
+DEFAULT_CLASS_LABEL = 281  # ImageNet "tabby cat", for non-tiny class-conditional pipelines given no --class-label
+_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EnvironmentError)
+try:  # the huggingface_hub error family (most already derive from OSError / ValueError)
+    from huggingface_hub import errors as _hub_errors
+
+    _HUB_ERRORS += tuple(
+        getattr(_hub_errors, n) for n in ("HfHubHTTPError", "HFValidationError", "OfflineModeIsEnabled")
+        if isinstance(getattr(_hub_errors, n, None), type)
+    )
+except ImportError:  # pragma: no cover
+    pass
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _allowed_models() -> str:
+    hub = "a hub id (HF_HUB_OFFLINE is set: only ids already in the local cache)" if _offline() else "a hub id"
+    return f"allowed: tiny:<{'|'.join(tiny.list())}>, a local pipeline directory, or {hub}"
+
+
+def load_model(spec: str) -> tuple[Any, str]:
+    """Resolve ``--model``: ``tiny:<name>`` (offline random-init pipelines), else a local pipeline directory or a
+    hub id loaded with ``DiffusionPipeline.from_pretrained``. Returns ``(pipe, family_name)``; bad specs exit 2."""
+    prefix, sep, name = spec.partition(":")
+    if sep and prefix == "tiny":
+        if name not in tiny.list():
+            fail(f"unknown tiny model {name!r} in --model {spec!r}; {_allowed_models()}")
+        return tiny.build(name), name
+    from diffusers import DiffusionPipeline
+
+    path = Path(spec).expanduser()
+    looks_local = path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~"))
+    if looks_local and not path.is_dir():
+        fail(f"--model {spec!r}: no such pipeline directory; {_allowed_models()}")
+    if looks_local and not (path / "model_index.json").is_file():
+        fail(f"--model {spec!r}: directory has no model_index.json (not a saved Diffusers pipeline); {_allowed_models()}")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else spec, local_files_only=_offline())
+    except _HUB_ERRORS as error:
+        reason = _first_line(error)
+        if not looks_local and any(s in str(error) for s in ("local_files_only", "cached locally", "cached snapshot")):
+            reason = "not in the local Hugging Face cache, and " + (
+                "HF_HUB_OFFLINE is set (nothing is downloaded)" if _offline() else "the Hub could not be reached")
+        fail(f"cannot load --model {spec!r}: {reason}; {_allowed_models()}")
+    return pipe, type(pipe).__name__
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["interval=4", "steps=2,8", "enabled=true"]`` -> ``{"interval": 4, "steps": [2, 8], "enabled": True}``."""
+
+    def scalar(text: str) -> Any:
+        low = text.strip().lower()
+        if low in {"true", "yes", "on", "false", "no", "off"}:
+            return low in {"true", "yes", "on"}
+        if low in {"none", "null"}:
+            return None
+        for kind in (int, float):
+            try:
+                return kind(low)
+            except ValueError:
+                pass
+        return text.strip()
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            fail(f"--set expects KEY=VALUE with KEY a field name (e.g. interval=4 or fora__interval=4), got {item!r}")
+        value = value.strip().strip("[]()")
+        overrides[key.strip()] = [scalar(v) for v in value.split(",") if v.strip()] if "," in value else scalar(value)
+    return overrides
+
+
+def call_kwargs(spec: str, family: str, pipe: Any, prompt: str | None, class_label: int | None, steps: int,
+                seed: int, guidance_scale: float | None) -> dict[str, Any]:
+    """Keyword arguments for ``pipe(...)``: tiny defaults for ``tiny:`` models, else built from the signature."""
+    params = inspect.signature(pipe.__call__).parameters
+    if prompt is not None and "prompt" not in params:
+        fail(f"--prompt given but {type(pipe).__name__} is not text-conditional; use --class-label N instead")
+    if class_label is not None and "class_labels" not in params:
+        fail(f"--class-label given but {type(pipe).__name__} is not class-conditional; use --prompt TEXT instead")
+    num_classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+    if class_label is not None and not 0 <= class_label < (num_classes or 2**31):
+        fail(f"--class-label {class_label} is out of range; allowed: 0 to {(num_classes or 2**31) - 1}")
+    if spec.startswith("tiny:"):
+        kwargs = tiny.default_call_kwargs(family, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        if prompt is not None:
+            kwargs["prompt"] = [prompt] * len(kwargs["prompt"]) if isinstance(kwargs["prompt"], list) else prompt
+        if class_label is not None:
+            kwargs["class_labels"] = [class_label]
+        return kwargs
+    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    if "prompt" in params:
+        kwargs["prompt"] = DEFAULT_PROMPT if prompt is None else prompt
+    if "class_labels" in params:
+        kwargs["class_labels"] = [DEFAULT_CLASS_LABEL if class_label is None else class_label]
+    if guidance_scale is not None and "guidance_scale" in params:
+        kwargs["guidance_scale"] = guidance_scale
+    if "use_resolution_binning" in params:  # native resolution is used; binning rejects non-standard sample sizes
+        kwargs["use_resolution_binning"] = False
+    return kwargs
+
+
+def output_tensor(spec: str, family: str, out: Any) -> torch.Tensor:
+    """The generated images ``(B, 3, H, W)`` or videos ``(B, F, 3, H, W)`` as a float tensor in [0, 1]."""
+    if spec.startswith("tiny:"):
+        return tiny.output_of(family, out)
+    result = out[0] if isinstance(out, tuple) else getattr(out, "frames", None)
+    result = getattr(out, "images", None) if result is None else result
+    result = torch.as_tensor(result).float()
+    if result.ndim in (4, 5) and result.shape[-1] in (1, 3, 4) and result.shape[-3] not in (1, 3, 4):
+        result = result.movedim(-1, -3)  # channels-last numpy output
+    return result
+
+
+def _to_pil(chw: torch.Tensor) -> Any:
+    from PIL import Image
+
+    array = (chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_output(tensor: torch.Tensor, path: Path) -> None:
+    """Images: one PNG (a batch side by side). Videos: an animated GIF for ``.gif`` paths (a batch side by side),
+    else one image with the frames side by side (one row per video)."""
+    if tensor.ndim == 4:
+        _to_pil(torch.cat(list(tensor), dim=-1)).save(path)
+    elif tensor.ndim == 5 and path.suffix.lower() == ".gif":
+        frames = [_to_pil(torch.cat(list(tensor[:, f]), dim=-1)) for f in range(tensor.shape[1])]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    elif tensor.ndim == 5:
+        _to_pil(torch.cat([torch.cat(list(video), dim=-1) for video in tensor], dim=-2)).save(path)
+    else:
+        raise ValueError(f"unexpected output shape {tuple(tensor.shape)}")
+
+
+def check_output_path(path: Path) -> None:
+    """Exit 2 unless ``path`` has an image extension PIL can write and its directory is (made) writable."""
+    from PIL import Image
+
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions():
+        fail(f"-o {str(path)!r}: unknown image extension {path.suffix!r}; use .png, .gif, .jpg, .webp, ...")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            raise PermissionError("not a writable file")
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        fail(f"-o {str(path)!r} is not writable: {error.strerror or error}")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ditaccel {dit_accel.__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit.", is_eager=True, callback=_print_version)] = False,
+) -> None:
+    """Training-free acceleration for Diffusers diffusion-transformer pipelines."""
+
+
+@app.command(epilog="Examples:\n\n  ditaccel recipes\n\n  ditaccel recipes --json")
+def recipes(json_output: Annotated[bool, typer.Option("--json", help="Print the recipes as JSON.")] = False) -> None:
+    """List the named recipes: name, plugins (joined with '+') and description."""
+    try:
+        rows = [(r.name, [p.type_name for p in r.plugins], r.description.splitlines()[0] if r.description else "")
+                for r in dit_accel.list_recipes()]
+    except (ValueError, OSError) as error:
+        fail(f"cannot read the named recipes: {_first_line(error)}")
+    if json_output:
+        typer.echo(json.dumps([{"name": n, "plugins": p, "description": d} for n, p, d in rows], indent=2))
+        return
+    table = [("NAME", "PLUGINS", "DESCRIPTION")] + [(n, "+".join(p) or "-", d) for n, p, d in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(2)]
+    for name, plugins, description in table:
+        typer.echo(f"{name:<{widths[0]}}  {plugins:<{widths[1]}}  {description}".rstrip())
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  ditaccel generate --recipe none -o out.png\n\n"
+    "  ditaccel generate --recipe my_recipe.toml --model tiny:flux --prompt 'a red fox' --steps 8\n\n"
+    "  ditaccel generate --recipe my_recipe.toml --set interval=4 --model tiny:wan -o clip.gif\n\n"
+    "  ditaccel generate --recipe none --model ./saved_pipeline --class-label 207 --no-summary"
+)
+def generate(
+    recipe: Annotated[str, typer.Option(help="Recipe name ('none', 'a+b'), or a path to a .toml recipe.")] = "none",
+    model: Annotated[str, typer.Option(help="tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+    prompt: Annotated[str | None, typer.Option(help="Text prompt (text-conditional pipelines).")] = None,
+    class_label: Annotated[int | None, typer.Option(help="Class id (class-conditional pipelines, e.g. DiT).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Number of denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial noise.")] = 0,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default: the pipeline's).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output image (.png; .gif for animated video).")]
+    = Path("ditaccel.png"),
+    summary: Annotated[bool, typer.Option(help="Print the per-layer acceleration summary.")] = True,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a recipe field, e.g. interval=4 (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
+) -> None:
+    """Generate an image (or video) with an accelerated pipeline, save it, and print the timing and summary."""
+    try:
+        resolved = dit_accel.load_recipe(recipe, **parse_overrides(overrides or []))
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        fail(str(error))
+    check_output_path(output)
+    if quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+    pipe, family = load_model(model)
+    kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale)
+    try:
+        pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        fail(f"--device {device!r}: {_first_line(error)}")
+    try:
+        handle = dit_accel.accelerate_dit(pipe, resolved)
+    except (ValueError, TypeError) as error:
+        fail(f"cannot apply recipe {resolved.name!r} to {model!r}: {_first_line(error)}")
+    pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = pipe(**kwargs)
+    except ValueError as error:  # diffusers' check_inputs rejects bad arguments with ValueError
+        fail(f"{type(pipe).__name__} rejected the arguments: {_first_line(error)}")
+    seconds = time.perf_counter() - start
+    tensor = output_tensor(model, family, out)
+    try:
+        save_output(tensor, output)
+    except (OSError, ValueError) as error:
+        fail(f"cannot write {str(output)!r}: {_first_line(error)}")
+    stats = handle.stats
+    flops = f", estimated FLOPs {stats.flops_fraction:.1%} of dense" if stats is not None else ""
+    what = f"{tensor.shape[0]} x {tensor.shape[1]} frames" if tensor.ndim == 5 else f"{tensor.shape[0]} image(s)"
+    typer.echo(f"saved {output} ({what}, {tensor.shape[-1]}x{tensor.shape[-2]} px); generated in {seconds:.2f} s "
+               f"with recipe {resolved.name!r}{flops}")
+    if summary:
+        typer.echo(handle.summary())
+
+
+def main() -> None:
+    """Console-script entry point (``ditaccel``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
