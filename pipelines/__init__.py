@@ -1,0 +1,1 @@
+"""Pipeline adapters (block contracts per transformer family) and offline pipelines."""

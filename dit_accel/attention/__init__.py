@@ -1,0 +1,1 @@
+"""Attention plugins, one module per technique (ToDo, proxy tokens, Hilbert tiles, window + residual, INT8)."""

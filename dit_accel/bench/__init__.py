@@ -1,0 +1,1 @@
+"""The benchmark harness: timing, quality metrics, baselines, reports."""

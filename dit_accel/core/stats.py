@@ -37,13 +37,35 @@ class SubLayerStats:
 
 @dataclass
 class GenerationStats:
-    """What one generation did, per sub-layer (``transformer_blocks.3.attn``)."""
+    """What one generation did, per sub-layer (``transformer_blocks.3.attn``).
+
+    Transformer calls are counted per shape signature (O(1) per call); the per-sub-layer table is built when read.
+    """
 
     generation: int = 0
     steps: int = 0
     transformer_calls: int = 0
-    sublayers: dict[str, SubLayerStats] = field(default_factory=dict)
     cache_bytes: int = 0
+    names: tuple[str, ...] = ()
+    calls_by_signature: dict[tuple, int] = field(default_factory=dict)
+    dense_flops_by_signature: dict[tuple, dict[str, float]] = field(default_factory=dict)
+    events: dict[str, SubLayerStats] = field(default_factory=dict)
+
+    @property
+    def sublayers(self) -> dict[str, SubLayerStats]:
+        table = {}
+        for name in self.names:
+            dense = sum(count * self.dense_flops_by_signature[key][name] for key, count in self.calls_by_signature.items())
+            event = self.events.get(name, SubLayerStats())
+            table[name] = SubLayerStats(
+                calls=self.transformer_calls,
+                reused=event.reused,
+                forecast=event.forecast,
+                partial=event.partial,
+                dense_flops=dense,
+                flops=dense - event.flops,  # events accumulate the FLOPs *not* spent
+            )
+        return table
 
     @property
     def dense_flops(self) -> float:
@@ -61,7 +83,8 @@ class GenerationStats:
 
     def totals(self) -> dict[str, int]:
         keys = ("calls", "computed", "reused", "forecast", "partial")
-        return {k: sum(getattr(s, k) for s in self.sublayers.values()) for k in keys}
+        sublayers = self.sublayers.values()
+        return {k: sum(getattr(s, k) for s in sublayers) for k in keys}
 
     def by_block(self) -> dict[str, dict[str, SubLayerStats]]:
         blocks: dict[str, dict[str, SubLayerStats]] = {}
@@ -104,10 +127,7 @@ class StatsRecorder:
         self.current: GenerationStats | None = None
         self.last: GenerationStats | None = None
         self._flops_cache: dict[tuple, dict[str, float]] = {}
-
-    @property
-    def sublayer_names(self) -> list[str]:
-        return [name for name, *_ in self._layers]
+        self.sublayer_names: list[str] = [name for name, *_ in self._layers]
 
     def finish(self) -> None:
         """Close the running generation (if any) and keep it as ``last``."""
@@ -123,18 +143,14 @@ class StatsRecorder:
         """Account one transformer call as dense; plugins then report what they skipped."""
         if self.current is None or self.current.generation != context.generation:
             self.finish()
-            self.current = GenerationStats(generation=context.generation)
+            self.current = GenerationStats(generation=context.generation, names=tuple(self.sublayer_names))
         current = self.current
         current.transformer_calls += 1
         current.steps = max(current.steps, context.step + 1)
-        flops = self._dense_flops(context)
-        for name, *_ in self._layers:
-            stats = current.sublayers.get(name)
-            if stats is None:
-                stats = current.sublayers[name] = SubLayerStats()
-            stats.calls += 1
-            stats.dense_flops += flops[name]
-            stats.flops += flops[name]
+        key = (context.batch_size, context.grid, context.num_text_tokens)
+        if key not in current.dense_flops_by_signature:
+            current.dense_flops_by_signature[key] = self._dense_flops(context)
+        current.calls_by_signature[key] = current.calls_by_signature.get(key, 0) + 1
 
     def record(self, context: CallContext, sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
         """A plugin did not compute ``sublayer`` densely in this call.
@@ -144,14 +160,16 @@ class StatsRecorder:
         """
         if self.current is None:
             return
-        stats = self.current.sublayers[sublayer]
+        if sublayer not in self.current.names:
+            raise KeyError(f"unknown sub-layer {sublayer!r}; known: {', '.join(self.current.names)}")
+        stats = self.current.events.setdefault(sublayer, SubLayerStats())
         per_call = self._dense_flops(context)[sublayer]
         if event == "partial":
             stats.partial += 1
-            stats.flops -= per_call * (1.0 - computed_fraction)
+            stats.flops += per_call * (1.0 - computed_fraction)
         else:
             setattr(stats, event, getattr(stats, event) + 1)
-            stats.flops -= per_call
+            stats.flops += per_call
 
     def set_cache_bytes(self, nbytes: int) -> None:
         if self.current is not None:
