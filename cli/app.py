@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -30,16 +32,6 @@ app = typer.Typer(
 DEFAULT_MODEL = "tiny:dit"
 DEFAULT_PROMPT = "a photo of a cat"  # for non-tiny text-conditional pipelines given no --prompt
 DEFAULT_CLASS_LABEL = 281  # ImageNet "tabby cat", for non-tiny class-conditional pipelines given no --class-label
-_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EnvironmentError)
-try:  # the huggingface_hub error family (most already derive from OSError / ValueError)
-    from huggingface_hub import errors as _hub_errors
-
-    _HUB_ERRORS += tuple(
-        getattr(_hub_errors, n) for n in ("HfHubHTTPError", "HFValidationError", "OfflineModeIsEnabled")
-        if isinstance(getattr(_hub_errors, n, None), type)
-    )
-except ImportError:  # pragma: no cover
-    pass
 
 
 def fail(message: str) -> NoReturn:
@@ -70,17 +62,19 @@ def load_model(spec: str) -> tuple[Any, str]:
         if name not in tiny.list():
             fail(f"unknown tiny model {name!r} in --model {spec!r}; {_allowed_models()}")
         return tiny.build(name), name
+    # Other prefixes (the reference zoo, "zoo:<name>") go here, before the from_pretrained fallback.
     from diffusers import DiffusionPipeline
+    from huggingface_hub import errors as hub_errors
 
     path = Path(spec).expanduser()
     looks_local = path.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) or spec.startswith((".", "~"))
     if looks_local and not path.is_dir():
         fail(f"--model {spec!r}: no such pipeline directory; {_allowed_models()}")
     if looks_local and not (path / "model_index.json").is_file():
-        fail(f"--model {spec!r}: directory has no model_index.json (not a saved Diffusers pipeline); {_allowed_models()}")
+        fail(f"--model {spec!r}: no model_index.json there (not a saved Diffusers pipeline); {_allowed_models()}")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else spec, local_files_only=_offline())
-    except _HUB_ERRORS as error:
+    except (OSError, ValueError, ImportError, hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError) as error:
         reason = _first_line(error)
         if not looks_local and any(s in str(error) for s in ("local_files_only", "cached locally", "cached snapshot")):
             reason = "not in the local Hugging Face cache, and " + (
@@ -194,6 +188,25 @@ def check_output_path(path: Path) -> None:
         fail(f"-o {str(path)!r} is not writable: {error.strerror or error}")
 
 
+@contextlib.contextmanager
+def _library_logs(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, silence diffusers/transformers warnings for the duration, then restore their levels."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"ditaccel {dit_accel.__version__}")
@@ -233,63 +246,66 @@ def recipes(json_output: Annotated[bool, typer.Option("--json", help="Print the 
     "  ditaccel generate --recipe none --model ./saved_pipeline --class-label 207 --no-summary"
 )
 def generate(
-    recipe: Annotated[str, typer.Option(help="Recipe name ('none', 'a+b'), or a path to a .toml recipe.")] = "none",
-    model: Annotated[str, typer.Option(help="tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
-    prompt: Annotated[str | None, typer.Option(help="Text prompt (text-conditional pipelines).")] = None,
-    class_label: Annotated[int | None, typer.Option(help="Class id (class-conditional pipelines, e.g. DiT).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Number of denoising steps.")] = 20,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial noise.")] = 0,
-    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default: the pipeline's).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output image (.png; .gif for animated video).")]
-    = Path("ditaccel.png"),
+    recipe: Annotated[str, typer.Option(
+        metavar="NAME|TOML", help="Named recipe ('none', 'a+b' composes) or a .toml recipe file.")] = "none",
+    model: Annotated[str, typer.Option(
+        metavar="SPEC", help="tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+    prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="Prompt of text-conditional pipelines "
+                                               f"(default: tiny's, else '{DEFAULT_PROMPT}').")] = None,
+    class_label: Annotated[int | None, typer.Option(metavar="N", help="Class id of class-conditional pipelines, "
+                                                    f"e.g. DiT (default: 1 for tiny, else {DEFAULT_CLASS_LABEL}).")]
+    = None,
+    steps: Annotated[int, typer.Option(metavar="N", min=1, help="Number of denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of the initial noise.")] = 0,
+    guidance_scale: Annotated[float | None, typer.Option(
+        metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="PATH", help="Image to write (.png; .gif animates a video).")] = Path("ditaccel.png"),
     summary: Annotated[bool, typer.Option(help="Print the per-layer acceleration summary.")] = True,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="Override a recipe field, e.g. interval=4 (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    device: Annotated[str, typer.Option(
+        metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
 ) -> None:
     """Generate an image (or video) with an accelerated pipeline, save it, and print the timing and summary."""
+    started = time.perf_counter()
     try:
         resolved = dit_accel.load_recipe(recipe, **parse_overrides(overrides or []))
     except (ValueError, FileNotFoundError, TypeError) as error:
         fail(str(error))
     check_output_path(output)
-    if quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    pipe, family = load_model(model)
-    kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale)
-    try:
-        pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    except (RuntimeError, ValueError, AssertionError) as error:
-        fail(f"--device {device!r}: {_first_line(error)}")
-    try:
-        handle = dit_accel.accelerate_dit(pipe, resolved)
-    except (ValueError, TypeError) as error:
-        fail(f"cannot apply recipe {resolved.name!r} to {model!r}: {_first_line(error)}")
-    pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            out = pipe(**kwargs)
-    except ValueError as error:  # diffusers' check_inputs rejects bad arguments with ValueError
-        fail(f"{type(pipe).__name__} rejected the arguments: {_first_line(error)}")
-    seconds = time.perf_counter() - start
-    tensor = output_tensor(model, family, out)
-    try:
-        save_output(tensor, output)
-    except (OSError, ValueError) as error:
-        fail(f"cannot write {str(output)!r}: {_first_line(error)}")
-    stats = handle.stats
-    flops = f", estimated FLOPs {stats.flops_fraction:.1%} of dense" if stats is not None else ""
-    what = f"{tensor.shape[0]} x {tensor.shape[1]} frames" if tensor.ndim == 5 else f"{tensor.shape[0]} image(s)"
-    typer.echo(f"saved {output} ({what}, {tensor.shape[-1]}x{tensor.shape[-2]} px); generated in {seconds:.2f} s "
-               f"with recipe {resolved.name!r}{flops}")
-    if summary:
-        typer.echo(handle.summary())
+    with _library_logs(quiet):
+        pipe, family = load_model(model)
+        kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale)
+        try:
+            pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            fail(f"--device {device!r}: {_first_line(error)}")
+        try:
+            handle = dit_accel.accelerate_dit(pipe, resolved)
+        except (ValueError, TypeError) as error:
+            fail(f"cannot apply recipe {resolved.name!r} to {model!r}: {_first_line(error)}")
+        pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = pipe(**kwargs)
+        except ValueError as error:  # diffusers' check_inputs rejects bad arguments with ValueError
+            fail(f"{type(pipe).__name__} rejected the arguments: {_first_line(error)}")
+        seconds = time.perf_counter() - start
+        tensor = output_tensor(model, family, out)
+        try:
+            save_output(tensor, output)
+        except (OSError, ValueError) as error:
+            fail(f"cannot write {str(output)!r}: {_first_line(error)}")
+        stats = handle.stats
+        flops = f", estimated FLOPs {stats.flops_fraction:.1%} of dense" if stats is not None else ""
+        what = f"{tensor.shape[0]} x {tensor.shape[1]} frames" if tensor.ndim == 5 else f"{tensor.shape[0]} image(s)"
+        typer.echo(f"saved {output} ({what}, {tensor.shape[-1]}x{tensor.shape[-2]} px); generated in {seconds:.2f} s "
+                   f"(total {time.perf_counter() - started:.2f} s) with recipe {resolved.name!r}{flops}")
+        if summary:
+            typer.echo(handle.summary())
 
 
 def main() -> None:
