@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
@@ -23,19 +21,6 @@ runner = CliRunner()
 # invocation (whose stderr is closed afterwards and would make later warnings fail with "Logging error").
 diffusers_logging.get_verbosity()
 transformers_logging.get_verbosity()
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs offline: hub flags set, and any socket connection attempt fails."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    def refuse_connection(*args: Any, **kwargs: Any) -> None:
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse_connection)
-    monkeypatch.setattr(socket, "create_connection", refuse_connection)
 
 
 def invoke(*args: str | Path) -> Any:

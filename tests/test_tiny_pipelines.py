@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -23,20 +22,6 @@ EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
     "cogvideox": (9, 3, 32, 32),
     "ltx": (9, 3, 32, 32),
 }
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test offline: hub env flags set, and any socket connection attempt fails."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-    def refuse_connection(*args: Any, **kwargs: Any) -> None:
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse_connection)
-    monkeypatch.setattr(socket, "create_connection", refuse_connection)
 
 
 def _generate(name: str, pipe: Any, **overrides: Any) -> torch.Tensor:
