@@ -29,9 +29,10 @@ app = typer.Typer(
     help="Training-free acceleration for Diffusers diffusion-transformer pipelines.",
 )
 
-DEFAULT_MODEL = "tiny:dit"
+DEFAULT_MODEL = "zoo:dit"
 DEFAULT_PROMPT = "a photo of a cat"  # for non-tiny text-conditional pipelines given no --prompt
 DEFAULT_CLASS_LABEL = 281  # ImageNet "tabby cat", for non-tiny class-conditional pipelines given no --class-label
+TINY_STEPS = 20  # tiny pipelines have no trained default; other pipelines use their own default steps
 
 
 def fail(message: str) -> NoReturn:
@@ -51,7 +52,7 @@ def _offline() -> bool:
 
 def _allowed_models() -> str:
     hub = "a hub id (HF_HUB_OFFLINE is set: only ids already in the local cache)" if _offline() else "a hub id"
-    return f"allowed: tiny:<{'|'.join(tiny.list())}>, a local pipeline directory, or {hub}"
+    return f"allowed: zoo:<dit|mmdit>, tiny:<{'|'.join(tiny.list())}>, a local pipeline directory, or {hub}"
 
 
 def load_model(spec: str) -> tuple[Any, str]:
@@ -62,7 +63,15 @@ def load_model(spec: str) -> tuple[Any, str]:
         if name not in tiny.list():
             fail(f"unknown tiny model {name!r} in --model {spec!r}; {_allowed_models()}")
         return tiny.build(name), name
-    # Other prefixes (the reference zoo, "zoo:<name>") go here, before the from_pretrained fallback.
+    if sep and prefix == "zoo":
+        from dit_accel.pipelines import zoo
+
+        if name not in zoo.MODELS:
+            fail(f"unknown zoo model {name!r} in --model {spec!r}; {_allowed_models()}")
+        try:
+            return zoo.load(name), name
+        except FileNotFoundError as error:
+            fail(str(error))
     from diffusers import DiffusionPipeline
     from huggingface_hub import errors as hub_errors
 
@@ -109,8 +118,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def call_kwargs(spec: str, family: str, pipe: Any, prompt: str | None, class_label: int | None, steps: int,
-                seed: int, guidance_scale: float | None) -> dict[str, Any]:
+def call_kwargs(spec: str, family: str, pipe: Any, prompt: str | None, class_label: int | None, steps: int | None,
+                seed: int, guidance_scale: float | None, num_images: int = 1) -> dict[str, Any]:
     """Keyword arguments for ``pipe(...)``: tiny defaults for ``tiny:`` models, else built from the signature."""
     params = inspect.signature(pipe.__call__).parameters
     if prompt is not None and "prompt" not in params:
@@ -118,20 +127,32 @@ def call_kwargs(spec: str, family: str, pipe: Any, prompt: str | None, class_lab
     if class_label is not None and "class_labels" not in params:
         fail(f"--class-label given but {type(pipe).__name__} is not class-conditional; use --prompt TEXT instead")
     num_classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+    if spec.startswith("zoo:"):
+        from dit_accel.pipelines.zoo import NUM_CLASSES as num_classes
     if class_label is not None and not 0 <= class_label < (num_classes or 2**31):
         fail(f"--class-label {class_label} is out of range; allowed: 0 to {(num_classes or 2**31) - 1}")
     if spec.startswith("tiny:"):
-        kwargs = tiny.default_call_kwargs(family, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        kwargs = tiny.default_call_kwargs(family, steps=steps or TINY_STEPS, seed=seed, guidance_scale=guidance_scale,
+                                          batch_size=num_images)
         if prompt is not None:
             kwargs["prompt"] = [prompt] * len(kwargs["prompt"]) if isinstance(kwargs["prompt"], list) else prompt
         if class_label is not None:
-            kwargs["class_labels"] = [class_label]
+            kwargs["class_labels"] = [class_label] * num_images
         return kwargs
-    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    kwargs = {"generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
     if "prompt" in params:
         kwargs["prompt"] = DEFAULT_PROMPT if prompt is None else prompt
+        if "num_images_per_prompt" in params:
+            kwargs["num_images_per_prompt"] = num_images
     if "class_labels" in params:
-        kwargs["class_labels"] = [DEFAULT_CLASS_LABEL if class_label is None else class_label]
+        if class_label is not None:
+            kwargs["class_labels"] = [class_label] * num_images
+        elif spec.startswith("zoo:"):  # one image per class, cycling: a grid shows the whole model
+            kwargs["class_labels"] = [i % num_classes for i in range(num_images)]
+        else:
+            kwargs["class_labels"] = [DEFAULT_CLASS_LABEL] * num_images
     if guidance_scale is not None and "guidance_scale" in params:
         kwargs["guidance_scale"] = guidance_scale
     if "use_resolution_binning" in params:  # native resolution is used; binning rejects non-standard sample sizes
@@ -159,10 +180,14 @@ def _to_pil(chw: torch.Tensor) -> Any:
 
 
 def save_output(tensor: torch.Tensor, path: Path) -> None:
-    """Images: one PNG (a batch side by side). Videos: an animated GIF for ``.gif`` paths (a batch side by side),
+    """Images: one PNG (a batch as a grid, 10 per row). Videos: an animated GIF for ``.gif`` paths (a batch side by side),
     else one image with the frames side by side (one row per video)."""
     if tensor.ndim == 4:
-        _to_pil(torch.cat(list(tensor), dim=-1)).save(path)
+        columns = min(len(tensor), 10)
+        pad = (-len(tensor)) % columns
+        tiles = torch.cat([tensor, torch.zeros(pad, *tensor.shape[1:])]) if pad else tensor
+        rows = [torch.cat(list(tiles[i:i + columns]), dim=-1) for i in range(0, len(tiles), columns)]
+        _to_pil(torch.cat(rows, dim=-2)).save(path)
     elif tensor.ndim == 5 and path.suffix.lower() == ".gif":
         frames = [_to_pil(torch.cat(list(tensor[:, f]), dim=-1)) for f in range(tensor.shape[1])]
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
@@ -241,6 +266,7 @@ def recipes(json_output: Annotated[bool, typer.Option("--json", help="Print the 
 @app.command(
     epilog="Examples:\n\n"
     "  ditaccel generate --recipe none -o out.png\n\n"
+    "  ditaccel generate --model zoo:mmdit --class-label 3 --num-images 8 -o threes.png\n\n"
     "  ditaccel generate --recipe my_recipe.toml --model tiny:flux --prompt 'a red fox' --steps 8\n\n"
     "  ditaccel generate --recipe my_recipe.toml --set interval=4 --model tiny:wan -o clip.gif\n\n"
     "  ditaccel generate --recipe none --model ./saved_pipeline --class-label 207 --no-summary"
@@ -249,13 +275,17 @@ def generate(
     recipe: Annotated[str, typer.Option(
         metavar="NAME|TOML", help="Named recipe ('none', 'a+b' composes) or a .toml recipe file.")] = "none",
     model: Annotated[str, typer.Option(
-        metavar="SPEC", help="tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+        metavar="SPEC", help="zoo:<dit|mmdit> (trained, offline), tiny:<name> (random-init), a local "
+        "pipeline directory, or a hub id.")] = DEFAULT_MODEL,
     prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="Prompt of text-conditional pipelines "
                                                f"(default: tiny's, else '{DEFAULT_PROMPT}').")] = None,
     class_label: Annotated[int | None, typer.Option(metavar="N", help="Class id of class-conditional pipelines, "
                                                     f"e.g. DiT (default: 1 for tiny, else {DEFAULT_CLASS_LABEL}).")]
     = None,
-    steps: Annotated[int, typer.Option(metavar="N", min=1, help="Number of denoising steps.")] = 20,
+    steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Number of denoising steps "
+                                              f"(default: the pipeline's; {TINY_STEPS} for tiny models).")] = None,
+    num_images: Annotated[int, typer.Option(metavar="N", min=1, max=100,
+                                            help="Images to generate, saved as one grid.")] = 1,
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of the initial noise.")] = 0,
     guidance_scale: Annotated[float | None, typer.Option(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
@@ -277,7 +307,7 @@ def generate(
     check_output_path(output)
     with _library_logs(quiet):
         pipe, family = load_model(model)
-        kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale)
+        kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, num_images)
         try:
             pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         except (RuntimeError, ValueError, AssertionError) as error:

@@ -28,6 +28,7 @@ CFGConvention = Literal["batched-cond-first", "batched-uncond-first", "separate-
 CFG_CONVENTIONS: dict[str, CFGConvention] = {
     # One transformer call holds both halves of the batch.
     "DiTPipeline": "batched-cond-first",
+    "ZooDiTPipeline": "batched-cond-first",
     "PixArtAlphaPipeline": "batched-uncond-first",
     "PixArtSigmaPipeline": "batched-uncond-first",
     "StableDiffusion3Pipeline": "batched-uncond-first",
@@ -35,6 +36,7 @@ CFG_CONVENTIONS: dict[str, CFGConvention] = {
     "LTXPipeline": "batched-uncond-first",
     # Two transformer calls per step, the conditional one first.
     "FluxPipeline": "separate-cond-first",
+    "ZooMMDiTPipeline": "separate-cond-first",
     "WanPipeline": "separate-cond-first",
     "WanImageToVideoPipeline": "separate-cond-first",
     "QwenImagePipeline": "separate-cond-first",

@@ -12,12 +12,21 @@ import plugins_for_tests  # noqa: E402,F401  (registers the test plugins)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# The five families the foundation must support, plus the two video pipelines the tiny builders also cover.
-FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx"]
+# The five families the foundation must support, the two video pipelines the tiny builders also cover, and the
+# two trained zoo models (when their weights are in the package).
+FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "zoo:dit", "zoo:mmdit"]
+
+
+def zoo_weights_present(name: str) -> bool:
+    from dit_accel.pipelines.zoo.pipelines import WEIGHTS
+
+    return (WEIGHTS / name.split(":")[1] / "model.safetensors").is_file()
 
 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
+    if request.param.startswith("zoo:") and not zoo_weights_present(request.param):
+        pytest.skip("zoo weights not exported yet (test_zoo.py::test_weights_are_shipped fails loudly)")
     return request.param
 
 

@@ -9,13 +9,13 @@ from diffusers.hooks import HookRegistry
 from dit_accel import Recipe, accelerate_dit, get_handle, remove_acceleration
 from dit_accel.api import TRACKER_HOOK
 from dit_accel.core.attention import HOOK_NAME
-from dit_accel.pipelines import tiny
+import pipelines_for_tests as pipes
 from plugins_for_tests import CounterConfig, ProbeConfig, ReuseConfig, ScaleConfig
 
 
 def generate(pipe, name: str, **kwargs) -> torch.Tensor:
     with torch.no_grad():
-        return tiny.output_of(name, pipe(**tiny.default_call_kwargs(name, **kwargs)))
+        return pipes.output_of(name, pipe(**pipes.call_kwargs(name, **kwargs)))
 
 
 def plugin(handle, cls):
@@ -28,7 +28,7 @@ def module_state(module: torch.nn.Module) -> dict:
 
 class TestLifecycle:
     def test_none_recipe_is_bit_identical(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         reference = generate(pipe, family)
         handle = accelerate_dit(pipe, "none")
         assert handle.transformers[0].attention.layers, "the interception must be installed even for 'none'"
@@ -37,7 +37,7 @@ class TestLifecycle:
         assert handle.stats.totals()["reused"] == 0
 
     def test_removal_restores_bit_identical_outputs(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         reference = generate(pipe, family)
         state_before = module_state(pipe.transformer)
         accelerate_dit(pipe, Recipe((ScaleConfig(factor=0.5),)))
@@ -49,7 +49,7 @@ class TestLifecycle:
         assert get_handle(pipe) is None and remove_acceleration(pipe) is False
 
     def test_applying_twice_replaces_the_first(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         first = accelerate_dit(pipe, Recipe((ScaleConfig(factor=0.5),)))
         second = accelerate_dit(pipe, "none")
         assert not first.active and second.active and get_handle(pipe) is second
@@ -59,7 +59,7 @@ class TestLifecycle:
             hooks = getattr(module, "_diffusers_hook", None)
             if hooks is not None:
                 assert hooks._hook_order.count(HOOK_NAME) <= 1
-        reference = tiny.build(family)
+        reference = pipes.build(family)
         assert torch.equal(generate(pipe, family), generate(reference, family))
         third = accelerate_dit(pipe, "none")
         assert torch.equal(generate(pipe, family), generate(reference, family))
@@ -68,20 +68,20 @@ class TestLifecycle:
     def test_generations_share_no_state(self, family):
         """A stateful cache must start from scratch for each generation, whatever the steps and batch."""
         recipe = Recipe((ReuseConfig(),))
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         accelerate_dit(pipe, recipe)
         generate(pipe, family, steps=4, batch_size=1)
         second = generate(pipe, family, steps=3, batch_size=2, seed=1)
         third = generate(pipe, family, steps=4, batch_size=1, seed=2)
 
         for steps, batch, seed, got in ((3, 2, 1, second), (4, 1, 2, third)):
-            fresh = tiny.build(family)
+            fresh = pipes.build(family)
             accelerate_dit(fresh, recipe)
             assert torch.equal(got, generate(fresh, family, steps=steps, batch_size=batch, seed=seed))
 
     def test_exception_in_the_pipeline_loop_is_followed_by_a_clean_generation(self, family):
         recipe = Recipe((ReuseConfig(),))
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         accelerate_dit(pipe, recipe)
         original_step = pipe.scheduler.step
         calls = {"n": 0}
@@ -98,13 +98,13 @@ class TestLifecycle:
         del vars(pipe.scheduler)["step"]
         after = generate(pipe, family, steps=3, seed=5)
 
-        fresh = tiny.build(family)
+        fresh = pipes.build(family)
         accelerate_dit(fresh, recipe)
         assert torch.equal(after, generate(fresh, family, steps=3, seed=5))
 
     def test_exception_inside_the_transformer_resets_state(self, family):
         recipe = Recipe((ReuseConfig(),))
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         handle = accelerate_dit(pipe, recipe)
         reuse = plugin(handle, ReuseConfig)
         block = handle.transformers[0].spec.blocks(pipe.transformer)[-1][2]
@@ -122,18 +122,18 @@ class TestLifecycle:
         assert reuse.cache == {}, "the error must drop the cached state"
         assert handle.transformers[0].tracker.current is None
         after = generate(pipe, family, steps=2, seed=3)
-        fresh = tiny.build(family)
+        fresh = pipes.build(family)
         accelerate_dit(fresh, recipe)
         assert torch.equal(after, generate(fresh, family, steps=2, seed=3))
 
 
 class TestTracking:
     def test_steps_and_cfg_branches(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         handle = accelerate_dit(pipe, Recipe((ProbeConfig(),)))
         generate(pipe, family, steps=3, batch_size=1)
         contexts = plugin(handle, ProbeConfig).contexts
-        if tiny.is_batched_cfg(family):
+        if pipes.is_batched_cfg(family):
             assert [c.step for c in contexts] == [0, 1, 2]
             assert all(c.slot == 0 and c.batch_size == 2 for c in contexts)
             for c in contexts:
@@ -149,20 +149,20 @@ class TestTracking:
         assert len({c.generation for c in contexts}) == 1
 
     def test_roles_of_batched_rows(self, family):
-        if family not in ("dit", "sd3", "ltx"):
+        if family not in ("dit", "zoo:dit", "sd3", "ltx"):
             pytest.skip("role labels of batched rows are known for DiT (null class) and pipelines with do_cfg")
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         handle = accelerate_dit(pipe, Recipe((ProbeConfig(),)))
         generate(pipe, family, steps=2)
         roles = [b.role for b in plugin(handle, ProbeConfig).contexts[0].branches]
-        assert roles == (["cond", "uncond"] if family == "dit" else ["uncond", "cond"])
+        assert roles == (["cond", "uncond"] if family in ("dit", "zoo:dit") else ["uncond", "cond"])
 
     def test_stats_count_every_sublayer_call(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         handle = accelerate_dit(pipe, Recipe((ProbeConfig(report_reused=True),)))
         generate(pipe, family, steps=3)
         stats = handle.stats
-        calls = 3 * (1 if tiny.is_batched_cfg(family) else 2)
+        calls = 3 * (1 if pipes.is_batched_cfg(family) else 2)
         assert stats.transformer_calls == calls and stats.steps == 3
         first = handle.transformers[0].stats.sublayer_names[0]
         assert stats.sublayers[first].reused == calls and stats.sublayers[first].computed == 0
@@ -174,14 +174,14 @@ class TestTracking:
 
 class TestAttentionInterception:
     def test_identity_plugin_sees_every_attention_call(self, family):
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         reference = generate(pipe, family, steps=2)
         handle = accelerate_dit(pipe, Recipe((CounterConfig(),)))
         out = generate(pipe, family, steps=2)
         assert torch.equal(out, reference)
         counter = plugin(handle, CounterConfig)
         layers = handle.transformers[0].attention.layers
-        calls_per_layer = 2 * (1 if tiny.is_batched_cfg(family) else 2)
+        calls_per_layer = 2 * (1 if pipes.is_batched_cfg(family) else 2)
         assert set(counter.calls) == {layer.name for layer in layers}
         assert all(counter.calls[layer.name] == calls_per_layer for layer in layers), counter.calls
         for layer, layout, q_shape, k_shape, context in counter.seen:
@@ -195,7 +195,7 @@ class TestAttentionInterception:
     def test_interception_is_scoped_to_the_transformer(self, family):
         """SDPA calls of the text encoder and VAE are never routed, and the global function is untouched."""
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        pipe = tiny.build(family)
+        pipe = pipes.build(family)
         handle = accelerate_dit(pipe, Recipe((CounterConfig(),)))
         generate(pipe, family, steps=1)
         assert torch.nn.functional.scaled_dot_product_attention is sdpa
@@ -206,7 +206,7 @@ class TestAttentionInterception:
         assert sum(counter.calls.values()) == before
 
     def test_non_sdpa_backend_is_refused_loudly(self):
-        pipe = tiny.build("flux")
+        pipe = pipes.build("flux")
         handle = accelerate_dit(pipe, Recipe((CounterConfig(),)))
         for module in pipe.transformer.modules():
             processor = getattr(module, "processor", None)
@@ -226,7 +226,7 @@ class TestAttentionInterception:
 
 def test_plugins_on_disjoint_steps_share_a_layer():
     """Two attention plugins on one layer, each on its own step range: each acts only on its steps."""
-    pipe = tiny.build("dit")
+    pipe = pipes.build("dit")
     reference = generate(pipe, "dit", steps=4)
     handle = accelerate_dit(pipe, Recipe((ScaleConfig(factor=1.0, steps=(0, 2)), CounterConfig(steps=(2, 4)))))
     assert torch.equal(generate(pipe, "dit", steps=4), reference)  # factor 1.0 and an identity plugin
@@ -235,7 +235,7 @@ def test_plugins_on_disjoint_steps_share_a_layer():
 
 
 def test_scheduler_set_timesteps_starts_a_generation():
-    pipe = tiny.build("dit")
+    pipe = pipes.build("dit")
     handle = accelerate_dit(pipe, Recipe((ReuseConfig(),)))
     reuse = plugin(handle, ReuseConfig)
     before = reuse.resets

@@ -1,0 +1,32 @@
+"""One way for the tests to build and call every pipeline family: the tiny random-init ones and the zoo."""
+
+from __future__ import annotations
+
+import torch
+
+from dit_accel.pipelines import tiny
+
+ZOO = ("zoo:dit", "zoo:mmdit")
+
+
+def build(name: str):
+    if name in ZOO:
+        from dit_accel.pipelines import zoo
+
+        return zoo.load(name.split(":")[1])
+    return tiny.build(name)
+
+
+def call_kwargs(name: str, *, steps: int = 4, seed: int = 0, batch_size: int = 1) -> dict:
+    if name in ZOO:
+        return {"class_labels": [(3 + i) % 10 for i in range(batch_size)], "num_inference_steps": steps,
+                "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    return tiny.default_call_kwargs(name, steps=steps, seed=seed, batch_size=batch_size)
+
+
+def output_of(name: str, output) -> torch.Tensor:
+    return output.images.float() if name in ZOO else tiny.output_of(name, output)
+
+
+def is_batched_cfg(name: str) -> bool:
+    return name == "zoo:dit" if name in ZOO else tiny.is_batched_cfg(name)
