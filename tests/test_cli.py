@@ -188,8 +188,10 @@ def test_error_class_label_on_text_pipeline(tmp_path: Path) -> None:
 
 
 def test_error_class_label_out_of_range(tmp_path: Path) -> None:
-    result = invoke("generate", "--class-label", "1000", "-o", tmp_path / "x.png")
+    result = invoke("generate", "--model", "tiny:dit", "--class-label", "1000", "-o", tmp_path / "x.png")
     assert_usage_error(result, "--class-label 1000", "0 to 999")
+    result = invoke("generate", "--class-label", "10", "-o", tmp_path / "x.png")
+    assert_usage_error(result, "--class-label 10", "0 to 9")
 
 
 def test_error_unwritable_output() -> None:
@@ -211,3 +213,24 @@ def test_error_override_out_of_range(tmp_path: Path) -> None:
     path.write_text('name = "scaled"\n\n[[plugins]]\ntype = "test-attention-scale"\n')
     result = invoke("generate", "--recipe", path, "--set", "factor=99", "-o", tmp_path / "x.png")
     assert_usage_error(result, "factor = 99", "allowed")
+
+
+def test_generate_defaults_to_the_zoo_dit_model(tmp_path: Path) -> None:
+    out = tmp_path / "default.png"
+    result = invoke("generate", "--quiet", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (32, 32)
+    assert "dit_accel [dit] recipe 'none'" in result.output
+
+
+def test_generate_zoo_mmdit_grid(tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    result = invoke("generate", "--model", "zoo:mmdit", "--class-label", "3", "--num-images", "12", "--steps", "4",
+                    "--recipe", "none", "--quiet", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (320, 64)  # 10 per row
+
+
+def test_unknown_zoo_model(tmp_path: Path) -> None:
+    result = invoke("generate", "--model", "zoo:sd9", "-o", tmp_path / "x.png")
+    assert_usage_error(result, "unknown zoo model 'sd9'", "zoo:<dit|mmdit>")

@@ -68,6 +68,19 @@ class CallContext:
         return self.num_steps is not None and self.step == self.num_steps - 1
 
 
+def _shape_key(kwargs: dict) -> tuple:
+    """What a grid reader may depend on besides the latent: tensor shapes and small plain values of the call
+    (Flux's ``img_ids``, Qwen's ``img_shapes``, LTX's ``num_frames``/``height``/``width``). Tensor values are not
+    compared, so the grid is read once per shape signature."""
+    key = []
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            key.append((name, tuple(value.shape)))
+        elif isinstance(value, (int, float, str, tuple, list)) and len(repr(value)) < 256:
+            key.append((name, repr(value)))
+    return tuple(key)
+
+
 def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, torch.Tensor):
         # Wan 2.2 TI2V passes a per-token timestep where conditioning tokens are 0: the step is the largest value.
@@ -177,9 +190,7 @@ class StepTracker:
             self._slot = self._slot_for(context_name, default=0)
         self._last_timestep = value
 
-        ids = kwargs.get("img_ids")
-        grid_key = (signature, tuple(ids.shape) if isinstance(ids, torch.Tensor) else None,
-                    str(kwargs.get("img_shapes")), kwargs.get("num_frames"), kwargs.get("height"), kwargs.get("width"))
+        grid_key = (signature, _shape_key(kwargs))
         if grid_key not in self._grid_cache:
             self._grid_cache[grid_key] = spec.read_grid(module, args, kwargs)
         grid = self._grid_cache[grid_key]
