@@ -6,7 +6,7 @@ config (``@register_config``) and plugin (``@register_plugin``) on import; list 
 
 import importlib
 
-BUILTIN_PLUGIN_MODULES: tuple[str, ...] = ("dit_accel.caching.fora",)
+BUILTIN_PLUGIN_MODULES: tuple[str, ...] = ("dit_accel.caching.fora", "dit_accel.caching.taylorseer")
 
 for _module in BUILTIN_PLUGIN_MODULES:
     importlib.import_module(_module)

@@ -59,14 +59,19 @@ class ForaPlugin(Plugin):
 
     def install(self) -> None:
         self.store = SubLayerStore(self.target, "dit_accel.fora")
-        self.sublayers = self.store.install(self.config.layers, self._reuse)
+        self.sublayers = self.store.install(self.config.layers, self)
 
-    def _reuse(self, context: CallContext, name: str) -> bool:
+    def serve(self, context: CallContext, name: str):
         config = self.config
-        if not self.target.in_scope(config, context):
-            return False
-        return not fora_computes(context.step, context.num_steps, config.interval, config.first_steps,
-                                 config.last_steps)
+        if not self.target.in_scope(config, context) or fora_computes(
+            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps
+        ):
+            return None
+        cached = self.store.get(name, context.slot)
+        return None if cached is None else (cached, "reused")
+
+    def update(self, context: CallContext, name: str, output) -> None:
+        self.store.put(name, context.slot, output)
 
     def reset(self) -> None:
         self.store.clear()

@@ -1,16 +1,16 @@
 """Sub-layer caching: the hook every feature-caching plugin stands on.
 
 Each attention and MLP sub-layer named by the block contracts gets a hook. The sub-layer's output is what the
-block multiplies by its gate, so reusing it keeps the modulation and the gates fresh (FORA's semantics). Per call
-the plugin answers one question for the current step -- compute or reuse -- and the decision is taken once per
-transformer call (by the plugin, from the tracker's context), never inside the tensor math. Caches are keyed by
-``(sub-layer, slot)``: the separate cond/uncond calls of Flux true-CFG or Wan each have their own entries, and in a
-batched-CFG call every row of the cached tensor comes from that same row.
+block multiplies by its gate, so replacing it keeps the modulation and the gates fresh (FORA's and TaylorSeer's
+semantics). Per call the plugin's policy either serves an output (reused or forecast) or lets the sub-layer compute
+and then sees the computed output; the decision depends only on the tracker's context (step, slot), never on the
+tensors. State is keyed by ``(sub-layer, slot)``: the separate cond/uncond calls of Flux true-CFG or Wan each have
+their own entries, and in a batched-CFG call every row of a cached tensor comes from that same row.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
@@ -29,30 +29,61 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-class SubLayerHook(ModelHook):
-    """Computes or reuses one sub-layer's output as its owner decides."""
+def flatten_output(value: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    """The tensors of a sub-layer output (a tensor, or a tuple such as joint attention's ``(image, text)`` with
+    possible ``None``s) and a function that rebuilds an output of the same structure from new tensors."""
+    if isinstance(value, torch.Tensor):
+        return [value], lambda leaves: leaves[0]
+    if isinstance(value, (tuple, list)):
+        parts = [flatten_output(v) for v in value]
+        sizes = [len(leaves) for leaves, _ in parts]
 
-    def __init__(self, name: str, decide: Callable[[CallContext, str], bool], store: "SubLayerStore") -> None:
+        def rebuild(leaves: list[torch.Tensor]) -> Any:
+            out, start = [], 0
+            for (_, rebuild_part), size in zip(parts, sizes):
+                out.append(rebuild_part(leaves[start:start + size]))
+                start += size
+            return type(value)(out)
+
+        return [leaf for leaves, _ in parts for leaf in leaves], rebuild
+    return [], lambda leaves: value
+
+
+class SubLayerPolicy(Protocol):
+    """What a caching plugin decides for one sub-layer call."""
+
+    def serve(self, context: CallContext, name: str) -> tuple[Any, str] | None:
+        """``(output, "reused" | "forecast")`` to skip the sub-layer, or ``None`` to compute it."""
+
+    def update(self, context: CallContext, name: str, output: Any) -> None:
+        """See the output the sub-layer just computed."""
+
+
+class SubLayerHook(ModelHook):
+    """Serves or computes one sub-layer's output as its policy decides."""
+
+    def __init__(self, name: str, policy: SubLayerPolicy, store: "SubLayerStore") -> None:
         super().__init__()
         self.name = name
-        self.decide = decide  # (context, sub-layer name) -> reuse?
+        self.policy = policy
         self.store = store
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         context = self.store.target.tracker.current
-        if context is not None and self.decide(context, self.name):
-            cached = self.store.get(self.name, context.slot)
-            if cached is not None:
-                self.store.target.stats.record(context, self.name, "reused")
-                return cached
+        if context is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        served = self.policy.serve(context, self.name)
+        if served is not None:
+            output, event = served
+            self.store.target.stats.record(context, self.name, event)
+            return output
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if context is not None:
-            self.store.put(self.name, context.slot, output)
+        self.policy.update(context, self.name, output)
         return output
 
 
 class SubLayerStore:
-    """The per-branch cache of sub-layer outputs of one plugin, and the hooks that fill and read it."""
+    """The per-branch state of one caching plugin (any value per ``(sub-layer, slot)``) and its hooks."""
 
     def __init__(self, target: InstallTarget, hook_name: str) -> None:
         self.target = target
@@ -61,7 +92,7 @@ class SubLayerStore:
         self._bytes = 0
         self._modules: list[torch.nn.Module] = []
 
-    def install(self, layers: tuple[str, ...] | None, decide: Callable[[CallContext, str], bool]) -> list[str]:
+    def install(self, layers: tuple[str, ...] | None, policy: SubLayerPolicy) -> list[str]:
         """Hook every sub-layer selected by ``layers`` (glob patterns; ``None``: all). Returns their names."""
         names = []
         for list_attr, index, block, contract in self.target.spec.blocks(self.target.transformer):
@@ -70,7 +101,7 @@ class SubLayerStore:
                 name = f"{list_attr}.{index}.{sublayer.name}"
                 if module is None or not matches_layers(layers, name):
                     continue
-                attach(module, SubLayerHook(name, decide, self), self.hook_name)
+                attach(module, SubLayerHook(name, policy, self), self.hook_name)
                 self._modules.append(module)
                 names.append(name)
         return names
