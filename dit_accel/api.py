@@ -97,8 +97,8 @@ class _AcceleratedTransformer:
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 plugin = plugin_for(config)(config, target)
+                plugin.install()  # plugins validate before they attach anything
                 self.plugins.append(plugin)
-                plugin.install()
             self._tracker_hook = _TrackerHook(self)
             attach(transformer, self._tracker_hook, TRACKER_HOOK)
         except BaseException:

@@ -6,7 +6,12 @@ config (``@register_config``) and plugin (``@register_plugin``) on import; list 
 
 import importlib
 
-BUILTIN_PLUGIN_MODULES: tuple[str, ...] = ("dit_accel.caching.fora", "dit_accel.caching.taylorseer")
+BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
+    "dit_accel.caching.fora",
+    "dit_accel.caching.taylorseer",
+    "dit_accel.caching.first_block",
+    "dit_accel.caching.delta_dit",
+)
 
 for _module in BUILTIN_PLUGIN_MODULES:
     importlib.import_module(_module)

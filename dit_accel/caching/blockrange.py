@@ -1,0 +1,148 @@
+"""Block-range caching: skip a contiguous run of blocks and add the residual they produced when last computed.
+
+The blocks of all block lists are numbered in execution order (Flux: dual-stream then single-stream). A range
+``[start, end)`` gets one hook per block. At the first block the policy decides, per sample row, whether the range
+is skipped. If every row skips (and a residual is cached) the blocks pass their inputs through and the last one
+returns ``input + residual`` per stream (hidden, and encoder where the block returns one; SD3's last block returns
+``None`` for the encoder and so does the skipped range). Otherwise the range computes; rows that chose to skip still
+get ``input + cached residual``, so a decision is always per row (never a batch mean), and the residual is updated
+only for the rows that computed. State is per slot, so separate cond/uncond calls never share a residual.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from diffusers.hooks import ModelHook
+
+from dit_accel.core.blocks import BlockContract
+from dit_accel.core.context import CallContext
+from dit_accel.core.hooks import attach, detach
+from dit_accel.core.plugin import InstallTarget
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def block_streams(block: torch.nn.Module, contract: BlockContract, args: tuple, kwargs: dict):
+    """``(hidden, encoder)`` passed to a block (``encoder`` is ``None`` for blocks that do not return it)."""
+    signature = _SIGNATURES.get(type(block))
+    if signature is None:
+        signature = _SIGNATURES[type(block)] = inspect.signature(block.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    hidden = bound[contract.hidden_arg]
+    encoder = bound.get(contract.encoder_arg) if contract.returns != "h" and contract.encoder_arg else None
+    return hidden, encoder
+
+
+class RangePolicy(Protocol):
+    def decide(self, context: CallContext, hidden: torch.Tensor, encoder: torch.Tensor | None) -> torch.Tensor:
+        """Per-row bool tensor (B,): which rows skip the range at this call."""
+
+    def computed(self, context: CallContext, rows: torch.Tensor) -> None:
+        """The range computed for ``rows`` (bool (B,)) at this call."""
+
+
+@dataclass
+class _Call:
+    skip_rows: torch.Tensor
+    hidden: torch.Tensor
+    encoder: torch.Tensor | None
+    passthrough: bool
+
+
+def _add(value: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None or residual is None else value + residual
+
+
+def _blend(rows: torch.Tensor, skipped: torch.Tensor | None, computed: torch.Tensor | None):
+    if skipped is None or computed is None:
+        return computed
+    return torch.where(rows.view(-1, *([1] * (computed.ndim - 1))), skipped, computed)
+
+
+class _RangeHook(ModelHook):
+    def __init__(self, owner: "BlockRange", contract: BlockContract, first: bool, last: bool) -> None:
+        super().__init__()
+        self.owner, self.contract, self.first, self.last = owner, contract, first, last
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        owner = self.owner
+        context = owner.target.tracker.current
+        if context is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden, encoder = block_streams(module, self.contract, args, kwargs)
+        if self.first:
+            owner.begin(context, hidden, encoder)
+        call = owner.call
+        if call.passthrough:
+            if not self.last:
+                return self.contract.join_output(hidden, encoder)
+            residual = owner.residuals[context.slot]
+            owner.record_skip(context)
+            return self.contract.join_output(_add(hidden, residual[0]), _add(encoder, residual[1]))
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            output = owner.end(context, output, self.contract)
+        return output
+
+
+class BlockRange:
+    """One skippable range of blocks of one transformer."""
+
+    def __init__(self, target: InstallTarget, hook_name: str, policy: RangePolicy, start: int, end: int) -> None:
+        blocks = target.spec.blocks(target.transformer)
+        if not 0 <= start < end <= len(blocks):
+            raise ValueError(f"block range [{start}, {end}) is outside the model's {len(blocks)} blocks")
+        self.target, self.hook_name, self.policy = target, hook_name, policy
+        self.first_index, self.stop_index = start, end
+        self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.call: _Call | None = None
+        self._modules = []
+        self.sublayers = []
+        for position, (list_attr, index, block, contract) in enumerate(blocks):
+            if start <= position < end:
+                attach(block, _RangeHook(self, contract, position == start, position == end - 1), hook_name)
+                self._modules.append(block)
+                self.sublayers += [f"{list_attr}.{index}.{s.name}" for s in contract.sublayers
+                                   if getattr(block, s.name, None) is not None]
+
+    def begin(self, context: CallContext, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        skip_rows = self.policy.decide(context, hidden, encoder)
+        cached = context.slot in self.residuals
+        skip_rows = skip_rows & cached
+        self.call = _Call(skip_rows, hidden, encoder, passthrough=bool(cached and skip_rows.all()))
+
+    def end(self, context: CallContext, output, contract: BlockContract):
+        call = self.call
+        hidden, encoder = contract.split_output(output)
+        new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
+        old = self.residuals.get(context.slot)
+        if old is not None and call.skip_rows.any():
+            rows = call.skip_rows
+            hidden = _blend(rows, _add(call.hidden, old[0]), hidden)
+            encoder = _blend(rows, _add(call.encoder, old[1]), encoder)
+            new = (_blend(rows, old[0], new[0]), _blend(rows, old[1], new[1]))
+        self.residuals[context.slot] = new
+        self.policy.computed(context, ~call.skip_rows)
+        self.target.stats.set_cache_bytes(self.nbytes())
+        return contract.join_output(hidden, encoder)
+
+    def record_skip(self, context: CallContext) -> None:
+        for name in self.sublayers:
+            self.target.stats.record(context, name, "reused")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.residuals.values() for t in pair if t is not None)
+
+    def clear(self) -> None:
+        self.residuals.clear()
+        self.call = None
+
+    def remove(self) -> None:
+        for module in self._modules:
+            detach(module, self.hook_name)
+        self._modules.clear()
+        self.clear()

@@ -1,0 +1,153 @@
+"""First-block caching and Δ-DiT: block-range skipping with residuals, per branch and per row, on every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pipelines_for_tests as pipes
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
+from dit_accel.caching.delta_dit import DeltaDiTConfig, DeltaDiTPlugin, delta_dit_group
+from dit_accel.caching.first_block import FirstBlockCacheConfig, FirstBlockCachePlugin, relative_l1_per_row, skip_rows
+
+
+def generate(pipe, name, **kwargs):
+    with torch.no_grad():
+        return pipes.output_of(name, pipe(**pipes.call_kwargs(name, **kwargs)))
+
+
+def the_plugin(handle, cls):
+    return next(p for p in handle.transformers[0].plugins if isinstance(p, cls))
+
+
+def capture_range_io(handle, pipe, start):
+    """Per (step, slot): the input of block ``start`` and the output of the last block (hidden stream)."""
+    blocks = handle.transformers[0].spec.blocks(pipe.transformer)
+    tracker = handle.transformers[0].tracker
+    seen, hooks = {}, []
+    first_contract, last_contract = blocks[start][3], blocks[-1][3]
+
+    def before(module, args, kwargs):
+        c = tracker.current
+        hidden = kwargs.get(first_contract.hidden_arg, args[0] if args else None)
+        seen.setdefault((c.step, c.slot), {})["in"] = hidden
+
+    def after(module, args, output):
+        c = tracker.current
+        seen[(c.step, c.slot)]["out"] = last_contract.split_output(output)[0]
+
+    hooks.append(blocks[start][2].register_forward_pre_hook(before, with_kwargs=True))
+    hooks.append(blocks[-1][2].register_forward_hook(after))
+    return seen, hooks
+
+
+def test_pure_functions():
+    previous = torch.ones(2, 3, 4)
+    current = previous.clone()
+    current[1] *= 1.5
+    numerator, denominator = relative_l1_per_row(current, previous)
+    torch.testing.assert_close(numerator / denominator, torch.tensor([0.0, 0.5]))
+    assert skip_rows(numerator, denominator, 0.1).tolist() == [True, False]
+    assert skip_rows(torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 0.0]), 1.0).tolist() == [False, False]
+    assert [delta_dit_group(s, 10, 0.6) for s in (0, 5, 6, 9)] == ["rear", "rear", "front", "front"]
+    assert delta_dit_group(50, None, 0.6) == "rear"
+
+
+def test_configs_and_recipes():
+    with pytest.raises(ValueError, match=r"FirstBlockCacheConfig\.threshold = -0\.1 is out of range"):
+        FirstBlockCacheConfig(threshold=-0.1)
+    with pytest.raises(ValueError, match=r"DeltaDiTConfig\.boundary = 1\.5"):
+        DeltaDiTConfig(boundary=1.5)
+    assert [load_recipe(n).plugins[0].threshold for n in ("fbcache", "fbcache-fast", "fbcache-max")] == [0.1, 0.2, 0.35]
+    assert load_recipe("delta-dit").plugins[0].interval == 2
+    pipe = pipes.build("dit")  # 2 blocks
+    with pytest.raises(ValueError, match="compute_blocks = 2 leaves nothing to cache.*allowed: 1 to 1"):
+        accelerate_dit(pipe, "fbcache", compute_blocks=2)
+    with pytest.raises(ValueError, match="cached_blocks = 2 does not fit.*allowed: 1 to 1"):
+        accelerate_dit(pipe, "delta-dit", cached_blocks=2)
+    with pytest.raises(ValueError, match="does not take `layers`"):
+        accelerate_dit(pipe, "fbcache", layers=("transformer_blocks.1",))
+    assert not hasattr(pipe.transformer, "_diffusers_hook") or not pipe.transformer._diffusers_hook.hooks
+
+
+def test_fbcache_threshold_zero_is_dense(family):
+    pipe = pipes.build(family)
+    reference = generate(pipe, family, steps=4)
+    handle = accelerate_dit(pipe, "fbcache", threshold=0.0)
+    assert torch.equal(generate(pipe, family, steps=4), reference)
+    assert handle.stats.totals()["reused"] == 0
+
+
+def test_fbcache_forced_skips_add_the_cached_residual(family):
+    pipe = pipes.build(family)
+    reference = generate(pipe, family, steps=6)
+    handle = accelerate_dit(pipe, "fbcache", threshold=10.0, warmup_steps=1, last_steps=1, max_consecutive=2)
+    seen, hooks = capture_range_io(handle, pipe, start=1)
+    out = generate(pipe, family, steps=6)
+    for hook in hooks:
+        hook.remove()
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    computed_steps, skipped_steps = {0, 3, 5}, {1, 2, 4}  # warm-up 1, cap 2, last step computed
+    slots = 1 if pipes.is_batched_cfg(family) else 2
+    stats = the_plugin(handle, FirstBlockCachePlugin).range.sublayers
+    for name in stats:
+        assert handle.stats.sublayers[name].reused == len(skipped_steps) * slots
+    for slot in range(slots):
+        last_residual = None
+        for step in range(6):
+            io = seen[(step, slot)]
+            if step in computed_steps:
+                last_residual = io["out"] - io["in"]
+            else:
+                torch.testing.assert_close(io["out"], io["in"] + last_residual, rtol=1e-5, atol=1e-5)
+    remove_acceleration(pipe)
+    assert torch.equal(generate(pipe, family, steps=6), reference)
+
+
+def test_fbcache_decides_per_row():
+    """In a batched-CFG call one row may skip while the other computes: the computing row is exact."""
+    pipe = pipes.build("dit")
+
+    def run(handle):
+        outputs = {}
+        last_block = handle.transformers[0].spec.blocks(pipe.transformer)[-1][2]
+        tracker = handle.transformers[0].tracker
+        hook = last_block.register_forward_hook(lambda m, a, out: outputs.setdefault(tracker.current.step, out))
+        generate(pipe, "dit", steps=4)
+        hook.remove()
+        return outputs
+
+    dense = run(accelerate_dit(pipe, "fbcache", threshold=0.0))
+    handle = accelerate_dit(pipe, "fbcache", threshold=0.0)
+    plugin = the_plugin(handle, FirstBlockCachePlugin)
+    original = plugin.decide
+
+    def mixed(context, hidden, encoder):
+        skip = original(context, hidden, encoder)
+        return torch.tensor([True, False]) if context.step == 2 else skip
+
+    plugin.decide = mixed
+    mixed_run = run(handle)
+    assert torch.equal(mixed_run[1], dense[1])
+    assert torch.equal(mixed_run[2][1], dense[2][1]), "the row that computed is exact"
+    assert not torch.equal(mixed_run[2][0], dense[2][0]), "the row that skipped used the cached residual"
+    assert handle.stats.totals()["reused"] == 0, "a partly computed call is not counted as reused"
+
+
+def test_delta_dit_interval_one_is_dense_and_groups_follow_the_boundary(family):
+    pipe = pipes.build(family)
+    reference = generate(pipe, family, steps=6)
+    accelerate_dit(pipe, "delta-dit", interval=1)
+    assert torch.equal(generate(pipe, family, steps=6), reference)
+    handle = accelerate_dit(pipe, "delta-dit", interval=2, boundary=0.5, first_steps=1, last_steps=1)
+    out = generate(pipe, family, steps=6)
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    plugin = the_plugin(handle, DeltaDiTPlugin)
+    slots = 1 if pipes.is_batched_cfg(family) else 2
+    # Full steps 0, 1, 3, 5. Step 2 (< boundary 3) reuses the rear group, step 4 the front group.
+    for name in plugin.rear.sublayers:
+        assert handle.stats.sublayers[name].reused == slots
+    for name in plugin.front.sublayers:
+        assert handle.stats.sublayers[name].reused == slots
+    remove_acceleration(pipe)
+    assert torch.equal(generate(pipe, family, steps=6), reference)
