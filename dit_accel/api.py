@@ -15,6 +15,7 @@ Anything that fails half-way is rolled back. Removal restores every module and m
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class _AcceleratedTransformer:
             self.spec,
             on_reset=self._on_reset,
             cfg_convention=CFG_CONVENTIONS.get(type(pipe).__name__) if pipe is not None else None,
-            guidance_probe=(lambda: getattr(pipe, "do_classifier_free_guidance", None)) if pipe is not None else None,
+            guidance_probe=(lambda: _guidance_of(pipe)) if pipe is not None else None,
             null_class_label=null_class,
         )
         self.stats = StatsRecorder(transformer, self.spec)
@@ -285,8 +286,36 @@ def accelerate_dit(pipe_or_transformer: Any, recipe: "str | Path | Recipe" = "no
     return handle
 
 
+_CFG_FLAG = "_dit_accel_cfg"
+
+
+def _guidance_of(pipe: Any) -> bool | None:
+    """Whether the pipeline's current call runs classifier-free guidance, if it can be told: what it last passed
+    to ``encode_prompt`` (PixArt, SD3, CogVideoX, LTX, ...), else its ``do_classifier_free_guidance`` property."""
+    flag = vars(pipe).get(_CFG_FLAG)
+    if flag is not None:
+        return flag
+    try:
+        value = getattr(pipe, "do_classifier_free_guidance", None)
+    except (AttributeError, TypeError):  # properties that read call-time attributes before the first call
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
     scheduler = getattr(pipe, "scheduler", None)
+
+    encode_prompt = getattr(pipe, "encode_prompt", None)
+    if encode_prompt is not None and "do_classifier_free_guidance" in inspect.signature(encode_prompt).parameters:
+        signature = inspect.signature(encode_prompt)
+
+        def on_encode_prompt(owner, result, *args, **kwargs) -> None:
+            bound = signature.bind_partial(*args, **kwargs)
+            bound.apply_defaults()
+            vars(owner)[_CFG_FLAG] = bool(bound.arguments.get("do_classifier_free_guidance"))
+
+        handle._restores.append(_wrap_method(pipe, "encode_prompt", on_encode_prompt))
+        handle._restores.append(lambda: vars(pipe).pop(_CFG_FLAG, None))
 
     def on_set_timesteps(owner, result, *args, **kwargs) -> None:
         for acc in handle.transformers:

@@ -10,6 +10,7 @@ from dit_accel import Recipe, accelerate_dit, get_handle, remove_acceleration
 from dit_accel.api import TRACKER_HOOK
 from dit_accel.core.attention import HOOK_NAME
 import pipelines_for_tests as pipes
+from dit_accel.pipelines import tiny
 from plugins_for_tests import CounterConfig, ProbeConfig, ReuseConfig, ScaleConfig
 
 
@@ -149,13 +150,23 @@ class TestTracking:
         assert len({c.generation for c in contexts}) == 1
 
     def test_roles_of_batched_rows(self, family):
-        if family not in ("dit", "zoo:dit", "sd3", "ltx"):
-            pytest.skip("role labels of batched rows are known for DiT (null class) and pipelines with do_cfg")
+        if not pipes.is_batched_cfg(family):
+            pytest.skip("separate-call pipelines are covered by test_steps_and_cfg_branches")
         pipe = pipes.build(family)
         handle = accelerate_dit(pipe, Recipe((ProbeConfig(),)))
         generate(pipe, family, steps=2)
         roles = [b.role for b in plugin(handle, ProbeConfig).contexts[0].branches]
         assert roles == (["cond", "uncond"] if family in ("dit", "zoo:dit") else ["uncond", "cond"])
+
+    def test_roles_without_guidance(self):
+        for name in ("dit", "pixart-sigma", "flux"):
+            pipe = pipes.build(name)
+            handle = accelerate_dit(pipe, Recipe((ProbeConfig(),)))
+            kwargs = tiny.default_call_kwargs(name, steps=2, guidance_scale=1.0)
+            with torch.no_grad():
+                pipe(**kwargs)
+            contexts = plugin(handle, ProbeConfig).contexts
+            assert len(contexts) == 2 and all(b.role == "cond" for c in contexts for b in c.branches), name
 
     def test_stats_count_every_sublayer_call(self, family):
         pipe = pipes.build(family)

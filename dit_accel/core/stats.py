@@ -127,6 +127,7 @@ class StatsRecorder:
         self.current: GenerationStats | None = None
         self.last: GenerationStats | None = None
         self._flops_cache: dict[tuple, dict[str, float]] = {}
+        self._core_cache: dict[tuple, dict[str, float]] = {}
         self.sublayer_names: list[str] = [name for name, *_ in self._layers]
 
     def finish(self) -> None:
@@ -184,19 +185,28 @@ class StatsRecorder:
         image = context.grid.num_tokens if context.grid is not None else 0
         text = context.num_text_tokens
         rows = {"image": batch * image, "text": batch * text, "joint": batch * (image + text)}
-        result = {}
+        result, cores = {}, {}
         for name, sublayer, linears, inner_dim in self._layers:
             own_rows = rows["joint" if sublayer.kind == "joint" else sublayer.stream]
             total = 0.0
             for linear_name, per_row in linears.items():
                 total += per_row * (rows["text"] if _is_text_projection(linear_name, sublayer.kind) else own_rows)
+            core = 0.0
             if inner_dim:
                 q_len = image + text if sublayer.kind == "joint" else image
                 k_len = text if sublayer.kind == "cross" else q_len
-                total += 4.0 * batch * q_len * k_len * inner_dim  # QK^T and PV, summed over heads
-            result[name] = total
+                core = 4.0 * batch * q_len * k_len * inner_dim  # QK^T and PV, summed over heads
+            result[name] = total + core
+            cores[name] = core / (total + core) if total + core else 0.0
         self._flops_cache[key] = result
+        self._core_cache[key] = cores
         return result
+
+    def core_fraction(self, context: CallContext, sublayer: str) -> float:
+        """The share of an attention sub-layer's FLOPs spent in the attention core (QK^T, PV) at this call's
+        shapes; attention plugins report savings of the core as a ``partial`` event with this."""
+        self._dense_flops(context)
+        return self._core_cache[(context.batch_size, context.grid, context.num_text_tokens)][sublayer]
 
 
 
