@@ -25,6 +25,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from dit_accel.core.attention import AttentionInterceptor
 from dit_accel.core.blocks import spec_for
+from dit_accel.core.compile import compile_regions
 from dit_accel.core.context import StepTracker
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers, plugin_for
@@ -174,6 +175,7 @@ class AccelerationHandle:
         self.recipe = recipe
         self.transformers: list[_AcceleratedTransformer] = []
         self._restores: list = []
+        self._compiled: list = []
 
     @property
     def active(self) -> bool:
@@ -201,6 +203,15 @@ class AccelerationHandle:
             parts.append(format_summary(stats, recipe=self.recipe.name, model=label))
         return "\n\n".join(parts) if parts else f"dit_accel: recipe {self.recipe.name!r} has been removed"
 
+    def compile(self, **options: Any) -> "AccelerationHandle":
+        """``torch.compile`` the transformer blocks around the acceleration: every block, or where a plugin makes
+        decisions inside a block, the parts without decisions (see ``dit_accel.core.compile``). ``options`` go to
+        ``torch.compile`` (e.g. ``fullgraph=True``, ``mode="max-autotune"``). Undone by ``remove()``."""
+        for acc in self.transformers:
+            blocks = [block for _, _, block, _ in acc.spec.blocks(acc.transformer)]
+            self._compiled.append(compile_regions(blocks, **options))
+        return self
+
     def reset(self) -> None:
         """Drop all plugin state now (the next call starts a fresh generation)."""
         for acc in self.transformers:
@@ -208,6 +219,9 @@ class AccelerationHandle:
 
     def remove(self) -> None:
         """Remove every hook and wrapper; the model then computes exactly what it computed before."""
+        for regions in self._compiled:
+            regions.undo()
+        self._compiled.clear()
         for restore in reversed(self._restores):
             restore()
         self._restores.clear()

@@ -78,8 +78,8 @@ class _RangeHook(ModelHook):
             owner.begin(context, hidden, encoder)
         call = owner.call
         if call.passthrough:
-            if not self.last:
-                return self.contract.join_output(hidden, encoder)
+            if not self.last:  # contiguous, so the next block sees the same strides as after a computed block
+                return self.contract.join_output(hidden.contiguous(), None if encoder is None else encoder.contiguous())
             residual = owner.residuals[context.slot]
             owner.record_skip(context)
             return self.contract.join_output(_add(hidden, residual[0]), _add(encoder, residual[1]))
