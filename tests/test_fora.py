@@ -107,3 +107,14 @@ def test_layers_and_steps_scope():
     stats = handle.stats.sublayers
     assert all(s.reused == 0 for n, s in stats.items() if n.startswith("transformer_blocks"))
     assert all(s.reused == 2 for n, s in stats.items() if n.startswith("single_transformer_blocks"))  # step 2 only
+
+
+@pytest.mark.parametrize("interval", [2, 3, 5])
+def test_flops_fraction_is_one_over_interval_plus_warm_up(interval):
+    steps = 30
+    pipe = pipes.build("flux")
+    handle = accelerate_dit(pipe, "fora", interval=interval, first_steps=2, last_steps=1)
+    generate(pipe, "flux", steps=steps)
+    computed = sum(fora_computes(s, steps, interval, 2, 1) for s in range(steps))
+    assert handle.stats.flops_fraction == pytest.approx(computed / steps)
+    assert abs(handle.stats.flops_fraction - 1 / interval) < 3 / steps + 1e-9  # 1/N plus warm-up and tail

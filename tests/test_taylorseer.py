@@ -18,29 +18,36 @@ def generate(pipe, name, **kwargs):
         return pipes.output_of(name, pipe(**pipes.call_kwargs(name, **kwargs)))
 
 
-def test_differences_are_exact_for_linear_functions_on_uneven_grids():
-    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
-    positions = [0.0, 0.7, 1.0]
-    factors = None
-    for i, x in enumerate(positions):
-        distance = None if i == 0 else x - positions[i - 1]
-        factors = update_differences(factors, a + b * x, distance, order=2)
-    assert len(factors) == 3
-    torch.testing.assert_close(factors[1], b)
-    torch.testing.assert_close(factors[2], torch.zeros(2), atol=1e-6, rtol=0)
-    torch.testing.assert_close(taylor_forecast(factors, -0.4), a + b * 0.6)
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_forecast_is_exact_on_polynomials_of_its_order_on_uneven_grids(order):
+    generator = torch.Generator().manual_seed(order)
+    coefficients = torch.randn(order + 1, 3, generator=generator, dtype=torch.float64)
+
+    def f(x: float) -> torch.Tensor:
+        return sum(c * x**i for i, c in enumerate(coefficients))
+
+    positions = [0.999, 0.94, 0.8, 0.777, 0.5, 0.321][: order + 2]  # sigma-like; also holds for steps
+    state = None
+    for x in positions:
+        state = update_differences(state, f(x), x, order)
+    assert len(state[1]) == order + 1 and len(state[0]) == order + 1
+    for x in (0.3, 0.25, 0.01):
+        torch.testing.assert_close(taylor_forecast(state, x), f(x), rtol=1e-6, atol=1e-6)
 
 
 def test_order_grows_with_full_steps_and_order_zero_is_reuse():
     value = torch.ones(3)
-    first = update_differences(None, value, None, order=2)
+    first = update_differences(None, value, 0.0, order=2)
     second = update_differences(first, 2 * value, 0.5, order=2)
-    third = update_differences(second, 5 * value, 0.5, order=2)
-    assert [len(f) for f in (first, second, third)] == [1, 2, 3]
-    torch.testing.assert_close(third[1], 6 * value)  # (5 - 2) / 0.5
-    torch.testing.assert_close(third[2], 8 * value)  # (6 - 2) / 0.5
-    assert len(update_differences(third, value, 1.0, order=0)) == 1
-    torch.testing.assert_close(taylor_forecast([value], 123.0), value)
+    third = update_differences(second, 5 * value, 1.0, order=2)
+    assert [len(s[1]) for s in (first, second, third)] == [1, 2, 3]
+    torch.testing.assert_close(third[1][1], 6 * value)  # (5 - 2) / 0.5
+    torch.testing.assert_close(third[1][2], 4 * value)  # (6 - 2) / (1.0 - 0.0)
+    assert len(update_differences(third, value, 2.0, order=0)[1]) == 1
+    torch.testing.assert_close(taylor_forecast(([0.0], [value]), 123.0), value)
+    # Order 1 is the paper's linear extrapolation: F + (F - F_old) / d * k.
+    linear = update_differences(update_differences(None, value, 10.0, 1), 3 * value, 8.0, 1)
+    torch.testing.assert_close(taylor_forecast(linear, 7.0), 3 * value + (3 * value - value) / (8.0 - 10.0) * -1.0)
 
 
 def test_flatten_rebuilds_tuples_with_none():
@@ -102,16 +109,14 @@ def test_forecasts_are_the_taylor_polynomial_of_the_full_steps(family, distance)
     slots = 1 if pipes.is_batched_cfg(family) else 2
     assert all(s.forecast == 2 * slots for s in stats.sublayers.values())
     for (name, slot), calls in seen.items():
-        factors, position = None, None
+        states = None
         for step, x, output in calls:
             leaves, _ = flatten_output(output)
             if step in full_steps:
-                distance_value = None if position is None else x - position
-                factors = [update_differences(None if factors is None else factors[i], leaf.float(), distance_value, 2)
-                           for i, leaf in enumerate(leaves)]
-                position = x
+                states = [update_differences(None if states is None else states[i], leaf.float(), x, 2)
+                          for i, leaf in enumerate(leaves)]
             else:
                 assert step in forecast_steps
-                for leaf, f in zip(leaves, factors):
-                    torch.testing.assert_close(leaf, taylor_forecast(f, x - position).to(leaf.dtype))
+                for leaf, state in zip(leaves, states):
+                    torch.testing.assert_close(leaf, taylor_forecast(state, x).to(leaf.dtype))
     assert stats.cache_bytes > 0 and plugin.store.entries == {}

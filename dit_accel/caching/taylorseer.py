@@ -1,15 +1,17 @@
 """TaylorSeer: from reusing to forecasting (Liu et al., ICCV 2025, arXiv 2503.06923).
 
-On full steps each sub-layer's output (pre-gate) updates a finite-difference Taylor expansion
-``[F, dF, d2F, ...]`` up to order O; on the steps in between the output is forecast as
-``sum_i d^iF * k^i / i!`` where k is the distance from the last full step. Order 0 is FORA. The distance is
-measured either in the transformer's timestep input (``"timestep"``, correct on non-uniform and shifted schedules)
-or in step indices (``"step"``, the reference code's choice).
+On full steps each sub-layer's output (pre-gate) updates the divided differences of the last O+1 full steps; on
+the steps in between the output is forecast by the polynomial through them. We use Newton's form,
+``F[x0] + F[x0,x1](x-x0) + F[x0,x1,x2](x-x0)(x-x1) + ...``, rather than the paper's Taylor form
+``sum_i d^iF * k^i / i!`` with backward-difference derivatives: the two agree at order 0 (FORA: reuse) and order 1
+(linear extrapolation); at higher orders Newton's form is exact for polynomials of the order on any spacing, while
+the Taylor form with backward differences is only first-order accurate. Positions are measured either in the
+transformer's timestep input (``"timestep"``, right on non-uniform and shifted schedules) or in step indices
+(``"step"``, the reference code's choice).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,22 +25,29 @@ from dit_accel.recipe import PluginConfig, check_choice, check_range, register_c
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def update_differences(previous: list[torch.Tensor] | None, value: torch.Tensor, distance: float | None,
-                       order: int) -> list[torch.Tensor]:
-    """The factors ``[F, dF, ..., d^mF]`` after a full computation ``value`` at ``distance`` from the previous full
-    computation whose factors were ``previous``; m grows by one per full step up to ``order``."""
-    factors = [value]
-    if previous is not None and distance:
-        for i in range(min(order, len(previous))):
-            factors.append((factors[i] - previous[i]) / distance)
-    return factors
+def update_differences(previous: tuple[list[float], list[torch.Tensor]] | None, value: torch.Tensor,
+                       position: float, order: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Add a full computation ``value`` at ``position`` to the divided differences of the previous full steps.
+
+    The state is ``(positions, differences)`` with ``positions = [x0, x1, ...]`` (newest first) and
+    ``differences[i] = F[x0, ..., xi]``; it keeps at most ``order + 1`` points, one more per full step.
+    """
+    if previous is None:
+        return [position], [value]
+    old_positions, old_differences = previous
+    differences = [value]
+    for i in range(min(order, len(old_differences))):
+        differences.append((differences[i] - old_differences[i]) / (position - old_positions[i]))
+    return ([position] + old_positions)[: len(differences)], differences
 
 
-def taylor_forecast(factors: list[torch.Tensor], k: float) -> torch.Tensor:
-    """``sum_i factors[i] * k**i / i!``."""
-    result = factors[0]
-    for i in range(1, len(factors)):
-        result = result + factors[i] * (k**i / math.factorial(i))
+def taylor_forecast(state: tuple[list[float], list[torch.Tensor]], position: float) -> torch.Tensor:
+    """The Newton polynomial of the state at ``position``: ``sum_i F[x0..xi] * prod_{j<i} (position - xj)``."""
+    positions, differences = state
+    result, weight = differences[0], 1.0
+    for i in range(1, len(differences)):
+        weight *= position - positions[i - 1]
+        result = result + differences[i] * weight
     return result
 
 
@@ -50,8 +59,8 @@ class TaylorSeerConfig(PluginConfig):
     Args:
         interval (`int`, defaults to `4`): a full step every ``interval`` steps, forecasts in between. 3-6 typical
             (paper: 6 on FLUX, 4-5 on DiT/video). Allowed: 1-50.
-        order (`int`, defaults to `2`): Taylor order O; 0 reuses (FORA), 1-2 is the usual choice, 3-4 only with
-            many full steps. Allowed: 0-4.
+        order (`int`, defaults to `2`): polynomial order O; 0 reuses (FORA), 1-2 is the usual choice, 3-4 only
+            with many full steps. Allowed: 0-4.
         first_steps (`int`, defaults to `2`): warm-up steps that always compute (each adds an order). Allowed: 0-1000.
         last_steps (`int`, defaults to `1`): steps at the end that always compute. Allowed: 0-1000.
         distance (`str`, defaults to `"timestep"`): ``"timestep"`` measures k in the transformer's timestep input,
@@ -98,24 +107,21 @@ class TaylorSeerPlugin(Plugin):
         entry = self.store.get(name, context.slot)
         if entry is None:
             return None
-        position, factors, dtypes, rebuild = entry
-        k = self._position(context) - position
-        leaves = [taylor_forecast(f, k).to(dtype) for f, dtype in zip(factors, dtypes)]
-        return rebuild(leaves), ("reused" if all(len(f) == 1 for f in factors) else "forecast")
+        states, dtypes, rebuild = entry
+        position = self._position(context)
+        leaves = [taylor_forecast(state, position).to(dtype) for state, dtype in zip(states, dtypes)]
+        return rebuild(leaves), ("reused" if all(len(state[1]) == 1 for state in states) else "forecast")
 
     def update(self, context: CallContext, name: str, output) -> None:
         position = self._position(context)
         leaves, rebuild = flatten_output(output)
         entry = self.store.get(name, context.slot)
-        if entry is None or len(entry[1]) != len(leaves):
-            previous, distance = [None] * len(leaves), None
-        else:
-            previous, distance = entry[1], position - entry[0]
-        factors = [
-            update_differences(old, leaf.detach().to(self._dtype), distance, self.config.order)
+        previous = entry[0] if entry is not None and len(entry[0]) == len(leaves) else [None] * len(leaves)
+        states = [
+            update_differences(old, leaf.detach().to(self._dtype), position, self.config.order)
             for old, leaf in zip(previous, leaves)
         ]
-        self.store.put(name, context.slot, (position, factors, [leaf.dtype for leaf in leaves], rebuild))
+        self.store.put(name, context.slot, (states, [leaf.dtype for leaf in leaves], rebuild))
 
     def reset(self) -> None:
         self.store.clear()
