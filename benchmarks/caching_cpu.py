@@ -1,0 +1,223 @@
+"""Caching recipes against the anchors on the zoo models, side by side in one process, same seeds.
+
+For each zoo model: the dense run, every dit_accel caching recipe at its aggressiveness levels, and diffusers'
+First-Block-Cache / TaylorSeer / MagCache and cache-dit's DBCache (with and without its TaylorSeer calibrator)
+wherever they apply. Reported per configuration: wall speedup (end-to-end and transformer-only, medians of
+``--repeats`` timing runs), FLOPs speedup (dit_accel's estimate; anchors report none), PSNR/SSIM against the dense
+output of the same seeds, fd to real data and class consistency. Writes ``caching-cpu.md``, ``.json`` and a
+speedup-vs-PSNR plot.
+
+    python benchmarks/caching_cpu.py --samples 40 --steps 50 -o benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
+from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.timing import TransformerTimer, summarize
+from dit_accel.pipelines import zoo
+
+RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "fbcache",
+           "fbcache-fast", "fbcache-max", "delta-dit", "delta-dit-fast", "delta-dit-max", "cfg-share",
+           "taylorseer+cfg-share"]
+ANCHORS = [
+    ("diffusers:fbcache", {"threshold": 0.05}),
+    ("diffusers:fbcache", {"threshold": 0.1}),
+    ("diffusers:fbcache", {"threshold": 0.2}),
+    ("diffusers:taylorseer", {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3}),
+    ("diffusers:taylorseer", {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3}),
+    ("diffusers:magcache", {"threshold": 0.06}),
+    ("diffusers:magcache", {"threshold": 0.12}),
+    ("cache-dit:dbcache", {"residual_diff_threshold": 0.08, "max_warmup_steps": 2}),
+    ("cache-dit:dbcache", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),
+    ("cache-dit:dbcache+taylorseer", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),
+]
+REAL_SEED = 3_000_000_019
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=40, help="images per configuration (balanced classes)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3, help="timing runs of --timing-batch images")
+    parser.add_argument("--timing-batch", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=list(zoo.MODELS))
+    parser.add_argument("--recipes", nargs="*", default=RECIPES)
+    parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    evaluator = zoo.evaluator()
+    labels = [i % 10 for i in range(args.samples)]
+    timing_labels = labels[: args.timing_batch]
+    real, _ = zoo.dataset(max(args.samples, 100), seed=REAL_SEED)
+    results = {"meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+                        "torch": torch.__version__, "samples": args.samples, "steps": args.steps,
+                        "repeats": args.repeats, "timing_batch": args.timing_batch}, "models": {}}
+
+    for model in args.models:
+        pipe = zoo.load(model)
+        timer = TransformerTimer(pipe.transformer)
+
+        def call(class_labels, seed=0):
+            return pipe(class_labels=class_labels, num_inference_steps=args.steps, output_type="pt",
+                        generator=torch.Generator().manual_seed(seed)).images
+
+        def side_by_side(enable, disable, run=lambda generate: generate()):
+            """Dense and configured runs interleaved (after one warm-up each); medians of each."""
+            times = {"dense": ([], []), "config": ([], [])}
+            for repeat in range(args.repeats + 1):
+                for variant in ("dense", "config"):
+                    if variant == "config":
+                        enable()
+                    runner = run if variant == "config" else (lambda generate: generate())
+                    timer.total = 0.0
+                    start = time.perf_counter()
+                    runner(lambda: call(timing_labels, seed=100 + repeat))
+                    if repeat:
+                        times[variant][0].append(time.perf_counter() - start)
+                        times[variant][1].append(timer.total)
+                    if variant == "config":
+                        disable()
+            dense_wall, dense_transformer = (summarize(t).median for t in times["dense"])
+            wall, transformer = (summarize(t).median for t in times["config"])
+            return dense_wall / wall, dense_transformer / transformer
+
+        dense = call(labels)
+        rows = {"none": row(dense, dense, (1.0, 1.0), 1.0, evaluator, labels, real, kind="dense")}
+        print(model, "none", rows["none"], flush=True)
+        for recipe in args.recipes:
+            speedups = side_by_side(lambda: accelerate_dit(pipe, recipe), lambda: remove_acceleration(pipe))
+            handle = accelerate_dit(pipe, recipe)
+            images = call(labels)
+            rows[recipe] = row(images, dense, speedups, handle.stats.flops_fraction, evaluator, labels, real,
+                               kind="dit_accel")
+            remove_acceleration(pipe)
+            print(model, recipe, rows[recipe], flush=True)
+        for name, setting in ([] if args.no_anchors else ANCHORS):
+            label = name + "(" + ", ".join(f"{k}={v}" for k, v in setting.items()) + ")"
+            setting = dict(setting)
+            try:
+                if name == "diffusers:magcache":  # calibrate once, on its own seed
+                    setting["mag_ratios"] = calibrate_magcache(pipe, lambda: call(timing_labels, seed=999), args.steps)
+                applied = []
+
+                def enable(name=name, setting=setting):
+                    applied.append(apply_baseline(name, pipe, num_steps=args.steps, setting=setting,
+                                                  calibration=lambda: call(timing_labels, seed=999)))
+
+                def disable():
+                    applied.pop().remove()
+
+                enable()
+                disable()
+            except BaselineUnavailable as reason:
+                rows[label] = {"kind": "anchor", "unavailable": str(reason)}
+                print(model, label, "unavailable:", reason, flush=True)
+                continue
+            speedups = side_by_side(enable, disable, run=lambda generate: applied[-1].run(generate))
+            enable()
+            try:
+                images = applied[-1].run(lambda: call(labels))
+            finally:
+                disable()
+            rows[label] = row(images, dense, speedups, None, evaluator, labels, real, kind="anchor")
+            print(model, label, rows[label], flush=True)
+        timer.remove()
+        results["models"][model] = rows
+
+    (args.out / "caching-cpu.json").write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, args.out / "caching-cpu.md")
+    plot(results, args.out / "caching-cpu.png")
+
+
+def row(images, dense, speedups, flops_fraction, evaluator, labels, real, kind):
+    return {
+        "kind": kind,
+        "wall_speedup": speedups[0],
+        "transformer_speedup": speedups[1],
+        "flops_speedup": None if flops_fraction is None else 1.0 / flops_fraction,
+        "psnr": psnr(images, dense),
+        "ssim": ssim(images, dense),
+        "fd": evaluator.fd(images, real[: len(images)]),
+        "class_consistency": evaluator.class_consistency(images, labels),
+    }
+
+
+def _fmt(value, spec):
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, spec)
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    meta = results["meta"]
+    lines = [
+        "# Caching recipes vs. anchors on the zoo models (CPU)",
+        "",
+        f"`python benchmarks/caching_cpu.py --samples {meta['samples']} --steps {meta['steps']} --repeats "
+        f"{meta['repeats']}`; {meta['machine']}, torch {meta['torch']}. Speedups are ratios of medians of "
+        f"{meta['repeats']} timed runs of {meta['timing_batch']} images, each configured run interleaved with a dense "
+        "run in the same process; quality on "
+        f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
+        "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
+        "report one).",
+    ]
+    for model, rows in results["models"].items():
+        lines += ["", f"## zoo:{model}", "",
+                  "| configuration | wall × | transformer × | FLOPs × | PSNR dB | SSIM | fd | class consistency |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            if "unavailable" in r:
+                lines.append(f"| {name} | not applicable: {r['unavailable']} ||||||| ")
+                continue
+            lines.append(
+                f"| {name} | {_fmt(r['wall_speedup'], '.2f')} | {_fmt(r['transformer_speedup'], '.2f')} | "
+                f"{_fmt(r['flops_speedup'], '.2f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} | "
+                f"{_fmt(r['fd'], '.3f')} | {_fmt(r['class_consistency'], '.3f')} |"
+            )
+    lines += ["", "![speedup vs PSNR](caching-cpu.png)"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    models = list(results["models"])
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for name, r in results["models"][model].items():
+            if "unavailable" in r or r["kind"] == "dense" or math.isinf(r["psnr"]):
+                continue
+            marker, color = ("o", "tab:blue") if r["kind"] == "dit_accel" else ("s", "tab:red")
+            axis.scatter(r["transformer_speedup"], r["psnr"], marker=marker, color=color)
+            axis.annotate(name.split("(")[0].replace("diffusers:", "d:") + ("" if "(" not in name else "*"),
+                          (r["transformer_speedup"], r["psnr"]), fontsize=6)
+        axis.set_title(f"zoo:{model} (blue: dit_accel, red: anchors)")
+        axis.set_xlabel("transformer wall speedup (×)")
+        axis.set_ylabel("PSNR vs dense (dB)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()
