@@ -118,6 +118,7 @@ class FirstBlockCachePlugin(Plugin):
             dist.all_reduce(both)  # every rank sees the statistic of the whole sequence
             numerator, denominator = both[0], both[1]
         skip = skip_rows(numerator, denominator, config.threshold)
+        self.changes.append((context.step, context.slot, (numerator / denominator.clamp_min(1e-12)).tolist()))
         streak = self.streaks.get(context.slot)
         if streak is None or streak.shape[0] != batch:
             streak = torch.zeros(batch, dtype=torch.long, device=hidden.device)
@@ -135,6 +136,7 @@ class FirstBlockCachePlugin(Plugin):
             self.previous[context.slot] = torch.where(mask, self._pending, previous)
 
     def reset(self) -> None:
+        self.changes: list[tuple[int, int, list[float]]] = []  # (step, slot, relative change per row), for stats
         self.previous: dict[int, torch.Tensor] = {}
         self.streaks: dict[int, torch.Tensor] = {}
         self._pending = None
