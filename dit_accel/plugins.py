@@ -12,6 +12,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "dit_accel.caching.first_block",
     "dit_accel.caching.delta_dit",
     "dit_accel.caching.cfg_share",
+    "dit_accel.caching.toca",
 )
 
 for _module in BUILTIN_PLUGIN_MODULES:

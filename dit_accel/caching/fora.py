@@ -70,7 +70,7 @@ class ForaPlugin(Plugin):
         cached = self.store.get(name, context.slot)
         return None if cached is None else (cached, "reused")
 
-    def update(self, context: CallContext, name: str, output) -> None:
+    def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
         self.store.put(name, context.slot, output)
 
     def reset(self) -> None:

@@ -26,6 +26,8 @@ def tensor_bytes(value: Any) -> int:
         return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
     return 0
 
 
@@ -55,8 +57,8 @@ class SubLayerPolicy(Protocol):
     def serve(self, context: CallContext, name: str) -> tuple[Any, str] | None:
         """``(output, "reused" | "forecast")`` to skip the sub-layer, or ``None`` to compute it."""
 
-    def update(self, context: CallContext, name: str, output: Any) -> None:
-        """See the output the sub-layer just computed."""
+    def update(self, context: CallContext, name: str, output: Any, args: tuple = ()) -> None:
+        """See the output the sub-layer just computed (and its positional inputs)."""
 
 
 class SubLayerHook(ModelHook):
@@ -77,8 +79,13 @@ class SubLayerHook(ModelHook):
             output, event = served
             self.store.target.stats.record(context, self.name, event)
             return output
+        partial = getattr(self.policy, "partial", None)  # token-wise partial recomputation (ToCa)
+        if partial is not None:
+            output = partial(context, self.name, self.fn_ref.original_forward, args, kwargs)
+            if output is not None:
+                return output
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.policy.update(context, self.name, output)
+        self.policy.update(context, self.name, output, args)
         return output
 
 
