@@ -151,3 +151,29 @@ def test_delta_dit_interval_one_is_dense_and_groups_follow_the_boundary(family):
         assert handle.stats.sublayers[name].reused == slots
     remove_acceleration(pipe)
     assert torch.equal(generate(pipe, family, steps=6), reference)
+
+
+def test_fbcache_forecast_extrapolates_the_residual_linearly(family):
+    pipe = pipes.build(family)
+    handle = accelerate_dit(pipe, "fbcache", threshold=10.0, warmup_steps=2, last_steps=0, max_consecutive=1,
+                            forecast_order=1)
+    seen, hooks = capture_range_io(handle, pipe, start=1)
+    tracker = handle.transformers[0].tracker
+    timesteps = {}
+    first_block = handle.transformers[0].spec.blocks(pipe.transformer)[0][2]
+
+    def note_timestep(module, args):
+        timesteps.setdefault(tracker.current.step, tracker.current.timestep)
+
+    hook = first_block.register_forward_pre_hook(note_timestep)
+    generate(pipe, family, steps=6)
+    for h in hooks + [hook]:
+        h.remove()
+    # Computed: 0, 1 (warm-up), 3, 5 (a cap of 1 skip in a row); skipped: 2, 4.
+    for slot in range(1 if pipes.is_batched_cfg(family) else 2):
+        residual = {s: seen[(s, slot)]["out"] - seen[(s, slot)]["in"] for s in (0, 1, 3)}
+        for skipped, (a, b) in {2: (0, 1), 4: (1, 3)}.items():
+            ta, tb, t = timesteps[a], timesteps[b], timesteps[skipped]
+            expected = residual[b] + (residual[b] - residual[a]) / (tb - ta) * (t - tb)
+            io = seen[(skipped, slot)]
+            torch.testing.assert_close(io["out"] - io["in"], expected, rtol=1e-4, atol=1e-4)

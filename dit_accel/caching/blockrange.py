@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
 
+from dit_accel.caching.sublayer import tensor_bytes
+from dit_accel.caching.taylorseer import taylor_forecast, update_differences
 from dit_accel.core.blocks import BlockContract
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
@@ -80,7 +82,7 @@ class _RangeHook(ModelHook):
         if call.passthrough:
             if not self.last:  # contiguous, so the next block sees the same strides as after a computed block
                 return self.contract.join_output(hidden.contiguous(), None if encoder is None else encoder.contiguous())
-            residual = owner.residuals[context.slot]
+            residual = owner.residual_for(context)
             owner.record_skip(context)
             return self.contract.join_output(_add(hidden, residual[0]), _add(encoder, residual[1]))
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -92,13 +94,18 @@ class _RangeHook(ModelHook):
 class BlockRange:
     """One skippable range of blocks of one transformer."""
 
-    def __init__(self, target: InstallTarget, hook_name: str, policy: RangePolicy, start: int, end: int) -> None:
+    def __init__(self, target: InstallTarget, hook_name: str, policy: RangePolicy, start: int, end: int,
+                 forecast_order: int = 0) -> None:
         blocks = target.spec.blocks(target.transformer)
         if not 0 <= start < end <= len(blocks):
             raise ValueError(f"block range [{start}, {end}) is outside the model's {len(blocks)} blocks")
         self.target, self.hook_name, self.policy = target, hook_name, policy
         self.first_index, self.stop_index = start, end
         self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # With forecast_order > 0 the skipped residual is forecast (Newton polynomial over the timesteps of the last
+        # computed steps, as in TaylorSeer) instead of reused.
+        self.forecast_order = forecast_order
+        self.history: dict[int, tuple[Any, Any]] = {}
         self.call: _Call | None = None
         self._modules = []
         self.sublayers = []
@@ -120,25 +127,44 @@ class BlockRange:
         hidden, encoder = contract.split_output(output)
         new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
         old = self.residuals.get(context.slot)
-        if old is not None and call.skip_rows.any():
+        mixed = old is not None and bool(call.skip_rows.any())
+        if mixed:
             rows = call.skip_rows
-            hidden = _blend(rows, _add(call.hidden, old[0]), hidden)
-            encoder = _blend(rows, _add(call.encoder, old[1]), encoder)
+            served = self.residual_for(context)
+            hidden = _blend(rows, _add(call.hidden, served[0]), hidden)
+            encoder = _blend(rows, _add(call.encoder, served[1]), encoder)
             new = (_blend(rows, old[0], new[0]), _blend(rows, old[1], new[1]))
         self.residuals[context.slot] = new
+        if self.forecast_order:
+            # Rows that skipped keep an older residual: a polynomial through mixed rows would be wrong, restart it.
+            previous = None if mixed else self.history.get(context.slot)
+            self.history[context.slot] = tuple(
+                None if r is None else update_differences(None if previous is None else previous[i], r,
+                                                          context.timestep, self.forecast_order)
+                for i, r in enumerate(new)
+            )
         self.policy.computed(context, ~call.skip_rows)
         self.target.stats.set_cache_bytes(self.nbytes())
         return contract.join_output(hidden, encoder)
+
+    def residual_for(self, context: CallContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The residual a skipped call adds: the cached one, or its forecast at this call's timestep."""
+        history = self.history.get(context.slot) if self.forecast_order else None
+        if history is None:
+            return self.residuals[context.slot]
+        return tuple(None if state is None else taylor_forecast(state, context.timestep) for state in history)
 
     def record_skip(self, context: CallContext) -> None:
         for name in self.sublayers:
             self.target.stats.record(context, name, "reused")
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.residuals.values() for t in pair if t is not None)
+        return tensor_bytes(list(self.residuals.values())) + tensor_bytes(
+            [state[1] for pair in self.history.values() for state in pair if state is not None])
 
     def clear(self) -> None:
         self.residuals.clear()
+        self.history.clear()
         self.call = None
 
     def remove(self) -> None:

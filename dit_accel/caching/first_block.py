@@ -51,6 +51,8 @@ class FirstBlockCacheConfig(PluginConfig):
         last_steps (`int`, defaults to `1`): final steps that always compute. Allowed: 0-1000.
         max_consecutive (`int`, defaults to `3`): at most this many skipped steps in a row per row; 0 for no
             cap. Allowed: 0-1000.
+        forecast_order (`int`, defaults to `0`): 0 reuses the cached residual; 1-2 forecasts it with a polynomial
+            through the last computed steps' residuals (over timesteps), TaylorSeer-style. Allowed: 0-4.
     """
 
     kind = "schedule"
@@ -59,6 +61,7 @@ class FirstBlockCacheConfig(PluginConfig):
     warmup_steps: int = 2
     last_steps: int = 1
     max_consecutive: int = 3
+    forecast_order: int = 0
 
     def validate(self) -> None:
         check_range(self, "threshold", 0.0, 10.0)
@@ -66,6 +69,7 @@ class FirstBlockCacheConfig(PluginConfig):
         check_range(self, "warmup_steps", 0, 1000, integer=True)
         check_range(self, "last_steps", 0, 1000, integer=True)
         check_range(self, "max_consecutive", 0, 1000, integer=True)
+        check_range(self, "forecast_order", 0, 4, integer=True)
 
 
 class _HeadInput(ModelHook):
@@ -97,7 +101,8 @@ class FirstBlockCachePlugin(Plugin):
         self.head_input: torch.Tensor | None = None
         self._head_block = blocks[0][2]
         attach(self._head_block, _HeadInput(self, blocks[0][3]), "dit_accel.fbcache.head")
-        self.range = BlockRange(self.target, "dit_accel.fbcache", self, count, len(blocks))
+        self.range = BlockRange(self.target, "dit_accel.fbcache", self, count, len(blocks),
+                                forecast_order=self.config.forecast_order)
         self.reset()
 
     def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
