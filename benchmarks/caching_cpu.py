@@ -27,9 +27,9 @@ from dit_accel.bench.metrics import psnr, ssim
 from dit_accel.bench.timing import TransformerTimer, summarize
 from dit_accel.pipelines import zoo
 
-RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "fbcache",
-           "fbcache-fast", "fbcache-max", "delta-dit", "delta-dit-fast", "delta-dit-max", "cfg-share",
-           "taylorseer+cfg-share"]
+RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "toca", "toca-fast",
+           "toca-max", "fbcache", "fbcache-fast", "fbcache-max", "fbcache-taylorseer", "delta-dit", "delta-dit-fast",
+           "delta-dit-max", "cfg-share", "taylorseer+cfg-share"]
 ANCHORS = [
     ("diffusers:fbcache", {"threshold": 0.05}),
     ("diffusers:fbcache", {"threshold": 0.1}),
