@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_accel.caching.blockrange import BlockRange
-from dit_accel.caching.fora import fora_computes
+from dit_accel.caching.sublayer import computes_at
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
@@ -66,7 +66,7 @@ class _GroupPolicy:
         skip = (
             self.plugin.target.in_scope(config, context)
             and delta_dit_group(context.step, context.num_steps, config.boundary) == self.group
-            and not fora_computes(context.step, context.num_steps, config.interval, config.first_steps,
+            and not computes_at(context.step, context.num_steps, config.interval, config.first_steps,
                                   config.last_steps)
         )
         return torch.full((hidden.shape[0],), skip, dtype=torch.bool, device=hidden.device)

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dit_accel.caching.sublayer import SubLayerStore
+from dit_accel.caching.sublayer import IntervalSubLayerPlugin, computes_at
 from dit_accel.core.context import CallContext
-from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
 
 
-def fora_computes(step: int, num_steps: int | None, interval: int, first_steps: int, last_steps: int) -> bool:
-    """Whether FORA computes (rather than reuses) at ``step``.
-
-    Steps ``< first_steps`` and the last ``last_steps`` steps (when the schedule length is known) always compute;
-    in between, a step computes every ``interval`` steps counting from ``first_steps``.
-    """
-    if step < first_steps or interval == 1:
-        return True
-    if num_steps is not None and step >= num_steps - last_steps:
-        return True
-    return (step - first_steps) % interval == 0
+fora_computes = computes_at  # FORA's schedule: see computes_at
 
 
 @register_config("fora")
@@ -54,30 +44,12 @@ class ForaConfig(PluginConfig):
 
 
 @register_plugin(ForaConfig)
-class ForaPlugin(Plugin):
-    kind = "schedule"
-
-    def install(self) -> None:
-        self.store = SubLayerStore(self.target, "dit_accel.fora")
-        self.sublayers = self.store.install(self.config.layers, self)
-
+class ForaPlugin(IntervalSubLayerPlugin):
     def serve(self, context: CallContext, name: str):
-        config = self.config
-        if not self.target.in_scope(config, context) or fora_computes(
-            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps
-        ):
+        if not self.cached_step(context):
             return None
         cached = self.store.get(name, context.slot)
         return None if cached is None else (cached, "reused")
 
     def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
         self.store.put(name, context.slot, output)
-
-    def reset(self) -> None:
-        self.store.clear()
-
-    def remove(self) -> None:
-        self.store.remove()
-
-    def cache_bytes(self) -> int:
-        return self.store.nbytes()

@@ -17,7 +17,7 @@ from diffusers.hooks import ModelHook
 
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
-from dit_accel.core.plugin import InstallTarget, matches_layers
+from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers
 
 
 def tensor_bytes(value: Any) -> int:
@@ -134,3 +134,42 @@ class SubLayerStore:
             detach(module, self.hook_name)
         self._modules.clear()
         self.clear()
+
+
+def computes_at(step: int, num_steps: int | None, interval: int, first_steps: int, last_steps: int) -> bool:
+    """Whether an interval schedule computes (rather than reuses or forecasts) at ``step``.
+
+    Steps ``< first_steps`` and the last ``last_steps`` steps (when the schedule length is known) always compute;
+    in between, a step computes every ``interval`` steps counting from ``first_steps``.
+    """
+    if step < first_steps or interval == 1:
+        return True
+    if num_steps is not None and step >= num_steps - last_steps:
+        return True
+    return (step - first_steps) % interval == 0
+
+
+class IntervalSubLayerPlugin(Plugin):
+    """Base of the sub-layer caching plugins with an interval schedule (FORA, TaylorSeer, ToCa): their configs
+    have ``interval``, ``first_steps`` and ``last_steps``; subclasses implement ``serve`` and ``update``."""
+
+    kind = "schedule"
+
+    def install(self) -> None:
+        self.store = SubLayerStore(self.target, f"dit_accel.{self.name}")
+        self.sublayers = self.store.install(self.config.layers, self)
+
+    def cached_step(self, context: CallContext) -> bool:
+        """Whether this call reuses or forecasts (in scope, and not a full step of the schedule)."""
+        config = self.config
+        return self.target.in_scope(config, context) and not computes_at(
+            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
+
+    def reset(self) -> None:
+        self.store.clear()
+
+    def remove(self) -> None:
+        self.store.remove()
+
+    def cache_bytes(self) -> int:
+        return self.store.nbytes()

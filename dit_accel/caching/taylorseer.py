@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.caching.fora import fora_computes
-from dit_accel.caching.sublayer import SubLayerStore, flatten_output
+from dit_accel.caching.sublayer import IntervalSubLayerPlugin, flatten_output
 from dit_accel.core.context import CallContext
-from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,22 +86,16 @@ class TaylorSeerConfig(PluginConfig):
 
 
 @register_plugin(TaylorSeerConfig)
-class TaylorSeerPlugin(Plugin):
-    kind = "schedule"
-
+class TaylorSeerPlugin(IntervalSubLayerPlugin):
     def install(self) -> None:
-        self.store = SubLayerStore(self.target, "dit_accel.taylorseer")
-        self.sublayers = self.store.install(self.config.layers, self)
+        super().install()
         self._dtype = _DTYPES[self.config.factor_dtype]
 
     def _position(self, context: CallContext) -> float:
         return float(context.step) if self.config.distance == "step" else context.timestep
 
     def serve(self, context: CallContext, name: str):
-        config = self.config
-        if not self.target.in_scope(config, context) or fora_computes(
-            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps
-        ):
+        if not self.cached_step(context):
             return None
         entry = self.store.get(name, context.slot)
         if entry is None:
@@ -122,12 +115,3 @@ class TaylorSeerPlugin(Plugin):
             for old, leaf in zip(previous, leaves)
         ]
         self.store.put(name, context.slot, (states, [leaf.dtype for leaf in leaves], rebuild))
-
-    def reset(self) -> None:
-        self.store.clear()
-
-    def remove(self) -> None:
-        self.store.remove()
-
-    def cache_bytes(self) -> int:
-        return self.store.nbytes()

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.caching.fora import fora_computes
-from dit_accel.caching.sublayer import SubLayerStore
+from dit_accel.caching.sublayer import IntervalSubLayerPlugin
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
-from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
 
 
@@ -93,24 +92,16 @@ class ToCaConfig(PluginConfig):
 
 
 @register_plugin(ToCaConfig)
-class ToCaPlugin(Plugin):
-    kind = "schedule"
-
+class ToCaPlugin(IntervalSubLayerPlugin):
     def install(self) -> None:
-        self.store = SubLayerStore(self.target, "dit_accel.toca")
-        self.sublayers = self.store.install(self.config.layers, self)
+        super().install()
         self.roles = {}
         for list_attr, index, block, contract in self.target.spec.blocks(self.target.transformer):
             for sublayer in contract.sublayers:
                 self.roles[f"{list_attr}.{index}.{sublayer.name}"] = sublayer
 
-    def _cached_step(self, context: CallContext) -> bool:
-        config = self.config
-        return self.target.in_scope(config, context) and not fora_computes(
-            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
-
     def serve(self, context: CallContext, name: str):
-        if not self._cached_step(context):
+        if not self.cached_step(context):
             return None
         entry = self.store.get(name, context.slot)
         if entry is None:
@@ -121,7 +112,7 @@ class ToCaPlugin(Plugin):
 
     def partial(self, context: CallContext, name: str, forward, args, kwargs):
         """Recompute the chosen tokens of an MLP sub-layer; ``None`` if it must compute in full."""
-        if not self._cached_step(context) or self.roles[name].role != "mlp":
+        if not self.cached_step(context) or self.roles[name].role != "mlp":
             return None
         entry = self.store.get(name, context.slot)
         if entry is None or not args or not isinstance(args[0], torch.Tensor) or args[0].ndim != 3:
@@ -144,18 +135,9 @@ class ToCaPlugin(Plugin):
         self.target.stats.record(context, name, "partial", computed_fraction=k / current.shape[1])
         return output
 
-    def update(self, context: CallContext, name: str, output, args=()) -> None:
+    def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
         entry = {"output": output}
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3:
             entry["input"] = args[0].detach()
             entry["staleness"] = torch.zeros(args[0].shape[:2], device=args[0].device)
         self.store.put(name, context.slot, entry)
-
-    def reset(self) -> None:
-        self.store.clear()
-
-    def remove(self) -> None:
-        self.store.remove()
-
-    def cache_bytes(self) -> int:
-        return self.store.nbytes()
