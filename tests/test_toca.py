@@ -84,3 +84,27 @@ def test_partial_refresh_is_exact_on_the_chosen_tokens(family):
     assert handle.stats.totals()["partial"] > 0 and handle.stats.flops_fraction < 1
     remove_acceleration(pipe)
     assert torch.equal(generate(pipe, family, steps=6), reference)
+
+
+def test_full_ratios_recompute_everything(family):
+    """With every token refreshed in MLPs and every query in attention, cached steps compute what dense does."""
+    pipe = pipes.build(family)
+    reference = generate(pipe, family, steps=6)
+    handle = accelerate_dit(pipe, "toca", interval=3, mlp_ratio=1.0, attention_ratio=1.0, spread=1)
+    out = generate(pipe, family, steps=6)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    assert handle.stats.totals()["partial"] > 0
+
+
+def test_partial_attention_changes_output_and_conflicts_are_refused():
+    pipe = pipes.build("flux")
+    reference = generate(pipe, "flux", steps=6)
+    accelerate_dit(pipe, "toca", interval=3, attention_ratio=0.0)
+    reused = generate(pipe, "flux", steps=6)
+    accelerate_dit(pipe, "toca", interval=3, attention_ratio=0.5)
+    partial = generate(pipe, "flux", steps=6)
+    assert not torch.equal(partial, reused) and not torch.equal(partial, reference)
+    with pytest.raises(ValueError, match="already routed to 'toca'.*'cfg-share' cannot take it"):
+        accelerate_dit(pipe, "toca+cfg-share", attention_ratio=0.5)
+    remove_acceleration(pipe)
+    assert torch.equal(generate(pipe, "flux", steps=6), reference)

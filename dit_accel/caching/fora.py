@@ -51,5 +51,5 @@ class ForaPlugin(IntervalSubLayerPlugin):
         cached = self.store.get(name, context.slot)
         return None if cached is None else (cached, "reused")
 
-    def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
+    def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         self.store.put(name, context.slot, output)

@@ -57,8 +57,8 @@ class SubLayerPolicy(Protocol):
     def serve(self, context: CallContext, name: str) -> tuple[Any, str] | None:
         """``(output, "reused" | "forecast")`` to skip the sub-layer, or ``None`` to compute it."""
 
-    def update(self, context: CallContext, name: str, output: Any, args: tuple = ()) -> None:
-        """See the output the sub-layer just computed (and its positional inputs)."""
+    def update(self, context: CallContext, name: str, output: Any, args: tuple = (), kwargs: dict | None = None) -> None:
+        """See the output the sub-layer just computed (and its inputs)."""
 
 
 class SubLayerHook(ModelHook):
@@ -85,7 +85,7 @@ class SubLayerHook(ModelHook):
             if output is not None:
                 return output
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.policy.update(context, self.name, output, args)
+        self.policy.update(context, self.name, output, args, kwargs)
         return output
 
 

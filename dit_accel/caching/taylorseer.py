@@ -105,7 +105,7 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         leaves = [taylor_forecast(state, position).to(dtype) for state, dtype in zip(states, dtypes)]
         return rebuild(leaves), ("reused" if all(len(state[1]) == 1 for state in states) else "forecast")
 
-    def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
+    def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         position = self._position(context)
         leaves, rebuild = flatten_output(output)
         entry = self.store.get(name, context.slot)

@@ -1,9 +1,11 @@
 """ToCa: token-wise feature caching (Zou et al., ICLR 2025, arXiv 2410.05317).
 
 Like FORA, a full step every ``interval`` steps caches every sub-layer's output (pre-gate). On the cached steps
-in between, attention outputs are reused whole, and each MLP sub-layer is recomputed for the ``mlp_ratio`` share of
-tokens whose cache is most stale and scattered into its cached output (an MLP acts on each token alone, so the
-recomputed tokens are exact). The score needs no attention map, so SDPA / flash attention stay usable:
+in between, each MLP sub-layer is recomputed for the ``mlp_ratio`` share of tokens whose cache is most stale and
+scattered into its cached output (an MLP acts on each token alone, so the recomputed tokens are exact). Attention
+is reused whole, or with ``attention_ratio > 0`` its core is recomputed for that share of query tokens against all
+keys (the projections run for every token; the other queries keep their cached attention output). The score needs
+no attention map, so SDPA / flash attention stay usable:
 
     score = relative change of the token's input since it was cached + staleness_weight * steps since refresh
 
@@ -67,6 +69,8 @@ class ToCaConfig(PluginConfig):
         interval (`int`, defaults to `4`): a full step every ``interval`` steps. Allowed: 1-50.
         mlp_ratio (`float`, defaults to `0.2`): share of tokens each MLP recomputes on cached steps (paper: 10-30 %).
             0 is FORA. Allowed: 0-1.
+        attention_ratio (`float`, defaults to `0.0`): share of query tokens whose attention core is recomputed on
+            cached steps; 0 reuses attention whole (the paper's choice). Worth it at long sequences. Allowed: 0-1.
         staleness_weight (`float`, defaults to `0.05`): score added per step since a token was refreshed.
             Allowed: 0-10.
         spread (`int`, defaults to `2`): cells of ``spread x spread`` tokens each contribute their best token
@@ -77,6 +81,7 @@ class ToCaConfig(PluginConfig):
     kind = "schedule"
     interval: int = 4
     mlp_ratio: float = 0.2
+    attention_ratio: float = 0.0
     staleness_weight: float = 0.05
     spread: int = 2
     first_steps: int = 1
@@ -85,10 +90,16 @@ class ToCaConfig(PluginConfig):
     def validate(self) -> None:
         check_range(self, "interval", 1, 50, integer=True)
         check_range(self, "mlp_ratio", 0.0, 1.0)
+        check_range(self, "attention_ratio", 0.0, 1.0)
         check_range(self, "staleness_weight", 0.0, 10.0)
         check_range(self, "spread", 1, 16, integer=True)
         check_range(self, "first_steps", 0, 1000, integer=True)
         check_range(self, "last_steps", 0, 1000, integer=True)
+
+
+def _module_input(args: tuple, kwargs: dict | None) -> torch.Tensor | None:
+    value = (kwargs or {}).get("hidden_states", args[0] if args else None)
+    return value if isinstance(value, torch.Tensor) and value.ndim == 3 else None
 
 
 @register_plugin(ToCaConfig)
@@ -99,6 +110,13 @@ class ToCaPlugin(IntervalSubLayerPlugin):
         for list_attr, index, block, contract in self.target.spec.blocks(self.target.transformer):
             for sublayer in contract.sublayers:
                 self.roles[f"{list_attr}.{index}.{sublayer.name}"] = sublayer
+        self._queries: tuple[torch.Tensor, int] | None = None  # (token indices, module input length) while active
+        self.attention_outputs: dict[tuple, torch.Tensor] = {}
+        if self.config.attention_ratio > 0:
+            self.target.route_attention(self, self._attend)
+
+    def _ratio(self, name: str) -> float:
+        return self.config.mlp_ratio if self.roles[name].role == "mlp" else self.config.attention_ratio
 
     def serve(self, context: CallContext, name: str):
         if not self.cached_step(context):
@@ -106,38 +124,97 @@ class ToCaPlugin(IntervalSubLayerPlugin):
         entry = self.store.get(name, context.slot)
         if entry is None:
             return None
-        if self.roles[name].role == "mlp" and self.config.mlp_ratio > 0 and isinstance(entry["output"], torch.Tensor):
-            return None  # the hook computes a token subset in `partial`
+        if self._ratio(name) > 0 and "input" in entry:
+            return None  # the hook recomputes a token subset in `partial`
         return entry["output"], "reused"
 
     def partial(self, context: CallContext, name: str, forward, args, kwargs):
-        """Recompute the chosen tokens of an MLP sub-layer; ``None`` if it must compute in full."""
-        if not self.cached_step(context) or self.roles[name].role != "mlp":
+        """Recompute the chosen tokens of a sub-layer; ``None`` if it must compute in full."""
+        if not self.cached_step(context):
             return None
         entry = self.store.get(name, context.slot)
-        if entry is None or not args or not isinstance(args[0], torch.Tensor) or args[0].ndim != 3:
+        current = _module_input(args, kwargs)
+        if entry is None or current is None or "input" not in entry or current.shape != entry["input"].shape:
             return None
-        current, cached_input, output = args[0], entry["input"], entry["output"]
-        if current.shape != cached_input.shape:
-            return None
-        scores = token_scores(current, cached_input, entry["staleness"], self.config.staleness_weight)
+        scores = token_scores(current, entry["input"], entry["staleness"], self.config.staleness_weight)
         offset = context.num_text_tokens if (self.roles[name].stream == "joint"
                                              and self.target.spec.text_position == "first") else 0
-        k = max(1, round(self.config.mlp_ratio * current.shape[1]))
+        k = max(1, round(self._ratio(name) * current.shape[1]))
         index = spread_top_k(scores, k, context.grid, offset, self.config.spread)
         gather = index[..., None].expand(-1, -1, current.shape[-1])
-        fresh = forward(current.gather(1, gather), *args[1:], **kwargs)
-        out_index = index[..., None].expand(-1, -1, fresh.shape[-1])
-        output = output.scatter(1, out_index, fresh)
-        entry["input"] = cached_input.scatter(1, gather, current.gather(1, gather))
+        if self.roles[name].role == "mlp":
+            if not isinstance(entry["output"], torch.Tensor):
+                return None
+            chosen = current.gather(1, gather)
+            if args:
+                fresh = forward(chosen, *args[1:], **kwargs)
+            else:
+                fresh = forward(**{**kwargs, "hidden_states": chosen})
+            output = entry["output"].scatter(1, index[..., None].expand(-1, -1, fresh.shape[-1]), fresh)
+            fraction = k / current.shape[1]
+        else:
+            self._queries = (index, current.shape[1])
+            try:
+                output = forward(*args, **kwargs)
+            finally:
+                self._queries = None
+            core = self.target.stats.core_fraction(context, name)
+            fraction = 1.0 - core * (1.0 - k / current.shape[1])
+        entry["input"] = entry["input"].scatter(1, gather, current.gather(1, gather))
         entry["staleness"] = (entry["staleness"] + 1).scatter(1, index, 0)
         entry["output"] = output
-        self.target.stats.record(context, name, "partial", computed_fraction=k / current.shape[1])
+        self.target.stats.record(context, name, "partial", computed_fraction=fraction)
         return output
 
-    def update(self, context: CallContext, name: str, output, args: tuple = ()) -> None:
+    def _attend(self, query, key, value, call):
+        """SDPA of a routed attention layer: full on full steps (and remembered), chosen queries on cached steps."""
+        slot = call.context.slot if call.context is not None else 0
+        cache_key = (call.layer.name, call.index, slot)
+        cached = self.attention_outputs.get(cache_key)
+        expected = (*query.shape[:-1], value.shape[-1])
+        rows = self._query_rows(query, call) if self._queries is not None else None
+        if rows is None or cached is None or tuple(cached.shape) != expected or call.options.get("attn_mask") is not None:
+            out = call.dense(query, key, value)
+        else:
+            heads, dim = query.shape[1], query.shape[-1]
+            picked = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
+            fresh = call.dense(picked, key, value)
+            out = cached.scatter(2, rows[:, None, :, None].expand(-1, heads, -1, fresh.shape[-1]), fresh)
+        self.attention_outputs[cache_key] = out
+        return out
+
+    def _query_rows(self, query: torch.Tensor, call) -> torch.Tensor | None:
+        """Positions of the chosen module-input tokens in the attention's query sequence. When joint attention
+        adds the text stream to an image-only input (dual-stream blocks), every text query is recomputed too: there
+        are few, and the text stream's output depends on them."""
+        index, input_length = self._queries
+        extra = query.shape[2] - input_length
+        if extra == 0:
+            return index
+        layout = call.layout
+        if layout.kind != "joint" or extra != layout.num_text_tokens:
+            return None
+        text_first = layout.text_position == "first"
+        text = torch.arange(extra, device=index.device) + (0 if text_first else input_length)
+        image = index + (extra if text_first else 0)
+        return torch.cat([text.expand(index.shape[0], -1), image], dim=1)
+
+    def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         entry = {"output": output}
-        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3:
-            entry["input"] = args[0].detach()
-            entry["staleness"] = torch.zeros(args[0].shape[:2], device=args[0].device)
+        current = _module_input(args, kwargs)
+        if current is not None:
+            entry["input"] = current.detach()
+            entry["staleness"] = torch.zeros(current.shape[:2], device=current.device)
         self.store.put(name, context.slot, entry)
+
+    def reset(self) -> None:
+        super().reset()
+        self.attention_outputs.clear()
+
+    def remove(self) -> None:
+        super().remove()
+        self.target.attention.unroute(self)
+        self.attention_outputs.clear()
+
+    def cache_bytes(self) -> int:
+        return super().cache_bytes() + sum(t.numel() * t.element_size() for t in self.attention_outputs.values())

@@ -117,7 +117,7 @@ class AttentionLayerHook(ModelHook):
         super().__init__()
         self.layer = layer
         self.tracker = tracker
-        self.routes: list[tuple[object, AttentionFn, Callable[[CallContext | None], bool] | None]] = []
+        self.routes: list[tuple[object, AttentionFn, Callable[[CallContext | None], bool] | None, tuple | None]] = []
 
     def layout(self) -> TokenLayout:
         context = self.tracker.current
@@ -133,7 +133,7 @@ class AttentionLayerHook(ModelHook):
 
     def active_route(self) -> AttentionFn | None:
         context = self.tracker.current
-        for _, fn, when in self.routes:
+        for _, fn, when, _ in self.routes:
             if when is None or when(context):
                 return fn
         return None
@@ -185,12 +185,20 @@ class AttentionInterceptor:
         *,
         owner: object,
         when: Callable[[CallContext | None], bool] | None = None,
+        steps: tuple[int, int] | None = None,
     ) -> None:
         """Send the attention of ``layers`` (all if ``None``) to ``fn`` whenever ``when(context)`` holds (always if
-        ``None``). Several owners may route one layer on disjoint step ranges; the first active route wins."""
+        ``None``). Several owners may route one layer only on disjoint ``steps`` ranges; otherwise this raises."""
         targets = self.hooks.values() if layers is None else [self.hooks[layer.name] for layer in layers]
         for hook in targets:
-            hook.routes.append((owner, fn, when))
+            for other, _, _, other_steps in hook.routes:
+                if other is not owner and _steps_overlap(steps, other_steps):
+                    raise ValueError(
+                        f"attention of {hook.layer.name} is already routed to {getattr(other, 'name', other)!r} on "
+                        f"overlapping steps; {getattr(owner, 'name', owner)!r} cannot take it too"
+                    )
+        for hook in targets:
+            hook.routes.append((owner, fn, when, steps))
 
     def unroute(self, owner: object) -> None:
         for hook in self.hooks.values():
@@ -200,6 +208,10 @@ class AttentionInterceptor:
         for hook in self.hooks.values():
             detach(_module_by_layer(self.transformer, hook.layer), HOOK_NAME)
         self.hooks.clear()
+
+
+def _steps_overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    return a is None or b is None or not (a[1] <= b[0] or b[1] <= a[0])
 
 
 def _module_by_layer(transformer: torch.nn.Module, layer: LayerId) -> torch.nn.Module:

@@ -42,7 +42,8 @@ class InstallTarget:
         """Route the attention of the plugin's layers to ``fn`` on the plugin's steps (see ``PluginConfig``)."""
         config = plugin.config
         self.attention.route(
-            self.attention_layers(config), fn, owner=plugin, when=lambda context: self.in_scope(config, context)
+            self.attention_layers(config), fn, owner=plugin, when=lambda context: self.in_scope(config, context),
+            steps=config.steps,
         )
 
     def in_scope(self, config: "PluginConfig", context: CallContext | None) -> bool:
