@@ -12,6 +12,7 @@ from dit_accel.core.blocks import (
     registered_transformers,
     spec_for,
 )
+import pipelines_for_tests as pipes
 from dit_accel.pipelines import tiny
 
 
@@ -26,14 +27,14 @@ def run_and_capture_blocks(pipe, name):
             captured.append((label, contract, hidden_in, output))
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
     with torch.no_grad():
-        pipe(**tiny.default_call_kwargs(name, steps=1))
+        pipe(**pipes.call_kwargs(name, steps=1))
     for handle in handles:
         handle.remove()
     return spec, captured
 
 
 def test_contracts_match_the_blocks(family):
-    pipe = tiny.build(family)
+    pipe = pipes.build(family)
     spec, captured = run_and_capture_blocks(pipe, family)
     assert captured, "every block list must be found"
     for label, contract, hidden_in, output in captured:
