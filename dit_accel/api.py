@@ -14,6 +14,7 @@ Anything that fails half-way is rolled back. Removal restores every module and m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from pathlib import Path
@@ -99,7 +100,12 @@ class _AcceleratedTransformer:
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 plugin = plugin_for(config)(config, target)
-                plugin.install()  # plugins validate before they attach anything
+                try:
+                    plugin.install()
+                except BaseException:
+                    with contextlib.suppress(Exception):  # undo whatever it attached before failing
+                        plugin.remove()
+                    raise
                 self.plugins.append(plugin)
             self._tracker_hook = _TrackerHook(self)
             attach(transformer, self._tracker_hook, TRACKER_HOOK)
