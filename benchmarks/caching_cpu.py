@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS))
     parser.add_argument("--recipes", nargs="*", default=RECIPES)
     parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="update the rows of an existing caching-cpu.json instead of starting a new one")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +140,12 @@ def main() -> None:
 
     if "mmdit" in args.models:
         results["taylorseer_distance"] = distance_experiment(args, evaluator, labels, real)
+    if args.merge and (args.out / "caching-cpu.json").is_file():
+        previous = json.loads((args.out / "caching-cpu.json").read_text())
+        for model, rows in results["models"].items():
+            previous["models"].setdefault(model, {}).update({k: v for k, v in rows.items() if k != "none"})
+        previous["taylorseer_distance"] = results.get("taylorseer_distance", previous.get("taylorseer_distance"))
+        results = previous
     (args.out / "caching-cpu.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, args.out / "caching-cpu.md")
     plot(results, args.out / "caching-cpu.png")

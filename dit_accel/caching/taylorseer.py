@@ -58,19 +58,22 @@ class TaylorSeerConfig(PluginConfig):
     Args:
         interval (`int`, defaults to `4`): a full step every ``interval`` steps, forecasts in between. 3-6 typical
             (paper: 6 on FLUX, 4-5 on DiT/video). Allowed: 1-50.
-        order (`int`, defaults to `2`): polynomial order O; 0 reuses (FORA), 1-2 is the usual choice, 3-4 only
-            with many full steps. Allowed: 0-4.
+        order (`int`, defaults to `1`): polynomial order O; 0 reuses (FORA), 1 is the reference code's choice for
+            FLUX/Wan/HunyuanVideo and measured best on the zoo; 2-4 only with many, closely spaced full steps.
+            Allowed: 0-4.
         first_steps (`int`, defaults to `2`): warm-up steps that always compute (each adds an order). Allowed: 0-1000.
         last_steps (`int`, defaults to `1`): steps at the end that always compute. Allowed: 0-1000.
-        distance (`str`, defaults to `"timestep"`): ``"timestep"`` measures k in the transformer's timestep input,
-            ``"step"`` in step indices.
+        distance (`str`, defaults to `"timestep"`): ``"timestep"`` measures positions in the transformer's timestep
+            input, ``"step"`` in step indices. On a shifted (non-uniform) flow-matching schedule at order 1,
+            timesteps measured +1.7 dB PSNR at interval 3 and equal at 5 and 7 (at order 2, steps measured better);
+            see benchmarks/results/caching-cpu.md.
         factor_dtype (`str`, defaults to `"float32"`): dtype of the stored factors: ``"float32"``, ``"float16"``,
             ``"bfloat16"`` (half the memory, slightly noisier differences).
     """
 
     kind = "schedule"
     interval: int = 4
-    order: int = 2
+    order: int = 1
     first_steps: int = 2
     last_steps: int = 1
     distance: str = "timestep"
