@@ -5,8 +5,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 
@@ -59,10 +57,3 @@ class TransformerTimer:
         for handle in self._handles:
             handle.remove()
 
-
-def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, float]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
