@@ -106,6 +106,17 @@ def classifier_accuracy(model: ShapeClassifier, n: int = 2000, seed: int = 987_6
     return accuracy
 
 
+def learning_rate(settings: dict, step: int, total: int, anneal: int) -> float:
+    """Linear warm-up, constant, then (if ``anneal``) a cosine decay to 10 % over the last ``anneal`` steps:
+    a noisy constant-rate optimum sharpens markedly once the rate comes down."""
+    lr = settings["lr"] * min(1.0, (step + 1) / settings["warmup"])
+    start = total - anneal
+    if anneal and step >= start:
+        progress = min(1.0, (step - start) / anneal)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
 def export(preset: str, nets: dict[str, torch.nn.Module], info: dict) -> Path:
     folder = WEIGHTS / preset
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("zoo-training"))
     parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--anneal", type=int, default=0,
+                        help="cosine-decay the learning rate to 10%% over the last N steps before --steps")
     parser.add_argument("--export", action="store_true", help="write the EMA weights into the package at the end")
     args = parser.parse_args(argv)
     if args.threads:
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(args.seed * 7919 + step)
         images, labels = batch_for(step, args.seed, settings["batch"])
         images, labels = images.to(device), labels.to(device)
-        lr = settings["lr"] * min(1.0, (step + 1) / settings["warmup"])
+        lr = learning_rate(settings, step, args.steps, args.anneal)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = objective.loss(nets, images, labels, generator)
@@ -208,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     save()
     info = {"preset": args.preset, "steps": step, "wall_minutes": round(elapsed / 60, 1), "device": str(device),
             "threads": torch.get_num_threads(), "final_loss": losses[-1][1] if losses else None,
-            "batch": settings["batch"], "lr": settings["lr"], "ema": settings["ema"], "seed": args.seed}
+            "batch": settings["batch"], "lr": settings["lr"], "ema": settings["ema"], "seed": args.seed,
+            "lr_schedule": f"warm-up {settings['warmup']}, constant"
+                           + (f", cosine to 10% over steps {args.steps - args.anneal}-{args.steps}" if args.anneal else ""),
+            "final_lr": learning_rate(settings, max(step - 1, 0), args.steps, args.anneal)}
     if args.preset == "evaluator":
         info["accuracy_fresh_2000"] = classifier_accuracy(ema["classifier"].to("cpu"))
     print(json.dumps(info), flush=True)

@@ -1,0 +1,176 @@
+"""What every attention plugin shares: which calls it may touch, text tokens kept exact, stats, dense fallback.
+
+A plugin subclasses :class:`ImageAttentionPlugin` and implements ``image_attention``: the attention of the image
+queries over the image keys (in the grid's natural token order) plus the shared text keys. The base class routes
+the self- and joint-attention layers selected by the config (cross attention is never touched: its keys are text),
+splits off the text tokens wherever the model puts them (first in Flux, last in SD3), lets text queries attend to
+everything exactly, and puts the sequence back together.
+
+Calls it cannot handle exactly as described (an attention mask, causal attention, dropout, a sequence that does
+not match the token grid, as under context parallelism) run dense, are counted in ``fallbacks`` and warned about
+once per reason, so an acceleration that is not happening never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dit_accel.attention.tiled import tiled_attention
+from dit_accel.core.attention import AttentionCall, LayerId
+from dit_accel.core.blocks import TokenGrid
+from dit_accel.core.context import CallContext
+from dit_accel.core.plugin import Plugin
+from dit_accel.recipe import PluginConfig, check_range
+
+
+@dataclass(frozen=True)
+class ImageAttentionConfig(PluginConfig):
+    """Fields every attention plugin has besides ``steps`` and ``layers``.
+
+    Args:
+        start (`float`, defaults to `0.0`) / end (`float`, defaults to `1.0`): the plugin acts on steps whose
+            position ``step / num_steps`` lies in ``[start, end)``. Sparse attention is usually kept dense for the
+            first 15-25 % of steps (``start=0.2``); token downsampling is often applied early only (``end=0.5``).
+    """
+
+    kind = "attention"
+    start: float = 0.0
+    end: float = 1.0
+
+    def validate(self) -> None:
+        check_range(self, "start", 0.0, 1.0)
+        check_range(self, "end", 0.0, 1.0)
+        if self.start >= self.end:
+            raise ValueError(f"{type(self).__name__}: start = {self.start} must be below end = {self.end}")
+
+
+def split_text(x: torch.Tensor, num_text: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) parts of a (B, H, S, D) sequence whose ``num_text`` text tokens come first or last."""
+    if num_text == 0:
+        return x, x[:, :, :0]
+    if text_first:
+        return x[:, :, num_text:], x[:, :, :num_text]
+    return x[:, :, :-num_text], x[:, :, -num_text:]
+
+
+class ImageAttentionPlugin(Plugin):
+    """Base of the attention plugins (see the module docstring)."""
+
+    kind = "attention"
+
+    def install(self) -> None:
+        layers = [layer for layer in self.target.attention_layers(self.config) if layer.kind in ("self", "joint")]
+        if not layers:
+            raise ValueError(
+                f"{self.name}: no self- or joint-attention layer of {type(self.target.transformer).__name__} matches "
+                f"layers={self.config.layers!r}; cross attention (text keys) is never sparsified"
+            )
+        self.depth = {layer.name: index for index, layer in enumerate(layers)}
+        self.fallbacks: Counter = Counter()
+        self._warned: set[str] = set()
+        self.target.attention.route(layers, self._attend, owner=self, when=self._active, steps=self.config.steps)
+
+    def remove(self) -> None:
+        self.target.attention.unroute(self)
+
+    def _active(self, context: CallContext | None) -> bool:
+        if not self.target.in_scope(self.config, context):
+            return False
+        if context.num_steps and (self.config.start > 0 or self.config.end < 1):
+            return self.config.start <= context.step / context.num_steps < self.config.end
+        return True
+
+    # -- the part a subclass writes --------------------------------------------------------------------------
+    def image_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        text_key: torch.Tensor, text_value: torch.Tensor, grid: TokenGrid, layer: LayerId,
+                        call: AttentionCall) -> tuple[torch.Tensor, float]:
+        """Image queries (B, H, N, D) against image keys in grid order and the text keys (B, H, L, D, maybe L=0);
+        returns the output (B, H, N, Dv) and the fraction of the N image keys each query effectively computed
+        against (1.0 for dense)."""
+        raise NotImplementedError
+
+    # -- the shared part --------------------------------------------------------------------------------------
+    def _unsupported(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall) -> str | None:
+        options = call.options
+        if options.get("attn_mask") is not None:
+            return "the call has an attention mask"
+        if options.get("is_causal"):
+            return "causal attention"
+        if options.get("dropout_p", 0.0) > 0:
+            return "attention dropout (training)"
+        if key.shape[2] != query.shape[2] or key.shape[1] != query.shape[1]:
+            return "keys differ from queries in length or heads"
+        if call.layout.grid is None:
+            return "the token grid of this model could not be read"
+        if not call.layout.matches(query.shape[2]):
+            return "the sequence does not match the token grid (context parallelism splits it)"
+        return None
+
+    def _fallback(self, reason: str, call: AttentionCall) -> None:
+        self.fallbacks[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"dit_accel {self.name}: {call.layer.name} runs dense attention: {reason}", stacklevel=2)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                call: AttentionCall) -> torch.Tensor:
+        reason = self._unsupported(query, key, call)
+        if reason is not None:
+            self._fallback(reason, call)
+            return call.dense(query, key, value)
+        layout = call.layout
+        num_text = layout.num_text_tokens if layout.kind == "joint" else 0
+        text_first = layout.text_position == "first"
+        q_img, q_txt = split_text(query, num_text, text_first)
+        k_img, k_txt = split_text(key, num_text, text_first)
+        v_img, v_txt = split_text(value, num_text, text_first)
+        out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
+        if num_text:
+            out_txt = F.scaled_dot_product_attention(q_txt, key, value, scale=call.options.get("scale"))
+            out = torch.cat([out_txt, out] if text_first else [out, out_txt], 2)
+        self._record(call, density, q_img.shape[2], num_text)
+        return out
+
+    def _record(self, call: AttentionCall, density: float, num_image: int, num_text: int) -> None:
+        if call.context is None or density >= 1.0:
+            return
+        total = num_image + num_text
+        computed = num_image * (density * num_image + num_text) + num_text * total
+        core_computed = computed / float(total * total)
+        stats = self.target.stats
+        name = call.layer.name
+        core = stats.core_fraction(call.context, name)
+        stats.record(call.context, name, "partial", computed_fraction=1.0 - core * (1.0 - core_computed))
+
+
+class TiledAttentionPlugin(ImageAttentionPlugin):
+    """An attention plugin whose image attention is :func:`tiled_attention` over a per-layer plan."""
+
+    def install(self) -> None:
+        super().install()
+        self._plans: dict = {}
+
+    def plan(self, grid: TokenGrid, layer: LayerId, device: torch.device):
+        """``(TilePlan, key density)`` of ``layer`` at ``grid``; subclasses implement ``build_plan``. Odd layers
+        (in the plugin's own layer order) get the shifted plan when the config has ``shift=True``."""
+        shifted = bool(getattr(self.config, "shift", False)) and self.depth[layer.name] % 2 == 1
+        key = (grid, shifted, device)
+        entry = self._plans.get(key)
+        if entry is None:
+            plan = self.build_plan(grid, shifted)
+            entry = self._plans[key] = (plan.to(device), plan.key_density())
+        return entry
+
+    def build_plan(self, grid: TokenGrid, shifted: bool):
+        raise NotImplementedError
+
+    def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
+        plan, density = self.plan(grid, layer, query.device)
+        out = tiled_attention(query, key, value, plan, shared_key=text_key, shared_value=text_value,
+                              scale=call.options.get("scale"))
+        return out, density
