@@ -152,7 +152,13 @@ def _apply_cache_dit(name: str, pipe: Any, *, num_steps: int, setting: dict) -> 
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
 
+    order = list(transformer._modules)
+
     def remove() -> None:
         cache_dit.disable_cache(pipe)
+        # disable_cache re-registers the block lists, moving them to the end of ``_modules``; diffusers' hooks and
+        # our specs find "the first block" by child order, so put the children back where they were.
+        if list(transformer._modules) != order and set(transformer._modules) == set(order):
+            transformer._modules = {child: transformer._modules[child] for child in order}
 
     return AppliedBaseline(name, lambda generate: generate(), remove)

@@ -1,0 +1,303 @@
+"""The benchmark harness behind ``ditaccel bench``: recipes and baselines side by side on one pipeline.
+
+    from dit_accel.bench.harness import BenchConfig, run_bench
+    rows = run_bench(BenchConfig(model="zoo:dit", recipes=["none", "fora", "fora@interval=4"],
+                                 baselines=["diffusers:fbcache@threshold=0.2"], steps=20, num_samples=16,
+                                 repeats=3, out_dir=Path("results")))
+
+What a run does (see ``docs/evaluation.md``):
+
+1. the dense pipeline generates ``num_samples`` images on seeds derived from ``seed`` (chunks of ``batch`` samples,
+   chunk k on seed ``seed + k``), and is timed (its quality pass is the warm-up) -- the ``dense`` row;
+2. every recipe and baseline generates the same samples on the same seeds (its warm-up), then is timed
+   side by side with the dense pipeline: one dense warm-up, ``repeats`` x (dense, configured), interleaved;
+3. each row gets end-to-end and transformer-only latency (median, IQR), wall and FLOPs speedup, peak memory,
+   the caches' memory, PSNR/SSIM/relative L1 against the dense output, and the distribution metrics (zoo: fd to
+   real data and class consistency; other models: FID/CLIP only with user-supplied weights, else a note);
+4. rows are appended to ``out_dir/rows.jsonl`` as they finish; ``resume=True`` keeps the rows already there
+   (same key: model, configuration, steps, samples, seed, batch) and measures only the rest. At the end
+   ``results.md`` and ``pareto.png`` are written from every row in the file.
+
+Recipes and baselines are written ``name`` or ``name@field=value,field=value`` (values: numbers, true/false,
+strings, lists in brackets). The baselines' defaults are :data:`DEFAULT_BASELINE_SETTINGS`; given fields replace
+those of the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dit_accel.bench import report
+from dit_accel.bench.baselines import BASELINES
+from dit_accel.bench.runner import Entry, Quality, Session, dense_reference, measure, timing_dict
+
+# diffusers' TaylorSeer matches names with re.fullmatch; its default pattern misses DiT/PixArt's attn1/attn2/ff and
+# Wan's ffn, and would silently hook nothing: name the attention and MLP sub-layers of every family.
+TAYLORSEER_IDENTIFIERS = [r"(single_)?transformer_blocks\.\d+\.(attn|attn1|attn2|ff|ff_context|proj_mlp)",
+                          r"blocks\.\d+\.(attn1|attn2|ffn)"]
+DEFAULT_BASELINE_SETTINGS: dict[str, dict[str, Any]] = {
+    "diffusers:fbcache": {"threshold": 0.1},
+    "diffusers:taylorseer": {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3,
+                             "cache_identifiers": TAYLORSEER_IDENTIFIERS},
+    "diffusers:magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
+    "cache-dit:dbcache": {"residual_diff_threshold": 0.08, "max_warmup_steps": 2},
+    "cache-dit:dbcache+taylorseer": {"residual_diff_threshold": 0.16, "max_warmup_steps": 2},
+}
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark: a model, the configurations to compare with its dense run, and how to measure them."""
+
+    model: str = "zoo:dit"
+    recipes: list[str] = field(default_factory=lambda: ["none"])
+    baselines: list[str] = field(default_factory=list)
+    steps: int | None = None  # None: the pipeline's default (20 for tiny models)
+    num_samples: int = 8
+    seed: int = 0
+    repeats: int = 3
+    batch: int = 2  # samples per generation: the timing batch, and the chunk size of the quality pass
+    out_dir: Path = Path("bench-results")
+    resume: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set: applied to every recipe that has the field
+    guidance_scale: float | None = None
+    device: str = "auto"
+    fid_weights: Path | None = None
+    clip_model: Path | None = None
+    command: str | None = None  # the command line, quoted in results.md
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def _split(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(char, 0)
+        if char == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+_SETTING = re.compile(r"\s*[A-Za-z_]\w*\s*=")
+
+
+def split_items(texts: str | list[str]) -> list[str]:
+    """``"none,fora@interval=4,first_steps=2,diffusers:fbcache"`` -> ``["none", "fora@interval=4,first_steps=2",
+    "diffusers:fbcache"]``: a piece ``field=value`` continues the settings of the item before it."""
+    items: list[str] = []
+    for text in [texts] if isinstance(texts, str) else texts:
+        for piece in _split(text):
+            piece = piece.strip()
+            if not piece:
+                continue
+            if _SETTING.match(piece) and items and "@" in items[-1]:
+                items[-1] += "," + piece
+            else:
+                items.append(piece)
+    return items
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(v) for v in _split(text[1:-1]) if v.strip()]
+    low = text.lower()
+    if low in {"true", "yes", "on", "false", "no", "off"}:
+        return low in {"true", "yes", "on"}
+    if low in {"none", "null"}:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(low)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+def parse_item(item: str) -> tuple[str, dict[str, Any]]:
+    """``"fora@interval=4,first_steps=2"`` -> ``("fora", {"interval": 4, "first_steps": 2})``."""
+    name, sep, rest = item.partition("@")
+    settings: dict[str, Any] = {}
+    for piece in _split(rest) if sep else []:
+        key, eq, value = piece.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"{item!r}: settings are written name@field=value,field=value; cannot read {piece!r}")
+        settings[key.strip()] = _scalar(value)
+    return name.strip(), settings
+
+
+def _label(name: str, settings: dict[str, Any]) -> str:
+    if not settings:
+        return name
+    return name + "@" + ",".join(f"{k}={json.dumps(v) if isinstance(v, (list, str)) else v}"
+                                 for k, v in settings.items())
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------- planning
+def _baseline_fields(name: str) -> list[str] | None:
+    """The settings a baseline accepts (those the harness sets itself excluded); None when unknown here."""
+    if name.startswith("diffusers:"):
+        import diffusers
+
+        cls = {"fbcache": diffusers.FirstBlockCacheConfig, "taylorseer": diffusers.TaylorSeerCacheConfig,
+               "magcache": diffusers.MagCacheConfig}[name.split(":")[1]]
+        excluded = {"taylor_factors_dtype", "num_inference_steps", "calibrate"}
+    else:
+        try:
+            from cache_dit import DBCacheConfig as cls
+        except ImportError:
+            return None
+        excluded = {"Fn_compute_blocks", "Bn_compute_blocks", "num_inference_steps"}
+    names = ([f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls)
+             else list(inspect.signature(cls).parameters))
+    return [n for n in names if n not in excluded]
+
+
+def _apply_overrides(recipe: Any, overrides: dict[str, Any], used: set[str]) -> Any:
+    """Apply each ``--set`` field to the recipe if one of its plugins has it; ``used`` collects the applied keys."""
+    applicable = {}
+    for key, value in overrides.items():
+        type_name, _, name = key.rpartition("__")
+        if any(name in p.field_names() and (not type_name or p.type_name == type_name.replace("_", "-"))
+               for p in recipe.plugins):
+            applicable[key] = value
+            used.add(key)
+    return recipe.with_overrides(**applicable) if applicable else recipe
+
+
+def plan(config: BenchConfig, steps: int) -> list[Entry]:
+    """The rows of ``config`` (dense first), validated; raises ValueError naming the bad recipe, baseline,
+    setting or override."""
+    from dit_accel import load_recipe
+
+    base = {"model": config.model, "steps": steps, "samples": config.num_samples, "seed": config.seed,
+            "batch": config.batch, "guidance": config.guidance_scale}
+    entries = [Entry("dense", "dense", "dense")]
+    used: set[str] = set()
+    for item in split_items(config.recipes):
+        name, settings = parse_item(item)
+        try:
+            recipe = load_recipe(name, **settings)
+            recipe = _apply_overrides(recipe, config.overrides, used)
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
+        entries.append(Entry(_label(name, settings), "dit_accel", name, recipe=recipe))
+    if config.overrides and not set(config.overrides) <= used:
+        unused = sorted(set(config.overrides) - used)
+        raise ValueError(f"--set {', '.join(unused)}: no plugin of the recipes ({', '.join(config.recipes)}) has "
+                         "that field")
+    for item in split_items(config.baselines):
+        name, settings = parse_item(item)
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)} "
+                             "(settings as name@field=value,...)")
+        allowed = _baseline_fields(name)
+        unknown = sorted(set(settings) - set(allowed)) if allowed is not None else []
+        if unknown:
+            raise ValueError(f"baseline {name!r} has no setting {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        setting = {**DEFAULT_BASELINE_SETTINGS[name], **settings}
+        entries.append(Entry(_label(name, settings), "baseline", name, setting=setting, default_setting=not settings))
+    labels = [e.label for e in entries]
+    for entry in entries:
+        if labels.count(entry.label) > 1:
+            raise ValueError(f"configuration {entry.label!r} is listed twice")
+        content = entry.recipe.to_dict() if entry.recipe is not None else entry.setting
+        entry.key = (f"{config.model}|{entry.label}|steps={steps}|samples={config.num_samples}|seed={config.seed}|"
+                     f"batch={config.batch}|{_digest([base, content])}")
+    return entries
+
+
+def resolve_steps(config: BenchConfig, pipe: Any) -> int:
+    if config.steps is not None:
+        return config.steps
+    if config.model.startswith("tiny:"):
+        from dit_accel.cli.app import TINY_STEPS
+
+        return TINY_STEPS
+    default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    return default.default if default is not None and isinstance(default.default, int) else 50
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, family: str | None = None,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measure every configuration of ``config`` against the dense pipeline; returns this run's rows (kept and
+    new, dense first). ``pipe``/``family``: an already-loaded pipeline for ``config.model`` (else it is loaded
+    with the CLI's ``load_model``). Raises ValueError on a bad configuration, before generating anything."""
+    from tqdm.auto import tqdm
+
+    from dit_accel.cli.app import load_model
+
+    if config.num_samples < 1 or config.repeats < 1 or config.batch < 1:
+        raise ValueError("num_samples, repeats and batch must be at least 1")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if pipe is None:
+        pipe, family = load_model(config.model)
+    steps = resolve_steps(config, pipe)
+    entries = plan(config, steps)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    pipe.to(device)
+
+    rows_path = out_dir / report.ROWS_FILE
+    previous = report.load_rows(rows_path) if config.resume else []
+    kept = [r for r in previous if not r.get("unavailable")]  # unavailable rows are tried again
+    done = {r.get("key"): r for r in kept}
+    report.write_rows(rows_path, kept)
+    todo = [e for e in entries if e.key not in done]
+    results: dict[str, dict] = {e.key: done[e.key] for e in entries if e.key in done}
+
+    bar = tqdm(total=len(entries), initial=len(entries) - len(todo), desc=f"bench {config.model}", unit="row",
+               file=sys.stderr, disable=not progress)
+    if todo:
+        session = Session(pipe, config.model, family or "", steps=steps, num_samples=config.num_samples,
+                          seed=config.seed, batch=config.batch, guidance_scale=config.guidance_scale, device=device)
+        try:
+            quality = Quality(config.model, config.num_samples, config.fid_weights, config.clip_model)
+            env = report.environment(pipe, device)
+            bar.set_postfix_str("dense")
+            dense, conditioning = dense_reference(session, entries[0].key, out_dir, config.resume)
+            for entry in todo:
+                bar.set_postfix_str(entry.label)
+                common = {"key": entry.key, "model": config.model, "config": entry.label, "kind": entry.kind,
+                          "steps": steps, "num_samples": config.num_samples, "seed": config.seed,
+                          "seeds": [s for _, s, _ in session.chunks()], "batch": config.batch,
+                          "repeats": config.repeats, "output_shape": list(dense.shape[1:])}
+                row = measure(entry, session, quality, dense, conditioning, config, steps)
+                row = {**common, **row, "env": env, "timestamp": time.time()}
+                report.append_row(rows_path, row)
+                results[entry.key] = row
+                if on_row is not None:
+                    on_row(row)
+                bar.update(1)
+        finally:
+            session.close()
+            bar.close()
+    else:
+        bar.close()
+    all_rows = report.load_rows(rows_path)
+    report.write_reports(all_rows, out_dir, command=config.command)
+    return [results[e.key] for e in entries]
+
+
+__all__ = ["BenchConfig", "DEFAULT_BASELINE_SETTINGS", "Entry", "parse_item", "plan", "run_bench", "split_items",
+           "timing_dict"]

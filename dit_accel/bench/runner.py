@@ -1,0 +1,418 @@
+"""Measuring one pipeline: generations on fixed seeds, interleaved timing, peak memory, quality metrics.
+
+A :class:`Session` wraps a loaded pipeline. Images for quality are generated in chunks of ``batch`` samples, chunk
+``k`` on seed ``seed + k``; timing runs generate chunk 0 (the same seeds, the same batch), so the quality pass of a
+configuration is also its warm-up. :meth:`Session.side_by_side` then runs one dense warm-up and ``repeats`` pairs
+dense / configured, interleaved (A B A B), and summarizes each side (median, IQR).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
+from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.timing import TransformerTimer, summarize, synchronize
+
+REAL_SEED = 3_000_000_019  # seed of the zoo's real images for fd (as in benchmarks/caching_cpu.py)
+CALIBRATION_SEED_OFFSET = 10_000  # MagCache calibrates on seed + this, never on the measured seeds
+
+
+def _plain(run: Callable[[], Any]) -> Any:
+    return run()
+
+
+def timing_dict(seconds: list[float]) -> dict[str, float]:
+    t = summarize(seconds)
+    return {"median": t.median, "q1": t.q1, "q3": t.q3, "iqr": t.iqr, "runs": t.runs}
+
+
+class PeakMemory:
+    """Peak memory of the runs between :meth:`reset` and :meth:`read`.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset with ``reset_peak_memory_stats``). CPU: the process's peak
+    RSS -- the whole process (weights, Python, every library), not the pipeline alone. On Linux the high-water mark
+    is reset through ``/proc/self/clear_refs`` and read from ``VmHWM``; elsewhere ``resource.getrusage``'s
+    ``ru_maxrss`` is the peak since the process started, which only grows from row to row."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.scope = "torch.cuda.max_memory_allocated per configuration"
+        elif self._reset_hwm():
+            self.scope = "CPU: process peak RSS (VmHWM, reset before each configuration; whole process)"
+        else:
+            self.scope = "CPU: process peak RSS since start (getrusage ru_maxrss; whole process, only grows)"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as file:
+                file.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._reset_hwm()
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if "VmHWM" in self.scope:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+            except (OSError, ValueError, IndexError):
+                pass
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class Session:
+    """One loaded pipeline and how to call it on the benchmark's seeds."""
+
+    def __init__(self, pipe: Any, spec: str, family: str, *, steps: int, num_samples: int, seed: int, batch: int,
+                 guidance_scale: float | None, device: torch.device) -> None:
+        from dit_accel.cli.app import call_kwargs, output_tensor
+
+        self.pipe, self.spec, self.family = pipe, spec, family
+        self.steps, self.batch, self.guidance_scale, self.device = steps, batch, guidance_scale, device
+        self.num_samples, self.seed = num_samples, seed
+        self.dense_warm = False  # whether the dense pipeline has just run (its quality pass is a warm-up)
+        self._call_kwargs, self._output_tensor = call_kwargs, output_tensor
+        transformers = [getattr(pipe, a, None) for a in ("transformer", "transformer_2")]
+        self.timers = [TransformerTimer(t) for t in transformers if t is not None]
+        self.memory = PeakMemory(device)
+        pipe.set_progress_bar_config(disable=True)
+
+    def close(self) -> None:
+        for timer in self.timers:
+            timer.remove()
+
+    # ------------------------------------------------------------------------------------------ generation
+    def kwargs(self, count: int, seed: int, offset: int = 0) -> dict[str, Any]:
+        kwargs = self._call_kwargs(self.spec, self.family, self.pipe, None, None, self.steps, seed,
+                                   self.guidance_scale, count)
+        if self.spec.startswith("zoo:") and "class_labels" in kwargs:  # balanced classes over all chunks
+            from dit_accel.pipelines.zoo import NUM_CLASSES
+
+            kwargs["class_labels"] = [(offset + i) % NUM_CLASSES for i in range(count)]
+        return kwargs
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """``(count, seed, offset)`` of each quality chunk: chunk k holds ``batch`` samples on seed ``seed + k``."""
+        return [(min(self.batch, self.num_samples - start), self.seed + k, start)
+                for k, start in enumerate(range(0, self.num_samples, self.batch))]
+
+    def generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.pipe(**kwargs)
+        return self._output_tensor(self.spec, self.family, out).float().cpu()
+
+    def quality_pass(self, run: Callable = _plain,
+                     after_chunk: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """All quality samples (concatenated) and the conditioning used (labels, prompts)."""
+        images, labels, prompts = [], [], []
+        for count, chunk_seed, offset in self.chunks():
+            kwargs = self.kwargs(count, chunk_seed, offset)
+            images.append(run(lambda kwargs=kwargs: self.generate(kwargs)))
+            if after_chunk is not None:
+                after_chunk()
+            if kwargs.get("class_labels") is not None:
+                labels += list(kwargs["class_labels"])
+            prompt = kwargs.get("prompt")
+            if prompt is not None:
+                prompts += list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images[-1])
+        return torch.cat(images), {"labels": labels or None, "prompts": prompts or None}
+
+    # ---------------------------------------------------------------------------------------------- timing
+    def timed(self, run: Callable = _plain) -> tuple[float, float]:
+        """One timed generation of chunk 0: (end-to-end seconds, transformer seconds)."""
+        count, seed, offset = self.chunks()[0]
+        kwargs = self.kwargs(count, seed, offset)
+        for timer in self.timers:
+            timer.total = 0.0
+        synchronize(self.device)
+        start = time.perf_counter()
+        run(lambda: self.generate(kwargs))
+        synchronize(self.device)
+        return time.perf_counter() - start, sum(timer.total for timer in self.timers)
+
+    def dense_timing(self, repeats: int) -> dict[str, Any]:
+        """``repeats`` timed dense runs (the dense quality pass was the warm-up)."""
+        walls, inner = [], []
+        self.memory.reset()
+        for _ in range(repeats):
+            wall, transformer = self.timed()
+            walls.append(wall)
+            inner.append(transformer)
+        return {"latency_s": timing_dict(walls), "transformer_s": timing_dict(inner)}
+
+    def side_by_side(self, repeats: int, enable: Callable[[], None], disable: Callable[[], None],
+                     run: Callable = _plain) -> dict[str, Any]:
+        """One dense warm-up, then ``repeats`` x (dense, configured), interleaved; the configuration is enabled
+        around each of its runs only. Peak memory is read over the configured runs."""
+        self.timed()  # dense warm-up (the configured warm-up was its quality pass)
+        dense, config, peak = ([], []), ([], []), 0
+        for _ in range(repeats):
+            wall, transformer = self.timed()
+            dense[0].append(wall)
+            dense[1].append(transformer)
+            enable()
+            try:
+                self.memory.reset()
+                wall, transformer = self.timed(run)
+                peak = max(peak, self.memory.read())
+            finally:
+                disable()
+            config[0].append(wall)
+            config[1].append(transformer)
+        result = {"latency_s": timing_dict(config[0]), "transformer_s": timing_dict(config[1]),
+                  "dense_latency_s": timing_dict(dense[0]), "dense_transformer_s": timing_dict(dense[1]),
+                  "peak_memory_bytes": peak}
+        result["wall_speedup"] = result["dense_latency_s"]["median"] / result["latency_s"]["median"]
+        inner = result["transformer_s"]["median"]
+        result["transformer_speedup"] = result["dense_transformer_s"]["median"] / inner if inner > 0 else None
+        return result
+
+
+# ------------------------------------------------------------------------------------------------- quality
+def _frames(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) images, videos (N, F, 3, H, W) flattened to their frames."""
+    return images.flatten(0, 1) if images.ndim == 5 else images
+
+
+def fidelity(images: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
+    a, b = _frames(images), _frames(dense)
+    return {"psnr": psnr(a, b), "ssim": ssim(a, b),
+            "rel_l1": float((a - b).abs().sum() / b.abs().sum().clamp(min=1e-12))}
+
+
+class Quality:
+    """The distribution metrics of one benchmark: fd and class consistency on zoo models (offline), FID and CLIP
+    score through torchmetrics when the user supplies weights; otherwise skipped, with the reason in ``notes``."""
+
+    def __init__(self, spec: str, num_samples: int, fid_weights: Path | None = None,
+                 clip_model: Path | None = None) -> None:
+        self.zoo = spec.startswith("zoo:")
+        self.fid_weights, self.clip_model = fid_weights, clip_model
+        self.evaluator = self.real = None
+        if self.zoo:
+            from dit_accel.pipelines import zoo
+
+            self.evaluator = zoo.evaluator()
+            self.real = zoo.dataset(max(num_samples, 2), seed=REAL_SEED)[0][:num_samples]
+
+    def measure(self, images: torch.Tensor, dense: torch.Tensor | None, conditioning: dict[str, Any],
+                notes: list[str]) -> dict[str, Any]:
+        """Distribution metrics of ``images``; ``dense`` is None for the dense row itself."""
+        result: dict[str, Any] = {}
+        frames = _frames(images)
+        if self.zoo:
+            if len(frames) >= 2:
+                result["fd"] = self.evaluator.fd(frames, self.real)
+            else:
+                notes.append("fd skipped: it needs at least 2 samples")
+            if conditioning.get("labels") is not None:
+                result["class_consistency"] = self.evaluator.class_consistency(frames, conditioning["labels"])
+            if len(frames) < 1000:
+                notes.append(f"fd on {len(frames)} images: a small-sample estimate, compare within this table only")
+        else:
+            notes.append("fd/class consistency: zoo models only")
+        if self.fid_weights is None:
+            if not self.zoo:
+                notes.append("FID skipped: no --fid-weights given")
+        elif dense is not None:
+            result["fid"] = _fid(self.fid_weights, frames, _frames(dense), notes)
+        if self.clip_model is None:
+            if not self.zoo:
+                notes.append("CLIP score skipped: no --clip-model given")
+        elif not conditioning.get("prompts"):
+            notes.append("CLIP score skipped: the pipeline has no prompt (class-conditional)")
+        else:
+            result["clip_score"] = _clip(self.clip_model, images, conditioning["prompts"], notes)
+        return result
+
+
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _fid(weights: Path, images: torch.Tensor, reference: torch.Tensor, notes: list[str]) -> float | None:
+    """FID of ``images`` against the dense outputs of the same seeds (no real reference set here). ``weights`` is
+    torch-fidelity's Inception file (``pt_inception-2015-12-05-*.pth``), or a TorchScript module mapping float
+    images (N, 3, H, W) in [0, 1] to features (N, D)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as error:
+        notes.append(f"FID skipped: torchmetrics (with torch-fidelity) is not importable ({error})")
+        return None
+    try:
+        try:
+            feature: Any = torch.jit.load(str(weights), map_location="cpu").eval()
+        except (RuntimeError, ValueError):
+            feature = None
+        metric = (FrechetInceptionDistance(feature=feature, normalize=True) if feature is not None else
+                  FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights)))
+        metric.update(reference, real=True)
+        metric.update(images, real=False)
+        value = float(metric.compute())
+    except Exception as error:  # noqa: BLE001 - a metric failure is reported, never faked
+        notes.append(f"FID skipped: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+        return None
+    notes.append(f"FID against the dense outputs of the same seeds, {len(images)} images"
+                 + (" (far too few for a meaningful FID)" if len(images) < 1000 else ""))
+    return value
+
+
+def _clip(model: Path, images: torch.Tensor, prompts: list[str], notes: list[str]) -> float | None:
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+    except ImportError as error:
+        notes.append(f"CLIP score skipped: torchmetrics (with transformers) is not importable ({error})")
+        return None
+    try:
+        metric = CLIPScore(model_name_or_path=str(model))
+        if images.ndim == 5:  # videos: every frame against its prompt
+            prompts = [p for p in prompts for _ in range(images.shape[1])]
+        metric.update(_uint8(_frames(images)), prompts[: len(_frames(images))])
+        return float(metric.compute())
+    except Exception as error:  # noqa: BLE001
+        notes.append(f"CLIP score skipped: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- one row
+@dataclass
+class Entry:
+    """One row to measure."""
+
+    label: str
+    kind: str  # "dense", "dit_accel" or "baseline"
+    name: str
+    recipe: Any = None
+    setting: dict[str, Any] | None = None
+    key: str = ""
+    default_setting: bool = True  # a baseline at its documented default setting
+
+
+def dense_reference(session: Session, key: str, out_dir: Path, resume: bool) -> tuple[torch.Tensor, dict]:
+    """The dense samples (reused from ``out_dir/dense/`` when resuming, so a crash does not cost them twice)."""
+    path = out_dir / "dense" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if resume and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["images"], saved["conditioning"]
+    images, conditioning = session.quality_pass()
+    session.dense_warm = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": images, "conditioning": conditioning}, path)
+    return images, conditioning
+
+
+def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tensor, conditioning: dict,
+             config: Any, steps: int) -> dict[str, Any]:
+    notes: list[str] = []
+    if entry.kind == "dense":
+        if not session.dense_warm:  # the reference came from disk: warm up
+            session.timed()
+        timing = session.dense_timing(config.repeats)
+        row = {"latency_s": timing["latency_s"], "transformer_s": timing["transformer_s"],
+               "dense_latency_s": timing["latency_s"], "wall_speedup": 1.0, "transformer_speedup": 1.0,
+               "flops_fraction": 1.0, "flops_speedup": 1.0, "peak_memory_bytes": session.memory.read(),
+               "peak_memory_scope": session.memory.scope, "cache_bytes": 0, "psnr": float("inf"), "ssim": 1.0,
+               "rel_l1": 0.0}
+        notes.append("the reference: quality metrics of the others are against these images")
+        row.update(quality.measure(dense, None, conditioning, notes))
+        return {**row, "notes": notes}
+
+    pipe = session.pipe
+    fractions: list[float] = []
+    cache: list[int] = []
+    if entry.kind == "dit_accel":
+        from dit_accel import accelerate_dit, remove_acceleration
+
+        handles: list = []
+
+        def enable() -> None:
+            handles.append(accelerate_dit(pipe, entry.recipe))
+
+        def disable() -> None:
+            handles.pop()
+            remove_acceleration(pipe)
+
+        def after_chunk() -> None:
+            stats = handles[-1].stats
+            if stats is not None:
+                fractions.append(stats.flops_fraction)
+                cache.append(stats.cache_bytes)
+
+        run = None
+        row: dict[str, Any] = {"recipe": entry.recipe.to_dict()}
+        try:
+            enable()
+        except (ValueError, TypeError) as error:
+            return {**row, "unavailable": f"cannot apply: {error}", "notes": notes}
+    else:
+        setting = dict(entry.setting)
+        row = {"baseline": entry.name, "setting": {k: v for k, v in setting.items() if k != "mag_ratios"}}
+        applied: list = []
+
+        def calibration() -> Any:
+            count, seed, offset = session.chunks()[0]
+            return session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
+
+        def enable() -> None:
+            applied.append(apply_baseline(entry.name, pipe, num_steps=steps, setting=setting, calibration=calibration))
+
+        def disable() -> None:
+            applied.pop().remove()
+
+        def run(generate: Callable[[], Any]) -> Any:
+            return applied[-1].run(generate)
+
+        after_chunk = None
+        try:
+            if entry.name == "diffusers:magcache" and "mag_ratios" not in setting:
+                setting["mag_ratios"] = calibrate_magcache(pipe, calibration, steps)
+                notes.append("MagCache calibrated on its own seed (seed + 10000)")
+            enable()
+        except BaselineUnavailable as error:
+            return {**row, "unavailable": str(error), "notes": notes}
+        except Exception as error:  # noqa: BLE001 - third-party code that does not fit this model
+            return {**row, "unavailable": f"failed to apply: {type(error).__name__}: {error}"[:300], "notes": notes}
+        if not entry.default_setting:
+            notes.append("non-default setting")
+
+    kwargs = {"run": run} if run is not None else {}
+    session.memory.reset()
+    try:  # the quality pass is also the configured warm-up
+        images, _ = session.quality_pass(after_chunk=after_chunk, **kwargs)
+        quality_peak = session.memory.read()
+    finally:
+        disable()
+    timing = session.side_by_side(config.repeats, enable, disable, **kwargs)
+    row.update(timing)
+    row["peak_memory_bytes"] = max(row["peak_memory_bytes"], quality_peak)
+    row["peak_memory_scope"] = session.memory.scope
+    if fractions:  # dit_accel's own estimate, averaged over the quality chunks; anchors report none
+        fraction = sum(fractions) / len(fractions)
+        row.update(flops_fraction=fraction, flops_speedup=1.0 / fraction if fraction > 0 else None,
+                   cache_bytes=max(cache))
+    else:
+        row.update(flops_fraction=None, flops_speedup=None, cache_bytes=None)
+    row.update(fidelity(images, dense))
+    row.update(quality.measure(images, dense, conditioning, notes))
+    return {**row, "notes": notes}

@@ -1,0 +1,245 @@
+"""``ditaccel tune``: the fastest setting of some recipes that meets a quality target, written as a TOML recipe.
+
+The search, per recipe: each plugin's speed knob (:data:`KNOBS`: FORA/TaylorSeer/ToCa/Δ-DiT ``interval``, the
+first-block cache's ``threshold``, ToDo's ``factor``, CFG sharing's ``start``) on a coarse grid, most conservative
+first; then, between the most aggressive value that met the target and the next one that did not, the values in
+between (integers) or two bisections (floats). Recipes with several knobs try the product of the coarse grids.
+Every candidate generates the calibration samples (seeds ``seed + k``) and is scored against the dense output of
+the same seeds (PSNR, SSIM, relative L1; on zoo models also fd and class consistency). The winner is the candidate
+that meets the target with the lowest FLOPs fraction (dit_accel's estimate), then the lowest measured wall time of
+its calibration pass (times within 5 % count as equal), then the best quality. It is saved with ``Recipe.save`` (load it with ``--recipe path.toml``) and measured again on
+held-out seeds, which the search never saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dit_accel.bench.runner import Quality, Session, fidelity
+
+# plugin type -> (field, coarse grid from conservative to aggressive)
+KNOBS: dict[str, tuple[str, list[Any]]] = {
+    "fora": ("interval", [2, 3, 4, 5, 6, 8]),
+    "taylorseer": ("interval", [2, 3, 4, 5, 6, 8]),
+    "toca": ("interval", [2, 3, 4, 6]),
+    "delta-dit": ("interval", [2, 3, 4, 5, 7]),
+    "fbcache": ("threshold", [0.05, 0.1, 0.2, 0.3, 0.5]),
+    "todo": ("factor", [2, 3, 4]),
+    "cfg-share": ("start", [0.8, 0.6, 0.4, 0.2, 0.0]),
+}
+DEFAULT_RECIPES = ["fora", "taylorseer", "fbcache"]
+METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "fd": "lower", "rel_l1": "lower"}
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+HOLDOUT_OFFSET = 1000
+MAX_COMBINATIONS = 24
+
+
+@dataclass(frozen=True)
+class Target:
+    metric: str
+    op: str
+    value: float
+
+    def met(self, metrics: dict[str, Any]) -> bool:
+        value = metrics.get(self.metric)
+        return value is not None and _OPS[self.op](value, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_target(text: str) -> Target:
+    """``"psnr>=30"``, ``"fd<=12.5"``, ``"ssim>0.9"`` -> a :class:`Target`; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([a-z_0-9]+)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", text)
+    if not match or match.group(1) not in METRICS:
+        raise ValueError(f"--target {text!r}: expected METRIC>=VALUE or METRIC<=VALUE with METRIC one of "
+                         f"{', '.join(METRICS)} (e.g. psnr>=30, fd<=10)")
+    metric, op, value = match.group(1), match.group(2), float(match.group(3))
+    if (METRICS[metric] == "higher") != (op in (">=", ">")):
+        raise ValueError(f"--target {text!r}: {metric} is better when {METRICS[metric]}; write "
+                         f"{metric}{'>=' if METRICS[metric] == 'higher' else '<='}{value:g}")
+    return Target(metric, op, value)
+
+
+@dataclass
+class Candidate:
+    recipe: Any
+    settings: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    flops_fraction: float = 1.0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return self.recipe.name + "(" + ", ".join(f"{k}={v}" for k, v in self.settings.items()) + ")"
+
+
+@dataclass
+class TuneResult:
+    target: Target
+    best: Candidate | None
+    candidates: list[Candidate]
+    holdout: dict[str, Any] | None = None
+    budget_exhausted: bool = False
+    recipe: Any = None
+
+
+def knobs_of(recipe: Any) -> list[tuple[str, list[Any]]]:
+    """``(override key, coarse grid)`` for each tunable plugin of ``recipe``."""
+    found = []
+    for plugin in recipe.plugins:
+        if plugin.type_name in KNOBS:
+            name, grid = KNOBS[plugin.type_name]
+            key = name if sum(name in p.field_names() for p in recipe.plugins) == 1 else \
+                f"{plugin.type_name.replace('-', '_')}__{name}"
+            found.append((key, grid))
+    return found
+
+
+def _between(low: Any, high: Any) -> list[Any]:
+    """Values strictly between two neighbouring grid values (integers: all of them; floats: two bisections)."""
+    if isinstance(low, int) and isinstance(high, int):
+        step = 1 if high > low else -1
+        return list(range(low + step, high, step))
+    middle = round((low + high) / 2, 4)
+    return [round((low + middle) / 2, 4), middle, round((middle + high) / 2, 4)]
+
+
+class Tuner:
+    def __init__(self, session: Session, quality: Quality, target: Target, budget_s: float,
+                 log: Callable[[str], None] = print) -> None:
+        self.session, self.quality, self.target, self.log = session, quality, target, log
+        self.deadline = time.monotonic() + budget_s
+        self.dense, self.conditioning = session.quality_pass()
+        self.candidates: list[Candidate] = []
+        self.exhausted = False
+
+    def evaluate(self, recipe: Any, settings: dict[str, Any]) -> Candidate | None:
+        from dit_accel import accelerate_dit, remove_acceleration
+
+        if time.monotonic() > self.deadline:
+            self.exhausted = True
+            return None
+        candidate = Candidate(recipe.with_overrides(**settings), settings)
+        fractions: list[float] = []
+        handle = accelerate_dit(self.session.pipe, candidate.recipe)
+        try:
+            start = time.perf_counter()
+            images, _ = self.session.quality_pass(
+                after_chunk=lambda: fractions.append(handle.stats.flops_fraction if handle.stats else 1.0))
+            candidate.seconds = time.perf_counter() - start
+        finally:
+            remove_acceleration(self.session.pipe)
+        candidate.flops_fraction = sum(fractions) / len(fractions) if fractions else 1.0
+        candidate.metrics = score(images, self.dense, self.conditioning, self.quality)
+        self.candidates.append(candidate)
+        verdict = "meets" if self.target.met(candidate.metrics) else "misses"
+        self.log(f"  {candidate.describe()}: FLOPs {candidate.flops_fraction:.3f} of dense, "
+                 f"{self.target.metric} {candidate.metrics.get(self.target.metric, float('nan')):.4g} -> {verdict} "
+                 f"{self.target}")
+        return candidate
+
+    def search(self, recipe: Any, steps: int) -> None:
+        knobs = [(key, [v for v in grid if not (key.endswith("interval") and v > steps)] or grid[:1])
+                 for key, grid in knobs_of(recipe)]
+        if not knobs:
+            self.log(f"  {recipe.name}: no tunable field (known: {', '.join(KNOBS)}); measured as is")
+            self.evaluate(recipe, {})
+            return
+        if len(knobs) > 1:  # a product of coarse grids, no refinement
+            keys = [k for k, _ in knobs]
+            for values in itertools.islice(itertools.product(*(g for _, g in knobs)), MAX_COMBINATIONS):
+                if self.evaluate(recipe, dict(zip(keys, values))) is None:
+                    return
+            return
+        key, grid = knobs[0]
+        best_index = None
+        for index, value in enumerate(grid):  # coarse: conservative -> aggressive, stop at the second miss
+            candidate = self.evaluate(recipe, {key: value})
+            if candidate is None:
+                return
+            if self.target.met(candidate.metrics):
+                best_index = index
+            elif best_index is not None or index >= 1:
+                break
+        if best_index is None or best_index + 1 >= len(grid):
+            return
+        for value in _between(grid[best_index], grid[best_index + 1]):  # fine: between the last pass and the miss
+            candidate = self.evaluate(recipe, {key: value})
+            if candidate is None or not self.target.met(candidate.metrics):
+                return
+
+    def best(self) -> Candidate | None:
+        """Lowest FLOPs fraction, then lowest wall time (within 5 %: equal), then the best quality."""
+        passing = [c for c in self.candidates if self.target.met(c.metrics)]
+        sign = -1 if METRICS[self.target.metric] == "higher" else 1
+
+        def key(c: Candidate) -> tuple:
+            return (round(c.flops_fraction, 3), round(math.log(max(c.seconds, 1e-9)) / math.log(1.05)),
+                    sign * c.metrics[self.target.metric])
+
+        return min(passing, key=key, default=None)
+
+
+def score(images: torch.Tensor, dense: torch.Tensor, conditioning: dict, quality: Quality) -> dict[str, Any]:
+    metrics = fidelity(images, dense)
+    metrics.update(quality.measure(images, dense, conditioning, []))
+    return metrics
+
+
+def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, *, steps: int, num_samples: int,
+         seed: int, batch: int, budget_minutes: float, output: Path, guidance_scale: float | None = None,
+         device: torch.device | None = None, holdout_seed: int | None = None,
+         log: Callable[[str], None] = print) -> TuneResult:
+    """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds."""
+    from dit_accel import accelerate_dit, load_recipe, remove_acceleration
+    from dit_accel.recipe import Recipe
+
+    if target.metric in ("fd", "class_consistency") and not spec.startswith("zoo:"):
+        raise ValueError(f"--target {target}: {target.metric} is measured on zoo models only; use psnr, ssim or "
+                         "rel_l1")
+    device = device or torch.device("cpu")
+    session = Session(pipe, spec, family, steps=steps, num_samples=num_samples, seed=seed, batch=batch,
+                      guidance_scale=guidance_scale, device=device)
+    try:
+        quality = Quality(spec, num_samples)
+        log(f"calibration: {num_samples} samples on seeds {[s for _, s, _ in session.chunks()]}, {steps} steps")
+        tuner = Tuner(session, quality, target, budget_minutes * 60, log)
+        for recipe in recipes:
+            log(f"{recipe.name}:")
+            tuner.search(recipe, steps)
+            if tuner.exhausted:
+                log(f"budget of {budget_minutes:g} min spent: search stopped")
+                break
+        result = TuneResult(target, tuner.best(), tuner.candidates, budget_exhausted=tuner.exhausted)
+        if result.best is None:
+            return result
+        best = result.best
+        settings = ", ".join(f"{k}={v}" for k, v in best.settings.items()) or "as shipped"
+        tuned = Recipe(plugins=best.recipe.plugins, name=f"{best.recipe.name}-tuned",
+                       description=f"{best.recipe.name} tuned by ditaccel tune for {target} on {spec} at {steps} steps "
+                       f"({settings}; FLOPs {best.flops_fraction:.3f} of dense on calibration seeds)")
+        tuned.save(output)
+        result.recipe = load_recipe(str(output))  # what the user will load, checked
+        session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
+        dense, conditioning = session.quality_pass()
+        handle = accelerate_dit(pipe, result.recipe)
+        fractions: list[float] = []
+        try:
+            images, _ = session.quality_pass(after_chunk=lambda: fractions.append(handle.stats.flops_fraction))
+        finally:
+            remove_acceleration(pipe)
+        result.holdout = score(images, dense, conditioning, quality)
+        result.holdout["flops_fraction"] = sum(fractions) / len(fractions)
+        result.holdout["seeds"] = [s for _, s, _ in session.chunks()]
+        return result
+    finally:
+        session.close()
