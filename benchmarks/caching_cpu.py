@@ -29,7 +29,7 @@ from dit_accel.pipelines import zoo
 
 RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "toca", "toca-fast",
            "toca-max", "fbcache", "fbcache-fast", "fbcache-max", "fbcache-taylorseer", "delta-dit", "delta-dit-fast",
-           "delta-dit-max", "cfg-share", "taylorseer+cfg-share"]
+           "delta-dit-max", "cfg-share", "taylorseer+cfg-share", "magcache", "magcache-fast", "magcache-max"]
 ANCHORS = [
     ("diffusers:fbcache", {"threshold": 0.05}),
     ("diffusers:fbcache", {"threshold": 0.1}),
@@ -38,6 +38,7 @@ ANCHORS = [
     ("diffusers:taylorseer", {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3}),
     ("diffusers:magcache", {"threshold": 0.06}),
     ("diffusers:magcache", {"threshold": 0.12}),
+    ("diffusers:magcache", {"threshold": 0.24, "max_skip_steps": 4}),
     ("cache-dit:dbcache", {"residual_diff_threshold": 0.08, "max_warmup_steps": 2}),
     ("cache-dit:dbcache", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),
     ("cache-dit:dbcache+taylorseer", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),

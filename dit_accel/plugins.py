@@ -13,6 +13,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "dit_accel.caching.delta_dit",
     "dit_accel.caching.cfg_share",
     "dit_accel.caching.toca",
+    "dit_accel.caching.magcache",
     "dit_accel.attention.todo",
     "dit_accel.attention.proxy",
     "dit_accel.attention.hilbert",

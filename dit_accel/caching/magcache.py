@@ -1,0 +1,353 @@
+"""MagCache with a forecast, per branch and per row (after Ma et al., "MagCache: Fast Video Generation with
+Magnitude-Aware Cache", 2025; diffusers' ``MagCacheConfig`` is the anchor).
+
+The magnitude ratio of step ``t`` is ``gamma_t = mean|r_t| / mean|r_{t-1}|``, where ``r`` is the residual of the
+whole block stack (output of the last block minus input of the first, hidden stream; for dual-stream models the
+image stream), per sample row; ``gamma_0 = 1``. The curve barely depends on the prompt or the seed, so it is
+calibrated once and the skip schedule is decided from it in advance: on each step after the retention window,
+``acc_ratio *= gamma_t``, ``acc_steps += 1``, ``acc_err += |1 - acc_ratio|``; the step skips while
+``acc_err < threshold`` and ``acc_steps <= max_skips``, otherwise it computes and the accumulators restart. A
+skipped step computes nothing at all (no first block, unlike ``fbcache``): every block passes its input through and
+the last one adds the residual. What we add to the anchor:
+
+* the skipped residual is **forecast** (``forecast_order = 1``: the line through the last two computed residuals,
+  over the transformer's timestep input, via :class:`~dit_accel.caching.blockrange.BlockRange`) instead of reused;
+* curves and accumulators are **per branch**: per CFG role (``cond``/``uncond``; the slot where the role is unknown)
+  and per sample row, never a shared batch mean;
+* **automatic calibration**: with no ``ratios`` given, the first generation with a given number of steps runs dense
+  and records the curve of each branch role; later generations use it (``plugin.calibrated``, ``plugin.curves``,
+  and a one-time :class:`MagCacheCalibration` warning say so);
+* a curve calibrated at ``M`` steps is used at ``N`` steps by interpolating its cumulative log magnitude over the
+  normalised schedule position (:func:`resample_ratios`), which keeps the total magnitude change of the schedule.
+
+Rows of one call are computed together, so a call skips only when every row's own curve allows it; when some row
+must compute, the whole call computes and every row takes the fresh result (it costs nothing more) and restarts its
+accumulators. Separate CFG calls (Flux, Wan, zoo:mmdit) are separate branches and skip independently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from dit_accel.caching.blockrange import BlockRange
+from dit_accel.core.context import CallContext
+from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.recipe import PluginConfig, check_range, register_config
+
+logger = logging.getLogger(__name__)
+
+
+class MagCacheCalibration(UserWarning):
+    """Issued once per step count: a generation runs dense to calibrate the magnitude-ratio curve."""
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+def retention_steps(retention: float, num_steps: int) -> int:
+    """Steps at the start that always compute: ``int(retention * num_steps + 0.5)`` (MagCache's rounding)."""
+    return int(retention * num_steps + 0.5)
+
+
+def resample_ratios(ratios: Sequence[float], num_steps: int) -> list[float]:
+    """A magnitude-ratio curve calibrated at ``M = len(ratios)`` steps, for a schedule of ``num_steps`` steps.
+
+    The cumulative log magnitude ``L_i = sum_{j <= i} log gamma_j`` is placed at the normalised schedule position
+    ``i / (M - 1)``, interpolated linearly at ``k / (N - 1)``, and differenced back: ``gamma'_k = exp(L'_k -
+    L'_{k-1})``, ``gamma'_0 = gamma_0``. The curve is returned unchanged when ``M == N``; fewer, larger steps get
+    proportionally larger ratios, and the product of the curve (the magnitude change over the whole schedule) is
+    kept. (diffusers resamples by nearest index, which keeps per-step ratios of the calibration step size.)
+    """
+    ratios = [float(r) for r in ratios]
+    if len(ratios) == num_steps:
+        return ratios
+    if num_steps == 1:
+        return ratios[:1]
+    logs = [0.0]
+    for gamma in ratios[1:]:
+        logs.append(logs[-1] + math.log(gamma))
+    source = len(ratios) - 1
+    resampled = []
+    for k in range(num_steps):
+        x = k / (num_steps - 1) * source
+        i = min(int(x), source - 1)
+        resampled.append(logs[i] + (logs[i + 1] - logs[i]) * (x - i))
+    return [ratios[0]] + [math.exp(b - a) for a, b in zip(resampled, resampled[1:])]
+
+
+def accumulate(ratio, error, count, gamma, threshold: float, max_skips: int):
+    """One candidate step of MagCache's rule on the accumulators (floats, or tensors with one entry per row).
+
+    Returns ``(skip, ratio, error, count)``: the state after adding ``gamma``; a step that computes restarts the
+    accumulators at ``(1, 0, 0)`` instead (see :func:`skip_schedule`).
+    """
+    ratio = ratio * gamma
+    count = count + 1
+    error = error + abs(1.0 - ratio)
+    skip = (error < threshold) & (count <= max_skips)
+    return skip, ratio, error, count
+
+
+def skip_schedule(ratios: Sequence[float], *, threshold: float, max_skips: int, retention: float = 0.2,
+                  last_steps: int = 1) -> list[bool]:
+    """Which steps of one branch skip, for a curve of ``len(ratios)`` steps (step 0 has nothing to reuse)."""
+    num_steps = len(ratios)
+    first = max(retention_steps(retention, num_steps), 1)
+    state = (1.0, 0.0, 0)
+    skips = []
+    for step, gamma in enumerate(ratios):
+        skip = False
+        if first <= step < num_steps - last_steps:
+            skip, *after = accumulate(*state, gamma, threshold, max_skips)
+        state = tuple(after) if skip else (1.0, 0.0, 0)
+        skips.append(bool(skip))
+    return skips
+
+
+# ------------------------------------------------------------------------------------------------- config
+@register_config("magcache")
+@dataclass(frozen=True)
+class MagCacheConfig(PluginConfig):
+    """MagCache: skip the whole block stack on steps chosen from a calibrated magnitude-ratio curve.
+
+    Args:
+        threshold (`float`, defaults to `0.06`): budget of the accumulated error ``sum |1 - prod gamma|`` since the
+            last computed step; a step skips while the error stays below it (0 never skips). diffusers and the
+            paper: 0.06 slow, 0.12-0.24 fast. Allowed: 0-100.
+        max_skips (`int`, defaults to `3`): at most this many skipped steps in a row (the paper's K). Allowed:
+            1-1000.
+        retention (`float`, defaults to `0.2`): fraction of the first steps that always compute
+            (``int(retention * steps + 0.5)`` steps; step 0 always computes). Allowed: 0-1.
+        last_steps (`int`, defaults to `1`): final steps that always compute. Allowed: 0-1000.
+        forecast_order (`int`, defaults to `1`): 0 reuses the residual of the last computed step (MagCache);
+            1 forecasts it linearly over the timesteps of the last two computed steps; 2-4 higher-order Newton
+            forecasts. Allowed: 0-4.
+        ratios (`tuple[float, ...]`, defaults to `()`): the calibrated magnitude-ratio curve (``gamma_0 = 1``
+            first), used for every branch and resampled to the generation's step count (:func:`resample_ratios`).
+            Empty: calibrate automatically -- the first generation with a new number of steps runs dense and
+            records one curve per branch role; ``plugin.curves[steps][role]`` holds them for reuse here. Allowed:
+            empty, or at least 2 finite positive numbers.
+        recalibrate (`bool`, defaults to `True`): automatic calibration only. True: every new number of steps gets
+            its own dense calibration run. False: only the first generation calibrates; later step counts
+            interpolate the curve of the nearest calibrated step count over the normalised schedule position.
+    """
+
+    kind = "schedule"
+    threshold: float = 0.06
+    max_skips: int = 3
+    retention: float = 0.2
+    last_steps: int = 1
+    forecast_order: int = 1
+    ratios: tuple[float, ...] = ()
+    recalibrate: bool = True
+
+    def validate(self) -> None:
+        check_range(self, "threshold", 0.0, 100.0)
+        check_range(self, "max_skips", 1, 1000, integer=True)
+        check_range(self, "retention", 0.0, 1.0)
+        check_range(self, "last_steps", 0, 1000, integer=True)
+        check_range(self, "forecast_order", 0, 4, integer=True)
+        if not isinstance(self.recalibrate, bool):
+            raise ValueError(f"MagCacheConfig.recalibrate = {self.recalibrate!r} is not allowed; allowed: true, false")
+        ratios = self.ratios
+        valid = isinstance(ratios, (tuple, list)) and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in ratios)
+        if not valid or len(ratios) == 1:
+            raise ValueError(
+                f"MagCacheConfig.ratios = {ratios!r} is invalid; allowed: empty (calibrate automatically) or a list "
+                "of at least 2 finite positive magnitude ratios, one per calibration step (the first is 1.0)"
+            )
+        object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
+
+
+# ------------------------------------------------------------------------------------------------- plugin
+class _MagRange(BlockRange):
+    """The whole block stack; a skipped call is reported as ``forecast`` once the forecast has two points."""
+
+    def record_skip(self, context: CallContext) -> None:
+        history = self.history.get(context.slot) if self.forecast_order else None
+        state = None if history is None else next((s for s in history if s is not None), None)
+        event = "forecast" if state is not None and len(state[0]) > 1 else "reused"
+        for name in self.sublayers:
+            self.target.stats.record(context, name, event)
+
+
+def branch_key(context: CallContext, row: int) -> str:
+    """The curve a row uses: its CFG role, or ``slot<k>`` where the pipeline's convention is unknown."""
+    role = context.branches[row].role if row < len(context.branches) else None
+    return role if role is not None else f"slot{context.slot}"
+
+
+@register_plugin(MagCacheConfig)
+class MagCachePlugin(Plugin):
+    """State: ``curves`` (calibrated, kept across generations); per generation and slot the rows' curves and
+    accumulators; ``decisions`` lists ``(step, slot, rows that could skip, whether the call skipped)`` for the
+    candidate steps of the running generation, ``last_decisions`` those of the previous one."""
+
+    kind = "schedule"
+
+    def install(self) -> None:
+        if self.config.layers is not None:
+            raise ValueError("magcache decides for the whole block stack; it does not take `layers`")
+        blocks = self.target.spec.blocks(self.target.transformer)
+        if not blocks:
+            raise ValueError(f"magcache found no blocks in {type(self.target.transformer).__name__}")
+        self.curves: dict[int, dict[str, tuple[float, ...]]] = {}
+        self._warned: set = set()
+        self.last_decisions: list[tuple[int, int, list[bool], bool]] = []
+        self._mode: str | None = None
+        self._magnitudes: dict[int, dict[int, torch.Tensor]] = {}
+        self._keys: dict[int, tuple[str, ...]] = {}
+        self.range = _MagRange(self.target, "dit_accel.magcache", self, 0, len(blocks),
+                               forecast_order=self.config.forecast_order)
+        self.reset()
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a curve is available (given in ``ratios`` or calibrated by an earlier generation)."""
+        return bool(self.config.ratios) or bool(self.curves)
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the running generation is a dense calibration run."""
+        return self._mode == "calibrate"
+
+    # ------------------------------------------------------------------------------------- per generation
+    def _warn_once(self, key, message: str, category=MagCacheCalibration) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, category, stacklevel=4)
+
+    def _begin(self, context: CallContext) -> None:
+        self._generation = context.generation
+        steps = context.num_steps
+        config = self.config
+        if steps is None or steps < 2:
+            self._mode = "dense"
+            self._warn_once(("steps", steps), "dit_accel magcache: the number of steps of this generation is unknown "
+                            "(the scheduler's set_timesteps was not seen), so it runs dense", UserWarning)
+        elif config.ratios or steps in self.curves:
+            self._mode = "cache"
+        elif self.curves and not config.recalibrate:
+            nearest = min(self.curves, key=lambda m: (abs(m - steps), -m))
+            self.curves[steps] = {key: tuple(resample_ratios(curve, steps))
+                                  for key, curve in self.curves[nearest].items()}
+            logger.info("magcache: curves for %d steps interpolated from the %d-step calibration", steps, nearest)
+            self._mode = "cache"
+        else:
+            self._mode = "calibrate"
+            self._calibration_steps = steps
+            self._warn_once(("calibrate", steps), f"dit_accel magcache: no magnitude-ratio curve for {steps} steps "
+                            "yet; this generation runs dense to calibrate one per branch, later generations with "
+                            f"{steps} steps skip (pass `ratios` to skip from the first generation)")
+
+    def _curve(self, key: str, steps: int) -> tuple[float, ...]:
+        if self.config.ratios:
+            return tuple(resample_ratios(self.config.ratios, steps))
+        curves = self.curves[steps]
+        if key in curves:
+            return curves[key]
+        self._warn_once(("key", key, steps), f"dit_accel magcache: no curve was calibrated for branch {key!r} at "
+                        f"{steps} steps (calibrated: {', '.join(sorted(curves))}); it uses their mean", UserWarning)
+        return tuple(sum(values) / len(values) for values in zip(*curves.values()))
+
+    def _slot_state(self, context: CallContext, batch: int, device) -> dict:
+        state = self._state.get(context.slot)
+        if state is None or state["gamma"].shape[0] != batch:
+            steps = context.num_steps
+            gamma = torch.tensor([self._curve(branch_key(context, row), steps) for row in range(batch)],
+                                 dtype=torch.float64)
+            state = self._state[context.slot] = {"gamma": gamma}
+            self._restart(state)
+        return state
+
+    @staticmethod
+    def _restart(state: dict) -> None:
+        batch = state["gamma"].shape[0]
+        state["acc"] = (torch.ones(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64),
+                        torch.zeros(batch, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------- RangePolicy
+    def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
+        if context.generation != self._generation:
+            self._begin(context)
+        batch = hidden.shape[0]
+        never = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+        if self._mode != "cache":
+            if self._mode == "calibrate":
+                self._keys[context.slot] = tuple(branch_key(context, row) for row in range(batch))
+            return never
+        config, steps, step = self.config, context.num_steps, context.step
+        state = self._slot_state(context, batch, hidden.device)
+        first = max(retention_steps(config.retention, steps), 1)
+        if not first <= step < steps - config.last_steps or not self.target.in_scope(config, context):
+            self._restart(state)
+            return never
+        rows, *after = accumulate(*state["acc"], state["gamma"][:, step], config.threshold, config.max_skips)
+        skip = bool(rows.all()) and context.slot in self.range.residuals
+        if skip:
+            state["acc"] = tuple(after)
+        else:
+            self._restart(state)
+        self.decisions.append((step, context.slot, rows.tolist(), skip))
+        return never if not skip else torch.ones(batch, dtype=torch.bool, device=hidden.device)
+
+    def computed(self, context: CallContext, rows: torch.Tensor) -> None:
+        if self._mode != "calibrate":
+            return
+        residual = self.range.residuals[context.slot][0].float()
+        dims = tuple(range(1, residual.ndim))
+        count = torch.full((residual.shape[0],), float(residual[0].numel()), device=residual.device)
+        both = torch.stack([residual.abs().sum(dims), count])
+        parallel = getattr(self.target.transformer, "_parallel_config", None)
+        if parallel is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(both)  # every rank calibrates the same curve from the whole sequence
+        magnitude = (both[0] / both[1]).double().cpu()
+        self._magnitudes.setdefault(context.slot, {})[context.step] = magnitude
+
+    # ------------------------------------------------------------------------------------- calibration
+    def _finish_calibration(self) -> None:
+        if self._mode != "calibrate" or not self._magnitudes:
+            return
+        steps = self._calibration_steps
+        by_key: dict[str, list[list[float]]] = {}
+        for slot, recorded in self._magnitudes.items():
+            if sorted(recorded) != list(range(steps)):
+                logger.info("magcache: calibration of slot %d is incomplete (%d of %d steps); discarded", slot,
+                            len(recorded), steps)
+                self._warned.discard(("calibrate", steps))  # the next attempt says so again
+                return
+            magnitudes = torch.stack([recorded[s] for s in range(steps)])  # (steps, rows)
+            previous = magnitudes[:-1]
+            ratios = torch.where(previous > 0, magnitudes[1:] / previous.clamp_min(1e-30), torch.ones_like(previous))
+            ratios = torch.cat([torch.ones_like(magnitudes[:1]), ratios])
+            for row, key in enumerate(self._keys.get(slot, ())):
+                by_key.setdefault(key, []).append(ratios[:, row].tolist())
+        self.curves[steps] = {key: tuple(sum(values) / len(values) for values in zip(*curves))
+                              for key, curves in by_key.items()}
+        logger.info("magcache: calibrated %d-step curves for %s", steps, ", ".join(sorted(by_key)))
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        self._finish_calibration()
+        if getattr(self, "decisions", None):
+            self.last_decisions = self.decisions
+        self._mode = None
+        self._generation = None
+        self._calibration_steps = None
+        self._magnitudes = {}
+        self._keys = {}
+        self._state: dict[int, dict] = {}
+        self.decisions: list[tuple[int, int, list[bool], bool]] = []
+        self.range.clear()
+
+    def remove(self) -> None:
+        self.range.remove()
+
+    def cache_bytes(self) -> int:
+        return self.range.nbytes()
