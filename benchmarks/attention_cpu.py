@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.attention.curve import curve_order, inverse_order
-from dit_accel.attention.hilbert import auto_tile_size, hilbert_attention
+from dit_accel.attention.hilbert import auto_pool_size, auto_tile_size, hilbert_attention
 from dit_accel.attention.plans import window_plan
 from dit_accel.attention.proxy import auto_window
 from dit_accel.attention.ranges import curve_density
@@ -81,13 +81,16 @@ def methods_for(grid: TokenGrid) -> dict[str, Method]:
                 lambda q, k, v, tk, tv, s, factor=factor, mode=mode: downsampled_attention(
                     q, k, v, grid, factor, mode=mode, text_key=tk, text_value=tv, scale=s))
 
-    def hilbert(size: int, pooled: bool, neighbours: int = 1) -> Callable:
+    def hilbert(size: int, pooled: bool, neighbours: int = 1, pool: int | None = None) -> Callable:
         return lambda q, k, v, tk, tv, s: hilbert_attention(q, k, v, grid, tile=size, neighbours=neighbours,
-                                                            pooled=pooled, text_key=tk, text_value=tv, scale=s,
-                                                            order=order)
+                                                            pooled=pooled, pool=pool, text_key=tk, text_value=tv,
+                                                            scale=s, order=order)
 
-    methods["hilbert"] = Method(f"tile {tile}, neighbours 1, pooled", curve_density(n, tile, 1, 0, True),
-                                hilbert(tile, True))
+    pool = auto_pool_size(tile)  # the plugin's default: eight pooled keys per far tile
+    methods["hilbert"] = Method(f"tile {tile}, neighbours 1, pooled per {pool} tokens",
+                                curve_density(n, tile, 1, 0, True, pool), hilbert(tile, True, pool=pool))
+    methods["hilbert-tilepool"] = Method(f"tile {tile}, neighbours 1, one pooled key per tile",
+                                         curve_density(n, tile, 1, 0, True), hilbert(tile, True))
     methods["hilbert-local"] = Method(f"tile {local_tile}, neighbours 1, no pooling",
                                       curve_density(n, local_tile, 1, 0, False), hilbert(local_tile, False))
     for name, radius in (("proxy", 1), ("proxy-r0", 0)):
@@ -296,7 +299,9 @@ def _fmt(value, spec):
 def write_markdown(results: dict, path: Path) -> None:
     meta = results["meta"]
     lines = ["# Attention plugins on CPU: attention-only speed and fidelity, captured activations, end to end", "",
-             f"`{meta['command']}`; {meta['machine']}, torch {meta['torch']}."]
+             f"`{meta['command']}`"
+             + (f" (parts it skipped: from `{meta['merged_into']}`)" if meta.get("merged_into") else "")
+             + f"; {meta['machine']}, torch {meta['torch']}."]
     if "attention" in results:
         lines += [
             "", "## (a) Attention only, FLUX.1-sized q/k/v", "",
@@ -409,6 +414,7 @@ def main() -> None:
     parser.add_argument("--skip-a", action="store_true", help="skip the attention-only measurements")
     parser.add_argument("--skip-b", action="store_true", help="skip the captured-activation fidelity")
     parser.add_argument("--skip-c", action="store_true", help="skip the end-to-end runs")
+    parser.add_argument("--merge", action="store_true", help="keep the previous results of the parts skipped now")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -418,6 +424,11 @@ def main() -> None:
         "repeats": args.repeats, "timing_heads": args.timing_heads, "samples": args.samples,
         "timing_batch": args.timing_batch, "sides": args.sides, "head_dims": args.head_dims, "dim": args.dim,
         "large_dim": args.large_dim, "text_tokens": args.text_tokens}}
+    previous = args.out / "attention-cpu.json"
+    if args.merge and previous.is_file():  # keep the parts this run skips
+        old = json.loads(previous.read_text())
+        results.update({key: old[key] for key in ("attention", "goal", "captured", "end_to_end") if key in old})
+        results["meta"]["merged_into"] = old.get("meta", {}).get("command")
     if not args.skip_a:
         results["attention"] = attention_only(args)
         results["goal"] = goal_check(results["attention"])

@@ -58,6 +58,14 @@ def split_text(x: torch.Tensor, num_text: int, text_first: bool) -> tuple[torch.
     return x[:, :, :-num_text], x[:, :, -num_text:]
 
 
+def dense_image_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_key: torch.Tensor,
+                          text_value: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """Exact attention of the image queries over [image; text] keys (what a plan covering everything computes)."""
+    if text_key.shape[2]:
+        key, value = torch.cat([key, text_key], 2), torch.cat([value, text_value], 2)
+    return F.scaled_dot_product_attention(query, key, value, scale=call.options.get("scale"))
+
+
 class ImageAttentionPlugin(Plugin):
     """Base of the attention plugins (see the module docstring)."""
 
@@ -171,6 +179,8 @@ class TiledAttentionPlugin(ImageAttentionPlugin):
 
     def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
         plan, density = self.plan(grid, layer, query.device)
+        if density >= 1.0 and not plan.pooled:  # every key is exact already: plain SDPA is cheaper
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = tiled_attention(query, key, value, plan, shared_key=text_key, shared_value=text_value,
                               scale=call.options.get("scale"))
         return out, density

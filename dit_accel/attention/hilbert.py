@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
+from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin, dense_image_attention
 from dit_accel.attention.curve import curve_order, inverse_order
 from dit_accel.attention.ranges import curve_density, curve_tile_attention
 from dit_accel.core.blocks import TokenGrid
@@ -118,10 +118,13 @@ class CurveTilePlugin(ImageAttentionPlugin):
         pool = getattr(self.config, "pool_size", 0) or auto_pool_size(size)
         if size % pool:
             raise ValueError(f"{self.name} pool_size {pool} must divide the tile size {size} of this call")
+        density = curve_density(grid.num_tokens, size, self.config.neighbours, offset, pooled, pool)
+        if density >= 1.0 and (not pooled or pool == 1):  # the tiles cover every key exactly: plain SDPA is cheaper
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = hilbert_attention(query, key, value, grid, tile=size, neighbours=self.config.neighbours, offset=offset,
                                 pooled=pooled, pool=pool, text_key=text_key, text_value=text_value,
                                 scale=call.options.get("scale"), order=self.order(grid, query.device))
-        return out, curve_density(grid.num_tokens, size, self.config.neighbours, offset, pooled, pool)
+        return out, density
 
 
 @register_plugin(HilbertConfig)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.attention.base import ImageAttentionConfig
+from dit_accel.attention.base import ImageAttentionConfig, dense_image_attention
 from dit_accel.attention.hilbert import CurveTilePlugin
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_range, register_config
@@ -67,14 +67,13 @@ class WindowResidualPlugin(CurveTilePlugin):
     def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
         local, density = self.local_attention(query, key, value, text_key, text_value, grid, layer, call,
                                               pooled=False, shift=False)
-        scale = call.options.get("scale")
+        if density >= 1.0:  # the window is the whole sequence: exact, nothing to cache
+            return local, 1.0
         slot = (layer.name, call.index, call.context.slot)
         residual = self.residuals.get(slot)
         full = is_full_step(call.context.step, self.config.interval, self.config.first_steps)
         if full or residual is None or residual.shape != local.shape:
-            keys = torch.cat([key, text_key], 2) if text_key.shape[2] else key
-            values = torch.cat([value, text_value], 2) if text_value.shape[2] else value
-            dense = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scale)
+            dense = dense_image_attention(query, key, value, text_key, text_value, call)
             self.residuals[slot] = dense - local
             self.target.stats.set_cache_bytes(self.cache_bytes())
             return dense, 1.0
