@@ -348,6 +348,12 @@ def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tenso
 
         def enable() -> None:
             handles.append(accelerate_dit(pipe, entry.recipe))
+            # Plugins that calibrate on their first generation (magcache) would make the measured run a dense
+            # calibration run: calibrate untimed, on seeds never measured.
+            if any(getattr(plugin, "calibrated", True) is False
+                   for accelerated in handles[-1].transformers for plugin in accelerated.plugins):
+                count, seed, offset = session.chunks()[0]
+                session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
 
         def disable() -> None:
             handles.pop()
