@@ -81,6 +81,15 @@ class PeakMemory:
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def calibrate_if_needed(handle: Any, session: "Session") -> None:
+    """Plugins that calibrate on their first generation (magcache) would make the next measured run a dense
+    calibration run: give them one untimed generation on seeds that are never measured."""
+    if any(getattr(plugin, "calibrated", True) is False
+           for accelerated in handle.transformers for plugin in accelerated.plugins):
+        count, seed, offset = session.chunks()[0]
+        session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
+
+
 class Session:
     """One loaded pipeline and how to call it on the benchmark's seeds."""
 
@@ -348,12 +357,7 @@ def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tenso
 
         def enable() -> None:
             handles.append(accelerate_dit(pipe, entry.recipe))
-            # Plugins that calibrate on their first generation (magcache) would make the measured run a dense
-            # calibration run: calibrate untimed, on seeds never measured.
-            if any(getattr(plugin, "calibrated", True) is False
-                   for accelerated in handles[-1].transformers for plugin in accelerated.plugins):
-                count, seed, offset = session.chunks()[0]
-                session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
+            calibrate_if_needed(handles[-1], session)
 
         def disable() -> None:
             handles.pop()

@@ -1,7 +1,7 @@
 """``ditaccel tune``: the fastest setting of some recipes that meets a quality target, written as a TOML recipe.
 
 The search, per recipe: each plugin's speed knob (:data:`KNOBS`: FORA/TaylorSeer/ToCa/Δ-DiT ``interval``, the
-first-block cache's ``threshold``, ToDo's ``factor``, CFG sharing's ``start``) on a coarse grid, most conservative
+first-block cache's and magcache's ``threshold``, ToDo's ``factor``, CFG sharing's ``start``) on a coarse grid, most conservative
 first; then, between the most aggressive value that met the target and the next one that did not, the values in
 between (integers) or two bisections (floats). Recipes with several knobs try the product of the coarse grids.
 Every candidate generates the calibration samples (seeds ``seed + k``) and is scored against the dense output of
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from dit_accel.bench.runner import Quality, Session, fidelity
+from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
 KNOBS: dict[str, tuple[str, list[Any]]] = {
@@ -33,10 +33,11 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "toca": ("interval", [2, 3, 4, 6]),
     "delta-dit": ("interval", [2, 3, 4, 5, 7]),
     "fbcache": ("threshold", [0.05, 0.1, 0.2, 0.3, 0.5]),
+    "magcache": ("threshold", [0.03, 0.06, 0.1, 0.16, 0.24, 0.35, 0.5]),
     "todo": ("factor", [2, 3, 4]),
     "cfg-share": ("start", [0.8, 0.6, 0.4, 0.2, 0.0]),
 }
-DEFAULT_RECIPES = ["fora", "taylorseer", "fbcache"]
+DEFAULT_RECIPES = ["fora", "taylorseer", "fbcache", "magcache"]
 METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "fd": "lower", "rel_l1": "lower"}
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 HOLDOUT_OFFSET = 1000
@@ -131,6 +132,7 @@ class Tuner:
         candidate = Candidate(recipe.with_overrides(**settings), settings)
         fractions: list[float] = []
         handle = accelerate_dit(self.session.pipe, candidate.recipe)
+        calibrate_if_needed(handle, self.session)
         try:
             start = time.perf_counter()
             images, _ = self.session.quality_pass(
@@ -232,6 +234,7 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
         dense, conditioning = session.quality_pass()
         handle = accelerate_dit(pipe, result.recipe)
+        calibrate_if_needed(handle, session)
         fractions: list[float] = []
         try:
             images, _ = session.quality_pass(after_chunk=lambda: fractions.append(handle.stats.flops_fraction))
