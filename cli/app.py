@@ -22,6 +22,7 @@ import typer
 
 import dit_accel
 from dit_accel.pipelines import tiny
+from dit_accel.recipe import parse_value
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -95,26 +96,14 @@ def load_model(spec: str) -> tuple[Any, str]:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["interval=4", "steps=2,8", "enabled=true"]`` -> ``{"interval": 4, "steps": [2, 8], "enabled": True}``."""
 
-    def scalar(text: str) -> Any:
-        low = text.strip().lower()
-        if low in {"true", "yes", "on", "false", "no", "off"}:
-            return low in {"true", "yes", "on"}
-        if low in {"none", "null"}:
-            return None
-        for kind in (int, float):
-            try:
-                return kind(low)
-            except ValueError:
-                pass
-        return text.strip()
-
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             fail(f"--set expects KEY=VALUE with KEY a field name (e.g. interval=4 or fora__interval=4), got {item!r}")
         value = value.strip().strip("[]()")
-        overrides[key.strip()] = [scalar(v) for v in value.split(",") if v.strip()] if "," in value else scalar(value)
+        overrides[key.strip()] = ([parse_value(v) for v in value.split(",") if v.strip()] if "," in value
+                                  else parse_value(value))
     return overrides
 
 

@@ -270,6 +270,25 @@ class Recipe:
         return path
 
 
+def parse_value(text: str) -> Any:
+    """A field value typed on a command line: ``true``/``false`` (also yes/no/on/off), ``none``, ints, floats,
+    ``[a, b]`` lists of those, anything else a string (surrounding quotes dropped)."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_value(v) for v in text[1:-1].split(",") if v.strip()]
+    low = text.lower()
+    if low in {"true", "yes", "on", "false", "no", "off"}:
+        return low in {"true", "yes", "on"}
+    if low in {"none", "null"}:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(low)
+        except ValueError:
+            continue
+    return text.strip("'\"")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -135,7 +135,7 @@ def capture_attention(pipe: Any, generate: Callable[[], Any], *, step: int | Ite
 
 
 class _StopAfterAttention(Exception):
-    pass
+    """Raised right after the block's attention: nothing after it is needed."""
 
 
 class _RecordSDPA(TorchFunctionMode):

@@ -41,6 +41,7 @@ import torch
 from dit_accel.bench import report
 from dit_accel.bench.baselines import BASELINES
 from dit_accel.bench.runner import Entry, Quality, Session, dense_reference, measure, timing_dict
+from dit_accel.recipe import parse_value
 
 # diffusers' TaylorSeer matches names with re.fullmatch; its default pattern misses DiT/PixArt's attn1/attn2/ff and
 # Wan's ffn, and would silently hook nothing: name the attention and MLP sub-layers of every family.
@@ -111,23 +112,6 @@ def split_items(texts: str | list[str]) -> list[str]:
     return items
 
 
-def _scalar(text: str) -> Any:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        return [_scalar(v) for v in _split(text[1:-1]) if v.strip()]
-    low = text.lower()
-    if low in {"true", "yes", "on", "false", "no", "off"}:
-        return low in {"true", "yes", "on"}
-    if low in {"none", "null"}:
-        return None
-    for kind in (int, float):
-        try:
-            return kind(low)
-        except ValueError:
-            pass
-    return text.strip("'\"")
-
-
 def parse_item(item: str) -> tuple[str, dict[str, Any]]:
     """``"fora@interval=4,first_steps=2"`` -> ``("fora", {"interval": 4, "first_steps": 2})``."""
     name, sep, rest = item.partition("@")
@@ -136,7 +120,7 @@ def parse_item(item: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = piece.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"{item!r}: settings are written name@field=value,field=value; cannot read {piece!r}")
-        settings[key.strip()] = _scalar(value)
+        settings[key.strip()] = parse_value(value)
     return name.strip(), settings
 
 
