@@ -157,7 +157,7 @@ def _plugin_call(plugin_cls, config, layout, **options):
     plugin = plugin_cls.__new__(plugin_cls)
     plugin.config, plugin.target = config, None
     plugin.depth = {"blocks.0.attn": 0}
-    plugin._orders, plugin.fallbacks, plugin._warned = {}, __import__("collections").Counter(), set()
+    plugin._orders, plugin._tilings, plugin.fallbacks, plugin._warned = {}, {}, __import__("collections").Counter(), set()
     layer = LayerId("blocks", 0, "attn", layout.kind)
     opts = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
     opts.update(options)

@@ -95,6 +95,7 @@ class CurveTilePlugin(ImageAttentionPlugin):
     def install(self) -> None:
         super().install()
         self._orders: dict = {}
+        self._tilings: dict = {}
 
     def tile_size(self, grid: TokenGrid) -> int:
         size = self.config.tile_size or auto_tile_size(grid, self.auto_tiles)
@@ -111,14 +112,24 @@ class CurveTilePlugin(ImageAttentionPlugin):
             entry = self._orders[(grid, device)] = (forward.to(device), inverse_order(forward).to(device))
         return entry
 
+    def tiling(self, grid: TokenGrid, shifted: bool, pooled: bool) -> tuple[int, int, int, float]:
+        """``(tile size, offset, pool, key density)`` for a grid, computed once (not per attention call)."""
+        key = (grid, shifted, pooled)
+        entry = self._tilings.get(key)
+        if entry is None:
+            size = self.tile_size(grid)
+            offset = size // 2 if shifted else 0
+            pool = getattr(self.config, "pool_size", 0) or auto_pool_size(size)
+            if size % pool:
+                raise ValueError(f"{self.name} pool_size {pool} must divide the tile size {size} of this call")
+            density = curve_density(grid.num_tokens, size, self.config.neighbours, offset, pooled, pool)
+            entry = self._tilings[key] = (size, offset, pool, density)
+        return entry
+
     def local_attention(self, query, key, value, text_key, text_value, grid, layer, call, *, pooled: bool,
                         shift: bool) -> tuple[torch.Tensor, float]:
-        size = self.tile_size(grid)
-        offset = size // 2 if shift and self.depth[layer.name] % 2 == 1 else 0
-        pool = getattr(self.config, "pool_size", 0) or auto_pool_size(size)
-        if size % pool:
-            raise ValueError(f"{self.name} pool_size {pool} must divide the tile size {size} of this call")
-        density = curve_density(grid.num_tokens, size, self.config.neighbours, offset, pooled, pool)
+        shifted = shift and self.depth[layer.name] % 2 == 1
+        size, offset, pool, density = self.tiling(grid, shifted, pooled)
         if density >= 1.0 and (not pooled or pool == 1):  # the tiles cover every key exactly: plain SDPA is cheaper
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = hilbert_attention(query, key, value, grid, tile=size, neighbours=self.config.neighbours, offset=offset,
