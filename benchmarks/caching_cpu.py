@@ -24,6 +24,7 @@ import torch
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
 from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer, summarize
 from dit_accel.pipelines import zoo
 
@@ -102,7 +103,7 @@ def main() -> None:
         for recipe in args.recipes:
             def install(recipe=recipe):
                 handle = accelerate_dit(pipe, recipe)
-                if "magcache" in recipe:  # its first generation calibrates (dense), on its own seed, untimed
+                if needs_calibration(handle):  # that generation would be dense: calibrate untimed, own seed
                     call(timing_labels, seed=999)
                 return handle
 

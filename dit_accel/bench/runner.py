@@ -81,11 +81,16 @@ class PeakMemory:
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def needs_calibration(handle: Any) -> bool:
+    """Whether a plugin of ``handle`` calibrates on its next generation (magcache before its first run): that run
+    is dense and must not be the one measured."""
+    return any(getattr(plugin, "calibrated", True) is False
+               for accelerated in handle.transformers for plugin in accelerated.plugins)
+
+
 def calibrate_if_needed(handle: Any, session: "Session") -> None:
-    """Plugins that calibrate on their first generation (magcache) would make the next measured run a dense
-    calibration run: give them one untimed generation on seeds that are never measured."""
-    if any(getattr(plugin, "calibrated", True) is False
-           for accelerated in handle.transformers for plugin in accelerated.plugins):
+    """Give self-calibrating plugins one untimed generation on seeds that are never measured."""
+    if needs_calibration(handle):
         count, seed, offset = session.chunks()[0]
         session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
 
