@@ -30,8 +30,9 @@ def auto_tile_size(grid: TokenGrid, tiles: int = 32) -> int:
 
 
 def auto_pool_size(tile: int) -> int:
-    """The largest divisor of ``tile`` that is at most ``tile // 8``: eight pooled keys per far tile. On FLUX-size
-    activations at 4096 tokens this took cosine 0.976 (one pooled key per tile) to 0.999 for 1.5x the keys."""
+    """The largest divisor of ``tile`` that is at most ``tile // 8``: eight pooled keys per far tile. On the
+    FLUX-size stand-in at 4096 tokens (benchmarks/results/attention-cpu.md) this took cosine 0.979 (one pooled key
+    per tile) to 0.999, for 15 % instead of 10 % of the keys."""
     return max(d for d in range(1, max(1, tile // 8) + 1) if tile % d == 0)
 
 

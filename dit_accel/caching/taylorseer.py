@@ -65,8 +65,8 @@ class TaylorSeerConfig(PluginConfig):
         last_steps (`int`, defaults to `1`): steps at the end that always compute. Allowed: 0-1000.
         distance (`str`, defaults to `"timestep"`): ``"timestep"`` measures positions in the transformer's timestep
             input, ``"step"`` in step indices. On a shifted (non-uniform) flow-matching schedule at order 1,
-            timesteps measured +1.7 dB PSNR at interval 3 and equal at 5 and 7 (at order 2, steps measured better);
-            see benchmarks/results/caching-cpu.md.
+            timesteps measured +1.6 / +0.7 / +0.0 dB PSNR at intervals 3 / 5 / 7 (zoo:mmdit, shift 3; see
+            benchmarks/results/caching-cpu.md).
         factor_dtype (`str`, defaults to `"float32"`): dtype of the stored factors: ``"float32"``, ``"float16"``,
             ``"bfloat16"`` (half the memory, slightly noisier differences).
     """
