@@ -155,8 +155,12 @@ class BlockRange:
         return tuple(None if state is None else taylor_forecast(state, context.timestep) for state in history)
 
     def record_skip(self, context: CallContext) -> None:
+        """A skipped call counts as ``forecast`` once the forecast has two points to extrapolate, else ``reused``."""
+        history = self.history.get(context.slot) if self.forecast_order else None
+        state = None if history is None else next((s for s in history if s is not None), None)
+        event = "forecast" if state is not None and len(state[0]) > 1 else "reused"
         for name in self.sublayers:
-            self.target.stats.record(context, name, "reused")
+            self.target.stats.record(context, name, event)
 
     def nbytes(self) -> int:
         return tensor_bytes(list(self.residuals.values())) + tensor_bytes(

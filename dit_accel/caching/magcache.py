@@ -166,17 +166,6 @@ class MagCacheConfig(PluginConfig):
 
 
 # ------------------------------------------------------------------------------------------------- plugin
-class _MagRange(BlockRange):
-    """The whole block stack; a skipped call is reported as ``forecast`` once the forecast has two points."""
-
-    def record_skip(self, context: CallContext) -> None:
-        history = self.history.get(context.slot) if self.forecast_order else None
-        state = None if history is None else next((s for s in history if s is not None), None)
-        event = "forecast" if state is not None and len(state[0]) > 1 else "reused"
-        for name in self.sublayers:
-            self.target.stats.record(context, name, event)
-
-
 def branch_key(context: CallContext, row: int) -> str:
     """The curve a row uses: its CFG role, or ``slot<k>`` where the pipeline's convention is unknown."""
     role = context.branches[row].role if row < len(context.branches) else None
@@ -203,7 +192,7 @@ class MagCachePlugin(Plugin):
         self._mode: str | None = None
         self._magnitudes: dict[int, dict[int, torch.Tensor]] = {}
         self._keys: dict[int, tuple[str, ...]] = {}
-        self.range = _MagRange(self.target, "dit_accel.magcache", self, 0, len(blocks),
+        self.range = BlockRange(self.target, "dit_accel.magcache", self, 0, len(blocks),
                                forecast_order=self.config.forecast_order)
         self.reset()
 
