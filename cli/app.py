@@ -351,6 +351,10 @@ def _existing_file(path: Path | None, option: str) -> None:
     "  ditaccel bench --recipes taylorseer,toca --set interval=4 --repeats 5 --batch 4 -o results\n\n"
     "  ditaccel bench --model ./saved_pipeline --recipes fora --steps 28 --fid-weights pt_inception.pth "
     "--clip-model ./clip-vit-b-16 -o results\n\n"
+    "  accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results\n\n"
+    "  torchrun --nproc_per_node 2 -m dit_accel.cli.app bench --recipes none,fora -o results   (CPU: gloo)\n\n"
+    "Under torchrun or accelerate launch the samples are split across the processes (chunk k on process "
+    "k mod n, same seeds), gathered, and scored once; the main process times and writes the rows.\n\n"
     "Configurations are written NAME or NAME@field=value,field=value (values: numbers, true/false, strings, "
     "lists in brackets); --set applies to every recipe that has the field. Baselines and their default settings: "
     "diffusers:fbcache (threshold=0.1), diffusers:taylorseer (cache_interval=3, max_order=1, "
@@ -427,6 +431,8 @@ def bench(
             rows = run_bench(config, progress=not quiet, pipe=pipe, family=family)
         except ValueError as error:
             fail(_first_line(error))
+    if not rows:  # a data-parallel helper process: the main process reports
+        return
     for row in rows:
         if row.get("unavailable"):
             typer.echo(f"{row['config']}: unavailable ({row['unavailable']})")

@@ -40,6 +40,7 @@ import torch
 
 from dit_accel.bench import report
 from dit_accel.bench.baselines import BASELINES
+from dit_accel.bench.distributed import Ranks
 from dit_accel.bench.runner import Entry, Quality, Session, dense_reference, measure, timing_dict
 from dit_accel.recipe import parse_value
 
@@ -225,39 +226,52 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Measure every configuration of ``config`` against the dense pipeline; returns this run's rows (kept and
     new, dense first). ``pipe``/``family``: an already-loaded pipeline for ``config.model`` (else it is loaded
-    with the CLI's ``load_model``). Raises ValueError on a bad configuration, before generating anything."""
+    with the CLI's ``load_model``). Raises ValueError on a bad configuration, before generating anything.
+
+    Under a multi-process launcher (torchrun, ``accelerate launch``) the samples are split across the processes
+    and gathered (:mod:`dit_accel.bench.distributed`); the main process measures, writes and returns the rows,
+    the others return an empty list."""
     from tqdm.auto import tqdm
 
     from dit_accel.cli.app import load_model
 
     if config.num_samples < 1 or config.repeats < 1 or config.batch < 1:
         raise ValueError("num_samples, repeats and batch must be at least 1")
+    ranks = Ranks()
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if pipe is None:
         pipe, family = load_model(config.model)
     steps = resolve_steps(config, pipe)
     entries = plan(config, steps)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                          else config.device)
+    if config.device == "auto":
+        device = ranks.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
     pipe.to(device)
 
     rows_path = out_dir / report.ROWS_FILE
-    previous = report.load_rows(rows_path) if config.resume else []
-    kept = [r for r in previous if not r.get("unavailable")]  # unavailable rows are tried again
-    done = {r.get("key"): r for r in kept}
-    report.write_rows(rows_path, kept)
-    todo = [e for e in entries if e.key not in done]
+    done: dict[str, dict] = {}
+    if ranks.is_main:
+        previous = report.load_rows(rows_path) if config.resume else []
+        kept = [r for r in previous if not r.get("unavailable")]  # unavailable rows are tried again
+        done = {r.get("key"): r for r in kept}
+        report.write_rows(rows_path, kept)
+    done_keys = ranks.broadcast(sorted(k for k in done if k is not None))
+    todo = [e for e in entries if e.key not in done_keys]
     results: dict[str, dict] = {e.key: done[e.key] for e in entries if e.key in done}
 
     bar = tqdm(total=len(entries), initial=len(entries) - len(todo), desc=f"bench {config.model}", unit="row",
-               file=sys.stderr, disable=not progress)
+               file=sys.stderr, disable=not progress or not ranks.is_main)
     if todo:
         session = Session(pipe, config.model, family or "", steps=steps, num_samples=config.num_samples,
-                          seed=config.seed, batch=config.batch, guidance_scale=config.guidance_scale, device=device)
+                          seed=config.seed, batch=config.batch, guidance_scale=config.guidance_scale, device=device,
+                          ranks=ranks)
         try:
-            quality = Quality(config.model, config.num_samples, config.fid_weights, config.clip_model)
-            env = report.environment(pipe, device)
+            quality = (Quality(config.model, config.num_samples, config.fid_weights, config.clip_model)
+                       if ranks.is_main else None)
+            env = {**report.environment(pipe, device), "processes": ranks.count}
             bar.set_postfix_str("dense")
             dense, conditioning = dense_reference(session, entries[0].key, out_dir, config.resume)
             for entry in todo:
@@ -267,6 +281,8 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
                           "seeds": [s for _, s, _ in session.chunks()], "batch": config.batch,
                           "repeats": config.repeats, "output_shape": list(dense.shape[1:])}
                 row = measure(entry, session, quality, dense, conditioning, config, steps)
+                if not ranks.is_main:
+                    continue
                 row = {**common, **row, "env": env, "timestamp": time.time()}
                 report.append_row(rows_path, row)
                 results[entry.key] = row
@@ -278,6 +294,8 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
             bar.close()
     else:
         bar.close()
+    if not ranks.is_main:
+        return []
     all_rows = report.load_rows(rows_path)
     report.write_reports(all_rows, out_dir, command=config.command)
     return [results[e.key] for e in entries]

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
+from dit_accel.bench.distributed import Ranks
 from dit_accel.bench.metrics import psnr, ssim
 from dit_accel.bench.timing import TransformerTimer, summarize, synchronize
 
@@ -99,12 +100,13 @@ class Session:
     """One loaded pipeline and how to call it on the benchmark's seeds."""
 
     def __init__(self, pipe: Any, spec: str, family: str, *, steps: int, num_samples: int, seed: int, batch: int,
-                 guidance_scale: float | None, device: torch.device) -> None:
+                 guidance_scale: float | None, device: torch.device, ranks: Ranks | None = None) -> None:
         from dit_accel.cli.app import call_kwargs, output_tensor
 
         self.pipe, self.spec, self.family = pipe, spec, family
         self.steps, self.batch, self.guidance_scale, self.device = steps, batch, guidance_scale, device
         self.num_samples, self.seed = num_samples, seed
+        self.ranks = ranks or Ranks()
         self.dense_warm = False  # whether the dense pipeline has just run (its quality pass is a warm-up)
         self._call_kwargs, self._output_tensor = call_kwargs, output_tensor
         transformers = [getattr(pipe, a, None) for a in ("transformer", "transformer_2")]
@@ -136,21 +138,29 @@ class Session:
             out = self.pipe(**kwargs)
         return self._output_tensor(self.spec, self.family, out).float().cpu()
 
-    def quality_pass(self, run: Callable = _plain,
-                     after_chunk: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """All quality samples (concatenated) and the conditioning used (labels, prompts)."""
-        images, labels, prompts = [], [], []
-        for count, chunk_seed, offset in self.chunks():
+    def quality_pass(self, run: Callable = _plain, after_chunk: Callable[[], Any] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, Any], list[Any]]:
+        """All quality samples (concatenated in chunk order), the conditioning used (labels, prompts), and what
+        ``after_chunk`` returned after each chunk, in chunk order (None without it). In a data-parallel run this
+        process generates only its own chunks (:class:`~dit_accel.bench.distributed.Ranks`) and the others' are
+        gathered, so every process returns the whole set."""
+        mine = []
+        for index, (count, chunk_seed, offset) in enumerate(self.chunks()):
+            if not self.ranks.owns(index):
+                continue
             kwargs = self.kwargs(count, chunk_seed, offset)
-            images.append(run(lambda kwargs=kwargs: self.generate(kwargs)))
-            if after_chunk is not None:
-                after_chunk()
-            if kwargs.get("class_labels") is not None:
-                labels += list(kwargs["class_labels"])
+            images = run(lambda kwargs=kwargs: self.generate(kwargs))
+            extra = after_chunk() if after_chunk is not None else None
+            labels = list(kwargs["class_labels"]) if kwargs.get("class_labels") is not None else []
             prompt = kwargs.get("prompt")
-            if prompt is not None:
-                prompts += list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images[-1])
-        return torch.cat(images), {"labels": labels or None, "prompts": prompts or None}
+            prompts = [] if prompt is None else list(prompt) if isinstance(prompt, (list, tuple)) else \
+                [prompt] * len(images)
+            mine.append((index, images, labels, prompts, extra))
+        records = sorted(self.ranks.gather(mine), key=lambda record: record[0])
+        labels = [label for record in records for label in record[2]]
+        prompts = [prompt for record in records for prompt in record[3]]
+        return (torch.cat([record[1] for record in records]), {"labels": labels or None, "prompts": prompts or None},
+                [record[4] for record in records])
 
     # ---------------------------------------------------------------------------------------------- timing
     def timed(self, run: Callable = _plain) -> tuple[float, float]:
@@ -324,25 +334,35 @@ class Entry:
 
 
 def dense_reference(session: Session, key: str, out_dir: Path, resume: bool) -> tuple[torch.Tensor, dict]:
-    """The dense samples (reused from ``out_dir/dense/`` when resuming, so a crash does not cost them twice)."""
+    """The dense samples (reused from ``out_dir/dense/`` when resuming, so a crash does not cost them twice; the
+    main process reads and writes the file and hands it to the others)."""
     path = out_dir / "dense" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-    if resume and path.is_file():
-        saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True) if resume and session.ranks.is_main and path.is_file() else None
+    saved = session.ranks.broadcast(saved)
+    if saved is not None:
         return saved["images"], saved["conditioning"]
-    images, conditioning = session.quality_pass()
+    images, conditioning, _ = session.quality_pass()
     session.dense_warm = True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "conditioning": conditioning}, path)
+    if session.ranks.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "conditioning": conditioning}, path)
     return images, conditioning
 
 
-def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tensor, conditioning: dict,
-             config: Any, steps: int) -> dict[str, Any]:
+def measure(entry: Entry, session: Session, quality: Quality | None, dense: torch.Tensor, conditioning: dict,
+            config: Any, steps: int) -> dict[str, Any] | None:
+    """One row. In a data-parallel run every process generates its share of the samples, the main process alone
+    times and scores them (``quality`` is None elsewhere) and the others return None."""
     notes: list[str] = []
+    ranks = session.ranks
     if entry.kind == "dense":
-        if not session.dense_warm:  # the reference came from disk: warm up
-            session.timed()
-        timing = session.dense_timing(config.repeats)
+        if ranks.is_main:
+            if not session.dense_warm:  # the reference came from disk: warm up
+                session.timed()
+            timing = session.dense_timing(config.repeats)
+        ranks.barrier()
+        if not ranks.is_main:
+            return None
         row = {"latency_s": timing["latency_s"], "transformer_s": timing["transformer_s"],
                "dense_latency_s": timing["latency_s"], "wall_speedup": 1.0, "transformer_speedup": 1.0,
                "flops_fraction": 1.0, "flops_speedup": 1.0, "peak_memory_bytes": session.memory.read(),
@@ -368,11 +388,9 @@ def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tenso
             handles.pop()
             remove_acceleration(pipe)
 
-        def after_chunk() -> None:
+        def after_chunk() -> tuple[float, int] | None:
             stats = handles[-1].stats
-            if stats is not None:
-                fractions.append(stats.flops_fraction)
-                cache.append(stats.cache_bytes)
+            return None if stats is None else (stats.flops_fraction, stats.cache_bytes)
 
         run = None
         row: dict[str, Any] = {"recipe": entry.recipe.to_dict()}
@@ -414,11 +432,19 @@ def measure(entry: Entry, session: Session, quality: Quality, dense: torch.Tenso
     kwargs = {"run": run} if run is not None else {}
     session.memory.reset()
     try:  # the quality pass is also the configured warm-up
-        images, _ = session.quality_pass(after_chunk=after_chunk, **kwargs)
+        images, _, chunk_stats = session.quality_pass(after_chunk=after_chunk, **kwargs)
         quality_peak = session.memory.read()
     finally:
         disable()
-    timing = session.side_by_side(config.repeats, enable, disable, **kwargs)
+    if ranks.is_main:
+        timing = session.side_by_side(config.repeats, enable, disable, **kwargs)
+    ranks.barrier()
+    if not ranks.is_main:
+        return None
+    for stats in chunk_stats:
+        if stats is not None:
+            fractions.append(stats[0])
+            cache.append(stats[1])
     row.update(timing)
     row["peak_memory_bytes"] = max(row["peak_memory_bytes"], quality_peak)
     row["peak_memory_scope"] = session.memory.scope

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
@@ -119,7 +120,7 @@ class Tuner:
                  log: Callable[[str], None] = print) -> None:
         self.session, self.quality, self.target, self.log = session, quality, target, log
         self.deadline = time.monotonic() + budget_s
-        self.dense, self.conditioning = session.quality_pass()
+        self.dense, self.conditioning, _ = session.quality_pass()
         self.candidates: list[Candidate] = []
         self.exhausted = False
 
@@ -130,13 +131,12 @@ class Tuner:
             self.exhausted = True
             return None
         candidate = Candidate(recipe.with_overrides(**settings), settings)
-        fractions: list[float] = []
         handle = accelerate_dit(self.session.pipe, candidate.recipe)
         calibrate_if_needed(handle, self.session)
         try:
             start = time.perf_counter()
-            images, _ = self.session.quality_pass(
-                after_chunk=lambda: fractions.append(handle.stats.flops_fraction if handle.stats else 1.0))
+            images, _, fractions = self.session.quality_pass(
+                after_chunk=lambda: handle.stats.flops_fraction if handle.stats else 1.0)
             candidate.seconds = time.perf_counter() - start
         finally:
             remove_acceleration(self.session.pipe)
@@ -205,6 +205,9 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     from dit_accel import accelerate_dit, load_recipe, remove_acceleration
     from dit_accel.recipe import Recipe
 
+    if launched_distributed():
+        raise ValueError("ditaccel tune runs in one process (its search is sequential); launch it without "
+                         "torchrun/accelerate. `ditaccel bench` is the command that runs data-parallel")
     if target.metric in ("fd", "class_consistency") and not spec.startswith("zoo:"):
         raise ValueError(f"--target {target}: {target.metric} is measured on zoo models only; use psnr, ssim or "
                          "rel_l1")
@@ -232,12 +235,11 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         tuned.save(output)
         result.recipe = load_recipe(str(output))  # what the user will load, checked
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
-        dense, conditioning = session.quality_pass()
+        dense, conditioning, _ = session.quality_pass()
         handle = accelerate_dit(pipe, result.recipe)
         calibrate_if_needed(handle, session)
-        fractions: list[float] = []
         try:
-            images, _ = session.quality_pass(after_chunk=lambda: fractions.append(handle.stats.flops_fraction))
+            images, _, fractions = session.quality_pass(after_chunk=lambda: handle.stats.flops_fraction)
         finally:
             remove_acceleration(pipe)
         result.holdout = score(images, dense, conditioning, quality)
