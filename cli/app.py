@@ -451,7 +451,8 @@ def bench(
     "  ditaccel generate --model zoo:mmdit --recipe tuned.toml --steps 20\n\n"
     "Targets: psnr, ssim or rel_l1 against the dense output of the same seeds; fd or class_consistency on zoo "
     "models. The knob searched per plugin: interval (fora, taylorseer, toca, delta-dit), threshold (fbcache), factor "
-    "(todo), start (cfg-share). The winner (lowest estimated FLOPs, then wall time, among those meeting the "
+    "(todo), start (cfg-share); then, for fora/taylorseer/toca/todo, a per-layer plan (the first failing value on "
+    "the blocks that tolerate it, chosen greedily from the least sensitive; --uniform-only skips it). The winner (lowest estimated FLOPs, then wall time, among those meeting the "
     "target) is measured again on held-out seeds and both results are printed."
 )
 def tune(
@@ -476,6 +477,9 @@ def tune(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    per_layer: Annotated[bool, typer.Option(
+        "--per-layer/--uniform-only", help="After the uniform search, also try per-layer plans (DiTFastAttn-style "
+        "greedy: the first failing value on the blocks that tolerate it).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No library warnings.")] = False,
 ) -> None:
     """Search the recipes' speed knobs for the fastest setting that meets a quality target; write it as TOML."""
@@ -503,7 +507,7 @@ def tune(
             result = tuning.tune(pipe, model, family, resolved, goal, steps=n_steps, num_samples=num_samples,
                                  seed=seed, batch=batch, budget_minutes=budget_minutes, output=output,
                                  guidance_scale=guidance_scale, device=where, holdout_seed=holdout_seed,
-                                 log=typer.echo)
+                                 log=typer.echo, per_layer=per_layer)
         except ValueError as error:
             fail(str(error))
     if result.best is None:

@@ -244,7 +244,8 @@ def test_tuned_recipe_meets_its_target_when_measured_again(tmp_path: Path) -> No
     # The held-out check runs on the calibration seed here (--holdout-seed 0): it loads the written TOML and
     # measures it again from scratch against a new dense pass.
     result = invoke("tune", "--target", "psnr>=15", "--recipes", "fora@first_steps=0,last_steps=0", "--steps", "3",
-                    "--num-samples", "2", "--batch", "2", "--seed", "0", "--holdout-seed", "0", "-o", path, "-q")
+                    "--num-samples", "2", "--batch", "2", "--seed", "0", "--holdout-seed", "0", "-o", path, "-q",
+                    "--uniform-only")
     assert result.exit_code == 0, result.output
     recipe = dit_accel.load_recipe(str(path))
     assert recipe.name == "fora-tuned" and recipe.plugins[0].first_steps == 0

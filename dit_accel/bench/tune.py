@@ -4,6 +4,9 @@ The search, per recipe: each plugin's speed knob (:data:`KNOBS`: FORA/TaylorSeer
 first-block cache's and magcache's ``threshold``, ToDo's ``factor``, CFG sharing's ``start``) on a coarse grid, most conservative
 first; then, between the most aggressive value that met the target and the next one that did not, the values in
 between (integers) or two bisections (floats). Recipes with several knobs try the product of the coarse grids.
+Then, for per-layer plugins (FORA, TaylorSeer, ToCa, ToDo), a per-layer plan in DiTFastAttn's greedy style
+(:mod:`dit_accel.bench.layer_plan`): the first value that missed the target runs on the blocks that tolerate it,
+chosen greedily from the least sensitive, the best uniform value on the rest.
 Every candidate generates the calibration samples (seeds ``seed + k``) and is scored against the dense output of
 the same seeds (PSNR, SSIM, relative L1; on zoo models also fd and class consistency). The winner is the candidate
 that meets the target with the lowest FLOPs fraction (dit_accel's estimate), then the lowest measured wall time of
@@ -25,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from dit_accel.bench.distributed import launched_distributed
+from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
 from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
@@ -117,20 +121,23 @@ def _between(low: Any, high: Any) -> list[Any]:
 
 class Tuner:
     def __init__(self, session: Session, quality: Quality, target: Target, budget_s: float,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, per_layer: bool = True) -> None:
         self.session, self.quality, self.target, self.log = session, quality, target, log
+        self.per_layer = per_layer
         self.deadline = time.monotonic() + budget_s
         self.dense, self.conditioning, _ = session.quality_pass()
         self.candidates: list[Candidate] = []
         self.exhausted = False
 
-    def evaluate(self, recipe: Any, settings: dict[str, Any]) -> Candidate | None:
+    def evaluate(self, recipe: Any, settings: dict[str, Any], prepared: Any = None) -> Candidate | None:
+        """Measure ``recipe`` with ``settings`` as overrides (or the ``prepared`` recipe, ``settings`` then only
+        describing it); None once the budget is spent."""
         from dit_accel import accelerate_dit, remove_acceleration
 
         if time.monotonic() > self.deadline:
             self.exhausted = True
             return None
-        candidate = Candidate(recipe.with_overrides(**settings), settings)
+        candidate = Candidate(prepared if prepared is not None else recipe.with_overrides(**settings), settings)
         handle = accelerate_dit(self.session.pipe, candidate.recipe)
         calibrate_if_needed(handle, self.session)
         try:
@@ -163,21 +170,78 @@ class Tuner:
                     return
             return
         key, grid = knobs[0]
-        best_index = None
-        for index, value in enumerate(grid):  # coarse: conservative -> aggressive, stop at the second miss
+        passed, missed = self.uniform_search(recipe, key, grid)
+        if self.per_layer and not self.exhausted:
+            self.layer_stage(recipe, key, grid, passed, missed)
+
+    def uniform_search(self, recipe: Any, key: str, grid: list[Any]) -> tuple[list[Any], list[Any]]:
+        """One knob over all layers; returns the values that met and missed the target."""
+        passed: list[Any] = []
+        missed: list[Any] = []
+
+        def measure(value: Any) -> bool | None:
             candidate = self.evaluate(recipe, {key: value})
             if candidate is None:
-                return
-            if self.target.met(candidate.metrics):
+                return None
+            met = self.target.met(candidate.metrics)
+            (passed if met else missed).append(value)
+            return met
+
+        best_index = None
+        for index, value in enumerate(grid):  # coarse: conservative -> aggressive, stop at the second miss
+            met = measure(value)
+            if met is None:
+                return passed, missed
+            if met:
                 best_index = index
             elif best_index is not None or index >= 1:
                 break
         if best_index is None or best_index + 1 >= len(grid):
-            return
+            return passed, missed
         for value in _between(grid[best_index], grid[best_index + 1]):  # fine: between the last pass and the miss
-            candidate = self.evaluate(recipe, {key: value})
+            if not measure(value):
+                break
+        return passed, missed
+
+    def layer_stage(self, recipe: Any, key: str, grid: list[Any], passed: list[Any], missed: list[Any]) -> None:
+        """The per-layer plan (:mod:`dit_accel.bench.layer_plan`): the first missing value on the least sensitive
+        blocks, the best uniform value on the others."""
+        index = next(i for i, p in enumerate(recipe.plugins) if p.type_name in KNOBS)
+        plugin = recipe.plugins[index]
+        field_name = KNOBS[plugin.type_name][0]
+        blocks = transformer_blocks(self.session.pipe)
+        if plugin.type_name not in PER_LAYER_TYPES or plugin.layers is not None or len(blocks) < 2:
+            return
+        ascending = grid[-1] > grid[0]
+
+        def rank(value: Any) -> Any:
+            return value if ascending else -value
+
+        base = max(passed, key=rank) if passed else None
+        faster = [v for v in missed if base is None or rank(v) > rank(base)]
+        if not faster:
+            return
+        fast = min(faster, key=rank)
+        sign = -1 if METRICS[self.target.metric] == "higher" else 1
+        self.log(f"  per-layer plan: {field_name}={fast} on the blocks that tolerate it, "
+                 + (f"{field_name}={base} elsewhere" if base is not None else "exact elsewhere"))
+
+        def plan(chosen: list[str]) -> Candidate | None:
+            settings = {field_name: base if base is not None else "exact", f"fast_{field_name}": fast,
+                        "fast_blocks": ",".join(chosen)}
+            return self.evaluate(recipe, settings, split_recipe(recipe, index, field_name, base, fast, chosen, blocks))
+
+        def single(block: str) -> float | None:
+            candidate = plan([block])
             if candidate is None or not self.target.met(candidate.metrics):
-                return
+                return None
+            return sign * candidate.metrics[self.target.metric]
+
+        def accepts(chosen: list[str]) -> bool | None:
+            candidate = plan(chosen)
+            return None if candidate is None else self.target.met(candidate.metrics)
+
+        greedy_layer_plan(blocks, single, accepts)
 
     def best(self) -> Candidate | None:
         """Lowest FLOPs fraction, then lowest wall time (within 5 %: equal), then the best quality."""
@@ -200,7 +264,7 @@ def score(images: torch.Tensor, dense: torch.Tensor, conditioning: dict, quality
 def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, *, steps: int, num_samples: int,
          seed: int, batch: int, budget_minutes: float, output: Path, guidance_scale: float | None = None,
          device: torch.device | None = None, holdout_seed: int | None = None,
-         log: Callable[[str], None] = print) -> TuneResult:
+         log: Callable[[str], None] = print, per_layer: bool = True) -> TuneResult:
     """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds."""
     from dit_accel import accelerate_dit, load_recipe, remove_acceleration
     from dit_accel.recipe import Recipe
@@ -217,7 +281,7 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     try:
         quality = Quality(spec, num_samples)
         log(f"calibration: {num_samples} samples on seeds {[s for _, s, _ in session.chunks()]}, {steps} steps")
-        tuner = Tuner(session, quality, target, budget_minutes * 60, log)
+        tuner = Tuner(session, quality, target, budget_minutes * 60, log, per_layer=per_layer)
         for recipe in recipes:
             log(f"{recipe.name}:")
             tuner.search(recipe, steps)
