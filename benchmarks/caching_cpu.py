@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import platform
 import time
@@ -153,6 +154,10 @@ def main() -> None:
         for model, rows in results["models"].items():
             previous["models"].setdefault(model, {}).update({k: v for k, v in rows.items() if k != "none"})
         previous["taylorseer_distance"] = results.get("taylorseer_distance", previous.get("taylorseer_distance"))
+        added = sorted({k for rows in results["models"].values() for k in rows if k != "none"})
+        previous["meta"].setdefault("merged", []).append(
+            f"`python benchmarks/caching_cpu.py {' '.join(sys.argv[1:])}` ({meta_line(results['meta'])}): "
+            + ", ".join(added))
         results = previous
     (args.out / "caching-cpu.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, args.out / "caching-cpu.md")
@@ -205,6 +210,10 @@ def _fmt(value, spec):
     return format(value, spec)
 
 
+def meta_line(meta: dict) -> str:
+    return f"{meta['machine']}, torch {meta['torch']}, {meta['samples']} samples, {meta['steps']} steps"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     meta = results["meta"]
     lines = [
@@ -216,7 +225,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "run in the same process; quality on "
         f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
         "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
-        "report one).",
+        "report one)." + "".join(f" Rows added later by {entry}." for entry in meta.get("merged", [])),
     ]
     for model, rows in results["models"].items():
         lines += ["", f"## zoo:{model}", "",

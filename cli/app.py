@@ -338,6 +338,11 @@ def check_output_dir(path: Path) -> None:
         fail(f"-o {str(path)!r} is not a writable directory: {error.strerror or error}")
 
 
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
 def _existing_file(path: Path | None, option: str) -> None:
     if path is not None and not path.exists():
         fail(f"{option} {str(path)!r} does not exist")
@@ -349,7 +354,7 @@ def _existing_file(path: Path | None, option: str) -> None:
     "  ditaccel bench --model zoo:mmdit --recipes fora,fora@interval=4 --baselines diffusers:fbcache,"
     "diffusers:taylorseer@cache_interval=5,max_order=2 -o results --resume\n\n"
     "  ditaccel bench --recipes taylorseer,toca --set interval=4 --repeats 5 --batch 4 -o results\n\n"
-    "  ditaccel bench --model ./saved_pipeline --recipes fora --steps 28 --fid-weights pt_inception.pth "
+    "  ditaccel bench --model ./saved_pipeline --recipes fora --steps 28 --fid-weights inception_scripted.pt "
     "--clip-model ./clip-vit-b-16 -o results\n\n"
     "  accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results\n\n"
     "  torchrun --nproc_per_node 2 -m dit_accel.cli.app bench --recipes none,fora -o results   (CPU: gloo)\n\n"
@@ -393,10 +398,11 @@ def bench(
     guidance_scale: Annotated[float | None, typer.Option(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     fid_weights: Annotated[Path | None, typer.Option(
-        metavar="PATH", help="FID Inception weights (torch-fidelity .pth) or a TorchScript feature extractor; "
-        "needs torchmetrics. FID is against the dense outputs.")] = None,
+        metavar="PATH", help="FID feature extractor: a TorchScript module mapping images (N, 3, H, W) in [0, 1] to "
+        "features (N, D), e.g. a scripted Inception; needs torchmetrics. FID is against the dense outputs.")] = None,
     clip_model: Annotated[Path | None, typer.Option(
-        metavar="PATH", help="A local CLIP model directory for CLIP score (needs torchmetrics).")] = None,
+        metavar="PATH", help="A CLIP model for CLIP score: a local directory (transformers format) or a hub id "
+        "when online; needs torchmetrics.")] = None,
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
@@ -419,7 +425,8 @@ def bench(
     except (ValueError, TypeError) as error:
         fail(str(error))
     _existing_file(fid_weights, "--fid-weights")
-    _existing_file(clip_model, "--clip-model")
+    if clip_model is not None and not clip_model.exists() and not _looks_like_hub_id(str(clip_model)):
+        fail(f"--clip-model {str(clip_model)!r} is neither a local directory nor a hub id (owner/name)")
     check_output_dir(output)
     with _library_logs(quiet):
         pipe, family = load_model(model)

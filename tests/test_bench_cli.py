@@ -268,3 +268,13 @@ def test_self_calibrating_recipes_are_measured_after_calibration(tmp_path: Path)
     row = strict_lines(out / "rows.jsonl")[-1]
     assert row["psnr"] != "inf" and math.isfinite(float(row["psnr"]))
     assert row["flops_speedup"] > 1.0
+
+
+def test_noisy_timing_is_flagged_not_hidden() -> None:
+    from dit_accel.bench.runner import noisy_timing_notes
+
+    steady = {"median": 1.0, "iqr": 0.05, "q1": 0.97, "q3": 1.02, "runs": 3}
+    busy = {"median": 1.0, "iqr": 0.5, "q1": 0.8, "q3": 1.3, "runs": 3}
+    assert noisy_timing_notes({"latency_s": steady, "dense_latency_s": steady}) == []
+    notes = noisy_timing_notes({"latency_s": steady, "dense_latency_s": busy})
+    assert len(notes) == 1 and "dense runs' IQR is 50% of their median" in notes[0]

@@ -276,21 +276,23 @@ def _uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _fid(weights: Path, images: torch.Tensor, reference: torch.Tensor, notes: list[str]) -> float | None:
-    """FID of ``images`` against the dense outputs of the same seeds (no real reference set here). ``weights`` is
-    torch-fidelity's Inception file (``pt_inception-2015-12-05-*.pth``), or a TorchScript module mapping float
-    images (N, 3, H, W) in [0, 1] to features (N, D)."""
+    """FID of ``images`` against the dense outputs of the same seeds (no real reference set here), through
+    torchmetrics with an injected feature extractor: ``weights`` is a TorchScript module mapping float images
+    (N, 3, H, W) in [0, 1] to features (N, D) -- e.g. a scripted Inception. (torchmetrics' own Inception goes
+    through torch-fidelity, which needs torchvision: never used here.)"""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as error:
-        notes.append(f"FID skipped: torchmetrics (with torch-fidelity) is not importable ({error})")
+        notes.append(f"FID skipped: torchmetrics is not importable ({error}); pip install 'dit_accel[metrics]'")
         return None
     try:
-        try:
-            feature: Any = torch.jit.load(str(weights), map_location="cpu").eval()
-        except (RuntimeError, ValueError):
-            feature = None
-        metric = (FrechetInceptionDistance(feature=feature, normalize=True) if feature is not None else
-                  FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights)))
+        feature = torch.jit.load(str(weights), map_location="cpu").eval()
+    except (RuntimeError, ValueError, OSError) as error:
+        notes.append(f"FID skipped: {str(weights)!r} is not a TorchScript feature extractor "
+                     f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})")
+        return None
+    try:
+        metric = FrechetInceptionDistance(feature=feature, normalize=True)
         metric.update(reference, real=True)
         metric.update(images, real=False)
         value = float(metric.compute())
@@ -302,14 +304,43 @@ def _fid(weights: Path, images: torch.Tensor, reference: torch.Tensor, notes: li
     return value
 
 
+class _CLIPFeatures(torch.nn.Module):
+    """A CLIP model whose ``get_image_features``/``get_text_features`` return the embedding tensors: transformers 5
+    returns output objects (the embeddings in ``pooler_output``), which torchmetrics' CLIP score cannot read."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
 def _clip(model: Path, images: torch.Tensor, prompts: list[str], notes: list[str]) -> float | None:
+    """CLIP score (torchmetrics, 0-100 scale) of ``images`` against their prompts, with the CLIP model and processor
+    loaded by transformers from ``model``: a local directory, or a hub id when online."""
     try:
         from torchmetrics.multimodal.clip_score import CLIPScore
     except ImportError as error:
         notes.append(f"CLIP score skipped: torchmetrics (with transformers) is not importable ({error})")
         return None
+    def load() -> tuple[Any, Any]:
+        # Injected: torchmetrics only takes a fixed list of hub names as strings, never a local directory.
+        from transformers import CLIPModel, CLIPProcessor
+
+        return (_CLIPFeatures(CLIPModel.from_pretrained(str(model)).eval()),
+                CLIPProcessor.from_pretrained(str(model)))
+
     try:
-        metric = CLIPScore(model_name_or_path=str(model))
+        metric = CLIPScore(model_name_or_path=load)
         if images.ndim == 5:  # videos: every frame against its prompt
             prompts = [p for p in prompts for _ in range(images.shape[1])]
         metric.update(_uint8(_frames(images)), prompts[: len(_frames(images))])
@@ -317,6 +348,21 @@ def _clip(model: Path, images: torch.Tensor, prompts: list[str], notes: list[str
     except Exception as error:  # noqa: BLE001
         notes.append(f"CLIP score skipped: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
         return None
+
+
+NOISY_IQR = 0.2  # an IQR above this fraction of the median: the machine was busy during the timed runs
+
+
+def noisy_timing_notes(timing: dict[str, Any]) -> list[str]:
+    """A note for each side (configured, dense) whose timed runs spread by more than :data:`NOISY_IQR` of their
+    median, since a speedup from such runs says more about the machine's load than about the configuration."""
+    notes = []
+    for key, side in (("latency_s", "configured"), ("dense_latency_s", "dense")):
+        t = timing.get(key)
+        if t and t["median"] > 0 and t["iqr"] > NOISY_IQR * t["median"]:
+            notes.append(f"noisy timing: the {side} runs' IQR is {t['iqr'] / t['median']:.0%} of their median "
+                         "(the machine was busy?); rerun this row, or use more --repeats")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------- one row
@@ -369,6 +415,7 @@ def measure(entry: Entry, session: Session, quality: Quality | None, dense: torc
                "peak_memory_scope": session.memory.scope, "cache_bytes": 0, "psnr": float("inf"), "ssim": 1.0,
                "rel_l1": 0.0}
         notes.append("the reference: quality metrics of the others are against these images")
+        notes.extend(noisy_timing_notes({"latency_s": timing["latency_s"]}))
         row.update(quality.measure(dense, None, conditioning, notes))
         return {**row, "notes": notes}
 
@@ -441,6 +488,7 @@ def measure(entry: Entry, session: Session, quality: Quality | None, dense: torc
     ranks.barrier()
     if not ranks.is_main:
         return None
+    notes.extend(noisy_timing_notes(timing))
     for stats in chunk_stats:
         if stats is not None:
             fractions.append(stats[0])
