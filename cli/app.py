@@ -457,10 +457,13 @@ def bench(
     "-o tuned.toml\n\n"
     "  ditaccel generate --model zoo:mmdit --recipe tuned.toml --steps 20\n\n"
     "Targets: psnr, ssim or rel_l1 against the dense output of the same seeds; fd or class_consistency on zoo "
-    "models. The knob searched per plugin: interval (fora, taylorseer, toca, delta-dit), threshold (fbcache), factor "
-    "(todo), start (cfg-share); then, for fora/taylorseer/toca/todo, a per-layer plan (the first failing value on "
-    "the blocks that tolerate it, chosen greedily from the least sensitive; --uniform-only skips it). The winner (lowest estimated FLOPs, then wall time, among those meeting the "
-    "target) is measured again on held-out seeds and both results are printed."
+    "models. The knob searched per plugin: interval (fora, taylorseer, toca, delta-dit), threshold (fbcache, "
+    "magcache), factor (todo), start (cfg-share), for each taylorseer order (1, 2) and magcache forecast_order "
+    "(1, 0) unless set with NAME@field=value; then, for fora/taylorseer/toca/todo, a per-layer plan (the first "
+    "failing value on the blocks that tolerate it, chosen greedily from the least sensitive; --uniform-only skips "
+    "it). The winner (lowest estimated FLOPs, then wall time, among those meeting the target) is measured again on "
+    "held-out seeds -- quality, FLOPs, and wall speedup timed against interleaved dense runs -- and both results "
+    "are printed."
 )
 def tune(
     target: Annotated[str, typer.Option(metavar="METRIC>=X", help="Quality to keep, e.g. 'psnr>=30', 'fd<=10'.")],
@@ -484,6 +487,8 @@ def tune(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed runs of the winner on the held-out "
+                                         "seeds, each interleaved with a dense run.")] = 3,
     per_layer: Annotated[bool, typer.Option(
         "--per-layer/--uniform-only", help="After the uniform search, also try per-layer plans (DiTFastAttn-style "
         "greedy: the first failing value on the blocks that tolerate it).")] = True,
@@ -495,8 +500,9 @@ def tune(
 
     try:
         goal = tuning.parse_target(target)
-        resolved = [dit_accel.load_recipe(name, **settings)
-                    for name, settings in map(parse_item, split_items(recipes or tuning.DEFAULT_RECIPES))]
+        items = [parse_item(item) for item in split_items(recipes or tuning.DEFAULT_RECIPES)]
+        resolved = [dit_accel.load_recipe(name, **settings) for name, settings in items]
+        fixed = [frozenset(settings) for _, settings in items]
     except (ValueError, FileNotFoundError, TypeError) as error:
         fail(str(error))
     if output.suffix.lower() != ".toml":
@@ -514,7 +520,7 @@ def tune(
             result = tuning.tune(pipe, model, family, resolved, goal, steps=n_steps, num_samples=num_samples,
                                  seed=seed, batch=batch, budget_minutes=budget_minutes, output=output,
                                  guidance_scale=guidance_scale, device=where, holdout_seed=holdout_seed,
-                                 log=typer.echo, per_layer=per_layer)
+                                 log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats)
         except ValueError as error:
             fail(str(error))
     if result.best is None:
@@ -528,7 +534,12 @@ def tune(
                f" {goal})")
     held = result.holdout
     typer.echo(f"held-out seeds {held['seeds']}: {metric} {held[metric]:.4g} "
-               f"({'meets' if goal.met(held) else 'misses'} {goal}), FLOPs {held['flops_fraction']:.3f} of dense")
+               f"({'meets' if goal.met(held) else 'misses'} {goal}), FLOPs {held['flops_fraction']:.3f} of dense, "
+               f"measured wall speedup {held['wall_speedup']:.2f}x (transformer "
+               f"{held['transformer_speedup'] or float('nan'):.2f}x; medians of {held['timed_runs']} runs "
+               "interleaved with dense ones)")
+    for note in held["timing_notes"]:
+        typer.echo(f"note: {note}")
 
 
 def main() -> None:

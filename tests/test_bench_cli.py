@@ -252,6 +252,8 @@ def test_tuned_recipe_meets_its_target_when_measured_again(tmp_path: Path) -> No
     assert recipe.plugins[0].interval in (2, 3)
     held_out = next(line for line in result.stdout.splitlines() if line.startswith("held-out seeds [0]"))
     assert "(meets psnr>=15)" in held_out, result.stdout
+    speedup = float(held_out.split("measured wall speedup ")[1].split("x")[0])
+    assert speedup > 0 and "interleaved with dense ones" in held_out
     tried = [line for line in result.stdout.splitlines() if line.strip().startswith("fora(interval=")]
     best = next(line for line in tried if f"interval={recipe.plugins[0].interval})" in line)
     assert "-> meets" in best

@@ -130,3 +130,30 @@ def test_tune_writes_a_per_layer_plan_that_loads(tmp_path: Path, dit_pipe) -> No
     assert loaded.plugins == plan.plugins
     accelerate_dit(dit_pipe, loaded)  # installs: the two instances' blocks are disjoint
     remove_acceleration(dit_pipe)
+
+
+class OrderAwareTuner(SyntheticTuner):
+    """Quality also depends on TaylorSeer's order: order 2 is 15 dB better at every interval."""
+
+    def evaluate(self, recipe, settings, prepared=None):
+        candidate = Candidate(prepared if prepared is not None else recipe.with_overrides(**settings), settings)
+        plugin = candidate.recipe.plugins[0]
+        candidate.metrics = {"psnr": 45.0 - 14 * (plugin.interval - 1) + (15.0 if getattr(plugin, "order", 1) == 2 else 0.0)}
+        candidate.flops_fraction = 1 / plugin.interval
+        self.candidates.append(candidate)
+        return candidate
+
+
+def test_orders_are_searched_unless_the_user_fixed_them(dit_pipe) -> None:
+    target = Target("psnr", ">=", 29.0)
+    tuner = OrderAwareTuner(FakeSession(dit_pipe), None, target, budget_s=60, log=lambda _: None, per_layer=False)
+    tuner.search(load_recipe("taylorseer"), steps=20)
+    # order 1: interval 2 (31 dB) meets, 3 (17 dB) misses; order 2 reaches interval 3 (32 dB), not 4 (18 dB).
+    assert {c.settings.get("order") for c in tuner.candidates} == {1, 2}
+    assert tuner.best().settings == {"order": 2, "interval": 3}
+    fixed = OrderAwareTuner(FakeSession(dit_pipe), None, target, budget_s=60, log=lambda _: None, per_layer=False)
+    fixed.search(load_recipe("taylorseer", order=2), steps=20, fixed=frozenset({"order"}))
+    assert all("order" not in c.settings and c.recipe.plugins[0].order == 2 for c in fixed.candidates)
+    interval_fixed = OrderAwareTuner(FakeSession(dit_pipe), None, target, budget_s=60, log=lambda _: None)
+    interval_fixed.search(load_recipe("fora", interval=5), steps=20, fixed=frozenset({"interval"}))
+    assert [c.settings for c in interval_fixed.candidates] == [{}]  # nothing left to tune: measured as is

@@ -11,7 +11,9 @@ Every candidate generates the calibration samples (seeds ``seed + k``) and is sc
 the same seeds (PSNR, SSIM, relative L1; on zoo models also fd and class consistency). The winner is the candidate
 that meets the target with the lowest FLOPs fraction (dit_accel's estimate), then the lowest measured wall time of
 its calibration pass (times within 5 % count as equal), then the best quality. It is saved with ``Recipe.save`` (load it with ``--recipe path.toml``) and measured again on
-held-out seeds, which the search never saw.
+held-out seeds, which the search never saw, where its wall speedup is also timed against dense runs interleaved
+with it. TaylorSeer's ``order`` and magcache's ``forecast_order`` are searched as an outer loop around the speed
+knob; fields the user sets (``taylorseer@order=2``) are never searched.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
-from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity
+from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity, noisy_timing_notes
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
 KNOBS: dict[str, tuple[str, list[Any]]] = {
@@ -41,6 +43,11 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "magcache": ("threshold", [0.03, 0.06, 0.1, 0.16, 0.24, 0.35, 0.5]),
     "todo": ("factor", [2, 3, 4]),
     "cfg-share": ("start", [0.8, 0.6, 0.4, 0.2, 0.0]),
+}
+# plugin type -> (field, values): searched as an outer loop around the speed knob (each value gets its own search)
+SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {
+    "taylorseer": ("order", [1, 2]),
+    "magcache": ("forecast_order", [1, 0]),
 }
 DEFAULT_RECIPES = ["fora", "taylorseer", "fbcache", "magcache"]
 METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "fd": "lower", "rel_l1": "lower"}
@@ -156,9 +163,11 @@ class Tuner:
                  f"{self.target}")
         return candidate
 
-    def search(self, recipe: Any, steps: int) -> None:
+    def search(self, recipe: Any, steps: int, fixed: frozenset[str] = frozenset()) -> None:
+        """Search ``recipe``'s knobs; fields in ``fixed`` (set by the user, ``name@field=value``) are never
+        searched."""
         knobs = [(key, [v for v in grid if not (key.endswith("interval") and v > steps)] or grid[:1])
-                 for key, grid in knobs_of(recipe)]
+                 for key, grid in knobs_of(recipe) if key.rpartition("__")[2] not in fixed]
         if not knobs:
             self.log(f"  {recipe.name}: no tunable field (known: {', '.join(KNOBS)}); measured as is")
             self.evaluate(recipe, {})
@@ -170,17 +179,28 @@ class Tuner:
                     return
             return
         key, grid = knobs[0]
-        passed, missed = self.uniform_search(recipe, key, grid)
-        if self.per_layer and not self.exhausted:
-            self.layer_stage(recipe, key, grid, passed, missed)
+        plugin = next(p for p in recipe.plugins if p.type_name in KNOBS)
+        outer = [{}]
+        if plugin.type_name in SECONDARY_KNOBS and SECONDARY_KNOBS[plugin.type_name][0] not in fixed:
+            name, values = SECONDARY_KNOBS[plugin.type_name]
+            outer = [{name: value} for value in values]
+        for settings in outer:
+            if self.exhausted:
+                return
+            passed, missed = self.uniform_search(recipe, key, grid, settings)
+            if self.per_layer and not self.exhausted:
+                self.layer_stage(recipe, key, grid, passed, missed, settings)
 
-    def uniform_search(self, recipe: Any, key: str, grid: list[Any]) -> tuple[list[Any], list[Any]]:
-        """One knob over all layers; returns the values that met and missed the target."""
+    def uniform_search(self, recipe: Any, key: str, grid: list[Any], settings: dict[str, Any] | None = None
+                       ) -> tuple[list[Any], list[Any]]:
+        """One knob over all layers (other fields as in ``settings``); returns the values that met and missed the
+        target."""
         passed: list[Any] = []
         missed: list[Any] = []
+        settings = settings or {}
 
         def measure(value: Any) -> bool | None:
-            candidate = self.evaluate(recipe, {key: value})
+            candidate = self.evaluate(recipe, {**settings, key: value})
             if candidate is None:
                 return None
             met = self.target.met(candidate.metrics)
@@ -203,9 +223,13 @@ class Tuner:
                 break
         return passed, missed
 
-    def layer_stage(self, recipe: Any, key: str, grid: list[Any], passed: list[Any], missed: list[Any]) -> None:
+    def layer_stage(self, recipe: Any, key: str, grid: list[Any], passed: list[Any], missed: list[Any],
+                    settings: dict[str, Any] | None = None) -> None:
         """The per-layer plan (:mod:`dit_accel.bench.layer_plan`): the first missing value on the least sensitive
-        blocks, the best uniform value on the others."""
+        blocks, the best uniform value on the others (other fields as in ``settings``)."""
+        fixed_settings = settings or {}
+        recipe_in = recipe
+        recipe = recipe.with_overrides(**fixed_settings) if fixed_settings else recipe
         index = next(i for i, p in enumerate(recipe.plugins) if p.type_name in KNOBS)
         plugin = recipe.plugins[index]
         field_name = KNOBS[plugin.type_name][0]
@@ -227,9 +251,10 @@ class Tuner:
                  + (f"{field_name}={base} elsewhere" if base is not None else "exact elsewhere"))
 
         def plan(chosen: list[str]) -> Candidate | None:
-            settings = {field_name: base if base is not None else "exact", f"fast_{field_name}": fast,
-                        "fast_blocks": ",".join(chosen)}
-            return self.evaluate(recipe, settings, split_recipe(recipe, index, field_name, base, fast, chosen, blocks))
+            settings = {**fixed_settings, field_name: base if base is not None else "exact",
+                        f"fast_{field_name}": fast, "fast_blocks": ",".join(chosen)}
+            return self.evaluate(recipe_in, settings,
+                                 split_recipe(recipe, index, field_name, base, fast, chosen, blocks))
 
         def single(block: str) -> float | None:
             candidate = plan([block])
@@ -264,8 +289,12 @@ def score(images: torch.Tensor, dense: torch.Tensor, conditioning: dict, quality
 def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, *, steps: int, num_samples: int,
          seed: int, batch: int, budget_minutes: float, output: Path, guidance_scale: float | None = None,
          device: torch.device | None = None, holdout_seed: int | None = None,
-         log: Callable[[str], None] = print, per_layer: bool = True) -> TuneResult:
-    """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds."""
+         log: Callable[[str], None] = print, per_layer: bool = True, fixed: list[frozenset[str]] | None = None,
+         repeats: int = 3) -> TuneResult:
+    """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds: quality, FLOPs,
+    and wall/transformer speedup from ``repeats`` timed runs interleaved with dense ones.
+
+    ``fixed[i]``: the fields of ``recipes[i]`` the user set (``name@field=value``), never searched."""
     from dit_accel import accelerate_dit, load_recipe, remove_acceleration
     from dit_accel.recipe import Recipe
 
@@ -282,9 +311,9 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         quality = Quality(spec, num_samples)
         log(f"calibration: {num_samples} samples on seeds {[s for _, s, _ in session.chunks()]}, {steps} steps")
         tuner = Tuner(session, quality, target, budget_minutes * 60, log, per_layer=per_layer)
-        for recipe in recipes:
+        for index, recipe in enumerate(recipes):
             log(f"{recipe.name}:")
-            tuner.search(recipe, steps)
+            tuner.search(recipe, steps, fixed[index] if fixed else frozenset())
             if tuner.exhausted:
                 log(f"budget of {budget_minutes:g} min spent: search stopped")
                 break
@@ -300,15 +329,27 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         result.recipe = load_recipe(str(output))  # what the user will load, checked
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
         dense, conditioning, _ = session.quality_pass()
-        handle = accelerate_dit(pipe, result.recipe)
-        calibrate_if_needed(handle, session)
-        try:
-            images, _, fractions = session.quality_pass(after_chunk=lambda: handle.stats.flops_fraction)
-        finally:
+        handles: list[Any] = []
+
+        def enable() -> None:
+            handles.append(accelerate_dit(pipe, result.recipe))
+            calibrate_if_needed(handles[-1], session)
+
+        def disable() -> None:
+            handles.pop()
             remove_acceleration(pipe)
+
+        enable()
+        try:
+            images, _, fractions = session.quality_pass(after_chunk=lambda: handles[-1].stats.flops_fraction)
+        finally:
+            disable()
         result.holdout = score(images, dense, conditioning, quality)
         result.holdout["flops_fraction"] = sum(fractions) / len(fractions)
         result.holdout["seeds"] = [s for _, s, _ in session.chunks()]
+        timing = session.side_by_side(repeats, enable, disable)
+        result.holdout.update(wall_speedup=timing["wall_speedup"], transformer_speedup=timing["transformer_speedup"],
+                              timed_runs=repeats, timing_notes=noisy_timing_notes(timing))
         return result
     finally:
         session.close()
