@@ -96,6 +96,28 @@ def calibrate_if_needed(handle: Any, session: "Session") -> None:
         session.generate(session.kwargs(count, seed + CALIBRATION_SEED_OFFSET, offset))
 
 
+
+class RecipeToggle:
+    """Switch a recipe on and off a session's pipeline, as side-by-side timing needs: ``enable`` applies it (and
+    gives a self-calibrating plugin its untimed calibration run), ``disable`` removes it; ``handles[-1]`` is the
+    live handle."""
+
+    def __init__(self, session: "Session", recipe: Any) -> None:
+        self.session, self.recipe = session, recipe
+        self.handles: list[Any] = []
+
+    def enable(self) -> None:
+        from dit_accel import accelerate_dit
+
+        self.handles.append(accelerate_dit(self.session.pipe, self.recipe))
+        calibrate_if_needed(self.handles[-1], self.session)
+
+    def disable(self) -> None:
+        from dit_accel import remove_acceleration
+
+        self.handles.pop()
+        remove_acceleration(self.session.pipe)
+
 class Session:
     """One loaded pipeline and how to call it on the benchmark's seeds."""
 
@@ -423,17 +445,8 @@ def measure(entry: Entry, session: Session, quality: Quality | None, dense: torc
     fractions: list[float] = []
     cache: list[int] = []
     if entry.kind == "dit_accel":
-        from dit_accel import accelerate_dit, remove_acceleration
-
-        handles: list = []
-
-        def enable() -> None:
-            handles.append(accelerate_dit(pipe, entry.recipe))
-            calibrate_if_needed(handles[-1], session)
-
-        def disable() -> None:
-            handles.pop()
-            remove_acceleration(pipe)
+        toggle = RecipeToggle(session, entry.recipe)
+        enable, disable, handles = toggle.enable, toggle.disable, toggle.handles
 
         def after_chunk() -> tuple[float, int] | None:
             stats = handles[-1].stats

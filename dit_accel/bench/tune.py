@@ -31,7 +31,7 @@ import torch
 
 from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
-from dit_accel.bench.runner import Quality, Session, calibrate_if_needed, fidelity, noisy_timing_notes
+from dit_accel.bench.runner import Quality, RecipeToggle, Session, fidelity, noisy_timing_notes
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
 KNOBS: dict[str, tuple[str, list[Any]]] = {
@@ -139,21 +139,19 @@ class Tuner:
     def evaluate(self, recipe: Any, settings: dict[str, Any], prepared: Any = None) -> Candidate | None:
         """Measure ``recipe`` with ``settings`` as overrides (or the ``prepared`` recipe, ``settings`` then only
         describing it); None once the budget is spent."""
-        from dit_accel import accelerate_dit, remove_acceleration
-
         if time.monotonic() > self.deadline:
             self.exhausted = True
             return None
         candidate = Candidate(prepared if prepared is not None else recipe.with_overrides(**settings), settings)
-        handle = accelerate_dit(self.session.pipe, candidate.recipe)
-        calibrate_if_needed(handle, self.session)
+        toggle = RecipeToggle(self.session, candidate.recipe)
+        toggle.enable()
         try:
             start = time.perf_counter()
             images, _, fractions = self.session.quality_pass(
-                after_chunk=lambda: handle.stats.flops_fraction if handle.stats else 1.0)
+                after_chunk=lambda: toggle.handles[-1].stats.flops_fraction if toggle.handles[-1].stats else 1.0)
             candidate.seconds = time.perf_counter() - start
         finally:
-            remove_acceleration(self.session.pipe)
+            toggle.disable()
         candidate.flops_fraction = sum(fractions) / len(fractions) if fractions else 1.0
         candidate.metrics = score(images, self.dense, self.conditioning, self.quality)
         self.candidates.append(candidate)
@@ -295,7 +293,7 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     and wall/transformer speedup from ``repeats`` timed runs interleaved with dense ones.
 
     ``fixed[i]``: the fields of ``recipes[i]`` the user set (``name@field=value``), never searched."""
-    from dit_accel import accelerate_dit, load_recipe, remove_acceleration
+    from dit_accel import load_recipe
     from dit_accel.recipe import Recipe
 
     if launched_distributed():
@@ -329,25 +327,16 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         result.recipe = load_recipe(str(output))  # what the user will load, checked
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
         dense, conditioning, _ = session.quality_pass()
-        handles: list[Any] = []
-
-        def enable() -> None:
-            handles.append(accelerate_dit(pipe, result.recipe))
-            calibrate_if_needed(handles[-1], session)
-
-        def disable() -> None:
-            handles.pop()
-            remove_acceleration(pipe)
-
-        enable()
+        toggle = RecipeToggle(session, result.recipe)
+        toggle.enable()
         try:
-            images, _, fractions = session.quality_pass(after_chunk=lambda: handles[-1].stats.flops_fraction)
+            images, _, fractions = session.quality_pass(after_chunk=lambda: toggle.handles[-1].stats.flops_fraction)
         finally:
-            disable()
+            toggle.disable()
         result.holdout = score(images, dense, conditioning, quality)
         result.holdout["flops_fraction"] = sum(fractions) / len(fractions)
         result.holdout["seeds"] = [s for _, s, _ in session.chunks()]
-        timing = session.side_by_side(repeats, enable, disable)
+        timing = session.side_by_side(repeats, toggle.enable, toggle.disable)
         result.holdout.update(wall_speedup=timing["wall_speedup"], transformer_speedup=timing["transformer_speedup"],
                               timed_runs=repeats, timing_notes=noisy_timing_notes(timing))
         return result
