@@ -119,6 +119,33 @@ def harness_section() -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
+def tune_section() -> str:
+    reports = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("tune-*.json"))]
+    if not reports:
+        return ""
+    rows = []
+    for r in reports:
+        best, held = r["best"], r["holdout"] or {}
+        metric = r["target"].rstrip("0123456789.").rstrip("<>=")
+        settings = ", ".join(f"{k}={v}" for k, v in best["settings"].items()) if best else "–"
+        rows.append([r["model"], f"`{r['target']}`", str(r["steps"]), str(len(r["candidates"])),
+                     f"`{best['recipe']}` ({settings})" if best else "none met the target",
+                     _num(_psnr(best["metrics"].get(metric)) if best else None),
+                     _num(_psnr(held.get(metric)) if held else None), _num(1 / held["flops_fraction"]) if held else "–",
+                     _num(held.get("wall_speedup"))])
+    env = reports[0].get("env", {})
+    commands = "; ".join(f"`{r['command']}`" for r in reports)
+    return "\n\n".join([
+        "### `ditaccel tune` (zoo models, CPU)",
+        f"The fastest recipe meeting a target, searched on calibration seeds and checked on held-out seeds (the wall "
+        f"speedup there is timed against interleaved dense runs); {env.get('machine', '?')}, {env.get('threads', '?')} "
+        f"threads, torch {env.get('torch', '?')}. Reproduce: {commands}. Every candidate is in "
+        "`benchmarks/results/tune-*.json`, the winners in `tuned-*.toml`.",
+        _table(["model", "target", "steps", "candidates", "winner", "calibration", "held-out", "FLOPs ×",
+                "held-out wall ×"], rows),
+    ])
+
+
 def attention_section() -> str:
     data = json.loads((RESULTS / "attention-cpu.json").read_text())
     parts = ["### Attention plugins (attention only, CPU)", _method(RESULTS / "attention-cpu.md")]
@@ -172,7 +199,7 @@ def zoo_section() -> str:
 
 
 def generate() -> str:
-    sections = [caching_section(), harness_section(), attention_section(), overhead_section(), kernels_section(),
+    sections = [caching_section(), harness_section(), tune_section(), attention_section(), overhead_section(), kernels_section(),
                 zoo_section()]
     return "\n\n".join([BEGIN] + [s for s in sections if s] + [END])
 

@@ -461,7 +461,8 @@ def bench(
     "magcache), factor (todo), start (cfg-share), for each taylorseer order (1, 2) and magcache forecast_order "
     "(1, 0) unless set with NAME@field=value; then, for fora/taylorseer/toca/todo, a per-layer plan (the first "
     "failing value on the blocks that tolerate it, chosen greedily from the least sensitive; --uniform-only skips "
-    "it). The winner (lowest estimated FLOPs, then wall time, among those meeting the target) is measured again on "
+    "it). The winner (lowest measured wall time, ties within 5 % broken by estimated FLOPs, among those meeting "
+    "the target) is measured again on "
     "held-out seeds -- quality, FLOPs, and wall speedup timed against interleaved dense runs -- and both results "
     "are printed."
 )
@@ -487,6 +488,8 @@ def tune(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    report: Annotated[Path | None, typer.Option(
+        metavar="PATH", help="Also write every candidate, the winner and its held-out check as JSON.")] = None,
     repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed runs of the winner on the held-out "
                                          "seeds, each interleaved with a dense run.")] = 3,
     per_layer: Annotated[bool, typer.Option(
@@ -508,6 +511,8 @@ def tune(
     if output.suffix.lower() != ".toml":
         fail(f"-o {str(output)!r}: the tuned recipe is written as TOML; use a .toml path")
     check_output_dir(output.parent)
+    if report is not None:
+        check_output_dir(report.parent)
     with _library_logs(quiet):
         pipe, family = load_model(model)
         try:
@@ -523,6 +528,17 @@ def tune(
                                  log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats)
         except ValueError as error:
             fail(str(error))
+    if report is not None:
+        import json
+        import shlex
+        import sys
+
+        from dit_accel.bench.report import environment
+
+        data = {"command": "ditaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "model": model,
+                "steps": n_steps, "num_samples": num_samples, "seed": seed, "batch": batch,
+                "env": environment(pipe, where), **result.to_dict()}
+        report.write_text(json.dumps(data, indent=2, default=str))
     if result.best is None:
         typer.echo(f"error: no configuration of {', '.join(r.name for r in resolved)} meets {goal} "
                    f"({len(result.candidates)} tried); nothing written", err=True)

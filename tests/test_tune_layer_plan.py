@@ -157,3 +157,19 @@ def test_orders_are_searched_unless_the_user_fixed_them(dit_pipe) -> None:
     interval_fixed = OrderAwareTuner(FakeSession(dit_pipe), None, target, budget_s=60, log=lambda _: None)
     interval_fixed.search(load_recipe("fora", interval=5), steps=20, fixed=frozenset({"interval"}))
     assert [c.settings for c in interval_fixed.candidates] == [{}]  # nothing left to tune: measured as is
+
+
+def test_the_winner_is_the_fastest_by_wall_time_with_flops_breaking_ties(dit_pipe) -> None:
+    tuner = Tuner(FakeSession(dit_pipe), None, Target("psnr", ">=", 30), budget_s=60, log=lambda _: None)
+    recipe = load_recipe("fora")
+
+    def add(seconds: float, flops: float, psnr: float) -> Candidate:
+        candidate = Candidate(recipe, {"tag": (seconds, flops)}, {"psnr": psnr}, flops, seconds)
+        tuner.candidates.append(candidate)
+        return candidate
+
+    add(1.00, 0.50, 35.0)
+    tied_fewer_flops = add(1.03, 0.40, 33.0)
+    add(2.00, 0.20, 40.0)  # fewest FLOPs, but twice the wall time (a forecast's cost the estimate does not see)
+    add(0.50, 0.10, 25.0)  # fastest, but misses the target
+    assert tuner.best() is tied_fewer_flops

@@ -9,10 +9,10 @@ Then, for per-layer plugins (FORA, TaylorSeer, ToCa, ToDo), a per-layer plan in 
 chosen greedily from the least sensitive, the best uniform value on the rest.
 Every candidate generates the calibration samples (seeds ``seed + k``) and is scored against the dense output of
 the same seeds (PSNR, SSIM, relative L1; on zoo models also fd and class consistency). The winner is the candidate
-that meets the target with the lowest FLOPs fraction (dit_accel's estimate), then the lowest measured wall time of
-its calibration pass (times within 5 % count as equal), then the best quality. It is saved with ``Recipe.save`` (load it with ``--recipe path.toml``) and measured again on
-held-out seeds, which the search never saw, where its wall speedup is also timed against dense runs interleaved
-with it. TaylorSeer's ``order`` and magcache's ``forecast_order`` are searched as an outer loop around the speed
+that meets the target with the lowest measured wall time of its calibration pass (times within 5 % of the fastest
+count as equal), then the lowest FLOPs fraction (dit_accel's estimate), then the best quality. It is saved with
+``Recipe.save`` (load it with ``--recipe path.toml``) and measured again on held-out seeds, which the search never
+saw, where its wall speedup is also timed against dense runs interleaved with it. TaylorSeer's ``order`` and magcache's ``forecast_order`` are searched as an outer loop around the speed
 knob; fields the user sets (``taylorseer@order=2``) are never searched.
 """
 
@@ -54,6 +54,7 @@ METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "f
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 HOLDOUT_OFFSET = 1000
 MAX_COMBINATIONS = 24
+WALL_TIE = 0.05  # calibration-pass wall times within 5 % of the fastest are a tie (then FLOPs decide)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,28 @@ class TuneResult:
     holdout: dict[str, Any] | None = None
     budget_exhausted: bool = False
     recipe: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything measured, JSON-ready (infinite PSNR as the string ``"inf"``): the target, each candidate's
+        settings, FLOPs fraction, calibration seconds and metrics, the winner and its held-out check."""
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and math.isinf(value):
+                return "inf" if value > 0 else "-inf"
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+
+        def candidate(c: Candidate) -> dict[str, Any]:
+            return {"recipe": c.recipe.name, "settings": c.settings, "flops_fraction": c.flops_fraction,
+                    "seconds": c.seconds, "metrics": c.metrics, "meets": self.target.met(c.metrics)}
+
+        return clean({"target": str(self.target), "budget_exhausted": self.budget_exhausted,
+                      "candidates": [candidate(c) for c in self.candidates],
+                      "best": candidate(self.best) if self.best else None,
+                      "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+                      "holdout": self.holdout})
 
 
 def knobs_of(recipe: Any) -> list[tuple[str, list[Any]]]:
@@ -267,15 +290,16 @@ class Tuner:
         greedy_layer_plan(blocks, single, accepts)
 
     def best(self) -> Candidate | None:
-        """Lowest FLOPs fraction, then lowest wall time (within 5 %: equal), then the best quality."""
+        """The fastest candidate meeting the target by measured wall time of its calibration pass; candidates
+        within :data:`WALL_TIE` of the fastest count as equally fast and are ranked by FLOPs fraction, then quality.
+        (FLOPs alone misleads: a forecast or a cache costs time the FLOPs estimate does not see.)"""
         passing = [c for c in self.candidates if self.target.met(c.metrics)]
+        if not passing:
+            return None
+        fastest = min(c.seconds for c in passing)
+        tied = [c for c in passing if c.seconds <= fastest * (1 + WALL_TIE)]
         sign = -1 if METRICS[self.target.metric] == "higher" else 1
-
-        def key(c: Candidate) -> tuple:
-            return (round(c.flops_fraction, 3), round(math.log(max(c.seconds, 1e-9)) / math.log(1.05)),
-                    sign * c.metrics[self.target.metric])
-
-        return min(passing, key=key, default=None)
+        return min(tied, key=lambda c: (round(c.flops_fraction, 3), sign * c.metrics[self.target.metric]))
 
 
 def score(images: torch.Tensor, dense: torch.Tensor, conditioning: dict, quality: Quality) -> dict[str, Any]:
