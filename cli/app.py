@@ -495,7 +495,7 @@ def tune(
     per_layer: Annotated[bool, typer.Option(
         "--per-layer/--uniform-only", help="After the uniform search, also try per-layer plans (DiTFastAttn-style "
         "greedy: the first failing value on the blocks that tolerate it).")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No library warnings.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
 ) -> None:
     """Search the recipes' speed knobs for the fastest setting that meets a quality target; write it as TOML."""
     from dit_accel.bench import tune as tuning
@@ -525,7 +525,8 @@ def tune(
             result = tuning.tune(pipe, model, family, resolved, goal, steps=n_steps, num_samples=num_samples,
                                  seed=seed, batch=batch, budget_minutes=budget_minutes, output=output,
                                  guidance_scale=guidance_scale, device=where, holdout_seed=holdout_seed,
-                                 log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats)
+                                 log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats,
+                                 progress=not quiet)
         except ValueError as error:
             fail(str(error))
     if report is not None:

@@ -22,12 +22,14 @@ import itertools
 import math
 import operator
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
@@ -158,6 +160,7 @@ class Tuner:
         self.dense, self.conditioning, _ = session.quality_pass()
         self.candidates: list[Candidate] = []
         self.exhausted = False
+        self.on_candidate: Callable[[Candidate], None] | None = None
 
     def evaluate(self, recipe: Any, settings: dict[str, Any], prepared: Any = None) -> Candidate | None:
         """Measure ``recipe`` with ``settings`` as overrides (or the ``prepared`` recipe, ``settings`` then only
@@ -179,9 +182,11 @@ class Tuner:
         candidate.metrics = score(images, self.dense, self.conditioning, self.quality)
         self.candidates.append(candidate)
         verdict = "meets" if self.target.met(candidate.metrics) else "misses"
-        self.log(f"  {candidate.describe()}: FLOPs {candidate.flops_fraction:.3f} of dense, "
-                 f"{self.target.metric} {candidate.metrics.get(self.target.metric, float('nan')):.4g} -> {verdict} "
-                 f"{self.target}")
+        self.log(f"  {candidate.describe()}: {candidate.seconds:.2f} s, FLOPs {candidate.flops_fraction:.3f} of "
+                 f"dense, {self.target.metric} {candidate.metrics.get(self.target.metric, float('nan')):.4g} -> "
+                 f"{verdict} {self.target}")
+        if self.on_candidate is not None:
+            self.on_candidate(candidate)
         return candidate
 
     def search(self, recipe: Any, steps: int, fixed: frozenset[str] = frozenset()) -> None:
@@ -312,11 +317,12 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
          seed: int, batch: int, budget_minutes: float, output: Path, guidance_scale: float | None = None,
          device: torch.device | None = None, holdout_seed: int | None = None,
          log: Callable[[str], None] = print, per_layer: bool = True, fixed: list[frozenset[str]] | None = None,
-         repeats: int = 3) -> TuneResult:
+         repeats: int = 3, progress: bool = False) -> TuneResult:
     """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds: quality, FLOPs,
     and wall/transformer speedup from ``repeats`` timed runs interleaved with dense ones.
 
-    ``fixed[i]``: the fields of ``recipes[i]`` the user set (``name@field=value``), never searched."""
+    ``fixed[i]``: the fields of ``recipes[i]`` the user set (``name@field=value``), never searched. ``progress``:
+    a bar on stderr over the time budget, with the best candidate so far."""
     from dit_accel import load_recipe
     from dit_accel.recipe import Recipe
 
@@ -332,13 +338,27 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     try:
         quality = Quality(spec, num_samples)
         log(f"calibration: {num_samples} samples on seeds {[s for _, s, _ in session.chunks()]}, {steps} steps")
+        bar = tqdm(total=round(budget_minutes * 60), desc="tune", unit="s", file=sys.stderr, disable=not progress,
+                   bar_format="{desc}: {percentage:3.0f}% of the budget |{bar}| {n}/{total} s{postfix}")
+        if progress:
+            log = lambda message, log=log: bar.write(message, file=sys.stdout)  # noqa: E731 - keeps the bar below
         tuner = Tuner(session, quality, target, budget_minutes * 60, log, per_layer=per_layer)
+        started = time.monotonic()
+
+        def advance(_: Candidate) -> None:
+            bar.n = min(bar.total, round(time.monotonic() - started))
+            best = tuner.best()
+            bar.set_postfix_str(f"{len(tuner.candidates)} tried, best {best.describe()}" if best else
+                                f"{len(tuner.candidates)} tried, none meets {target} yet")
+
+        tuner.on_candidate = advance
         for index, recipe in enumerate(recipes):
             log(f"{recipe.name}:")
             tuner.search(recipe, steps, fixed[index] if fixed else frozenset())
             if tuner.exhausted:
                 log(f"budget of {budget_minutes:g} min spent: search stopped")
                 break
+        bar.close()
         result = TuneResult(target, tuner.best(), tuner.candidates, budget_exhausted=tuner.exhausted)
         if result.best is None:
             return result
