@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.attention.curve import curve_order, inverse_order
 from dit_accel.attention.hilbert import auto_pool_size, auto_tile_size, hilbert_attention
-from dit_accel.attention.plans import window_plan
 from dit_accel.attention.proxy import auto_window
 from dit_accel.attention.ranges import curve_density
-from dit_accel.attention.tiled import tiled_attention
 from dit_accel.attention.todo import downsampled_attention
+from dit_accel.attention.windows import window_attention, window_density, window_layout
 from dit_accel.bench.attention import (attention_fidelity, capture_attention, effective_keys, flux_block_activations,
                                        side_by_side_attention)
 from dit_accel.bench.metrics import psnr, ssim
@@ -93,11 +92,14 @@ def methods_for(grid: TokenGrid) -> dict[str, Method]:
                                          curve_density(n, tile, 1, 0, True), hilbert(tile, True))
     methods["hilbert-local"] = Method(f"tile {local_tile}, neighbours 1, no pooling",
                                       curve_density(n, local_tile, 1, 0, False), hilbert(local_tile, False))
-    for name, radius in (("proxy", 1), ("proxy-r0", 0)):
-        plan = window_plan(grid, (window, window), radius, (0, 0), True)
-        methods[name] = Method(f"window {window}x{window}, radius {radius}, pooled", plan.key_density(),
-                               lambda q, k, v, tk, tv, s, plan=plan: tiled_attention(
-                                   q, k, v, plan, shared_key=tk, shared_value=tv, scale=s))
+    # proxy's CPU path (strided windows); "-shifted": the odd layers' half-window shift (padded edge windows)
+    for name, radius, shift in (("proxy", 1, 0), ("proxy-shifted", 1, window // 2), ("proxy-r0", 0, 0)):
+        offset = (shift, shift)
+        density = window_density(window_layout(grid, (window, window), radius, offset), n, True)
+        methods[name] = Method(f"window {window}x{window}, radius {radius}, pooled" + (", shifted" if shift else ""),
+                               density, lambda q, k, v, tk, tv, s, radius=radius, offset=offset: window_attention(
+                                   q, k, v, grid, window=(window, window), radius=radius, offset=offset,
+                                   shared_key=tk, shared_value=tv, scale=s))
     methods["window-residual"] = Method(
         f"local tile {residual_tile}, neighbours 1, no pooling, + cached residual",
         curve_density(n, residual_tile, 1, 0, False), hilbert(residual_tile, False), residual=True)

@@ -166,13 +166,16 @@ class TiledAttentionPlugin(ImageAttentionPlugin):
     def plan(self, grid: TokenGrid, layer: LayerId, device: torch.device):
         """``(TilePlan, key density)`` of ``layer`` at ``grid``; subclasses implement ``build_plan``. Odd layers
         (in the plugin's own layer order) get the shifted plan when the config has ``shift=True``."""
-        shifted = bool(getattr(self.config, "shift", False)) and self.depth[layer.name] % 2 == 1
+        shifted = self.is_shifted(layer)
         key = (grid, shifted, device)
         entry = self._plans.get(key)
         if entry is None:
             plan = self.build_plan(grid, shifted)
             entry = self._plans[key] = (plan.to(device), plan.key_density())
         return entry
+
+    def is_shifted(self, layer: LayerId) -> bool:
+        return bool(getattr(self.config, "shift", False)) and self.depth[layer.name] % 2 == 1
 
     def build_plan(self, grid: TokenGrid, shifted: bool):
         raise NotImplementedError

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dit_accel.attention.base import ImageAttentionConfig, TiledAttentionPlugin
+from dit_accel.attention.base import ImageAttentionConfig, TiledAttentionPlugin, dense_image_attention
 from dit_accel.attention.plans import window_plan
+from dit_accel.attention.windows import window_attention, window_density, window_layout
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_range, register_config
@@ -54,10 +55,31 @@ class ProxyConfig(ImageAttentionConfig):
 
 @register_plugin(ProxyConfig)
 class ProxyPlugin(TiledAttentionPlugin):
-    def build_plan(self, grid: TokenGrid, shifted: bool):
+    """On CUDA the window plan runs on the block-sparse kernel (through ``tiled_attention``); on the CPU through
+    :func:`~dit_accel.attention.windows.window_attention`, which reads the neighbour windows as strided views
+    instead of gathering them (the same attention, 2-4x faster there)."""
+
+    def window(self, grid: TokenGrid, shifted: bool) -> tuple[int, tuple[int, int]]:
+        """(window side, shift offset) at ``grid``."""
         side = self.config.window or auto_window(grid)
         if side > grid.height or side > grid.width:
             raise ValueError(f"proxy window {side} does not fit the {grid.height}x{grid.width} token grid; "
                              f"use a window of at most {min(grid.height, grid.width)} (or 0 for automatic)")
-        offset = (side // 2, side // 2) if shifted else (0, 0)
+        return side, ((side // 2, side // 2) if shifted else (0, 0))
+
+    def build_plan(self, grid: TokenGrid, shifted: bool):
+        side, offset = self.window(grid, shifted)
         return window_plan(grid, (side, side), self.config.radius, offset, self.config.pooled)
+
+    def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
+        if query.is_cuda:
+            return super().image_attention(query, key, value, text_key, text_value, grid, layer, call)
+        side, offset = self.window(grid, self.is_shifted(layer))
+        layout = window_layout(grid, (side, side), self.config.radius, offset)
+        if bool(layout.near.all()):  # every window is a neighbour of every other: all keys exact, plain SDPA
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
+        density = window_density(layout, grid.num_tokens, self.config.pooled)
+        out = window_attention(query, key, value, grid, window=(side, side), radius=self.config.radius,
+                               offset=offset, pooled=self.config.pooled, shared_key=text_key,
+                               shared_value=text_value, scale=call.options.get("scale"))
+        return out, density
