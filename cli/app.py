@@ -338,6 +338,24 @@ def check_output_dir(path: Path) -> None:
         fail(f"-o {str(path)!r} is not a writable directory: {error.strerror or error}")
 
 
+def _relaunch(processes: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``processes`` workers (``--processes`` removed); its exit code."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "dit_accel.cli.app", *args]
+    return subprocess.run(command).returncode
+
+
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
@@ -357,7 +375,7 @@ def _existing_file(path: Path | None, option: str) -> None:
     "  ditaccel bench --model ./saved_pipeline --recipes fora --steps 28 --fid-weights inception_scripted.pt "
     "--clip-model ./clip-vit-b-16 -o results\n\n"
     "  accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results\n\n"
-    "  torchrun --nproc_per_node 2 -m dit_accel.cli.app bench --recipes none,fora -o results   (CPU: gloo)\n\n"
+    "  ditaccel bench --processes 2 --recipes none,fora -o results   (the same through torchrun; CPU: gloo)\n\n"
     "Under torchrun or accelerate launch the samples are split across the processes (chunk k on process "
     "k mod n, same seeds), gathered, and scored once; the main process times and writes the rows.\n\n"
     "Configurations are written NAME or NAME@field=value,field=value (values: numbers, true/false, strings, "
@@ -405,12 +423,16 @@ def bench(
         "when online; needs torchmetrics.")] = None,
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    processes: Annotated[int, typer.Option(
+        metavar="N", min=1, help="Data-parallel over N processes on this machine (one per GPU, or CPU processes "
+        "with gloo): relaunches itself under torchrun. Rows equal a one-process run's.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
 ) -> None:
     """Measure recipes and baselines side by side against the dense pipeline: latency, speedups, memory, quality."""
     import shlex
     import sys
 
+    from dit_accel.bench.distributed import launched_distributed
     from dit_accel.bench.harness import BenchConfig, plan, run_bench
 
     config = BenchConfig(
@@ -424,6 +446,9 @@ def bench(
         plan(config, steps or 0)  # names, settings and overrides are checked before any model is loaded
     except (ValueError, TypeError) as error:
         fail(str(error))
+    if processes > 1 and not launched_distributed():
+        check_output_dir(output)
+        raise typer.Exit(_relaunch(processes, sys.argv[1:]))
     _existing_file(fid_weights, "--fid-weights")
     if clip_model is not None and not clip_model.exists() and not _looks_like_hub_id(str(clip_model)):
         fail(f"--clip-model {str(clip_model)!r} is neither a local directory nor a hub id (owner/name)")

@@ -1,8 +1,9 @@
 """Data-parallel benchmark runs: the quality samples split across processes, gathered, metrics computed once.
 
-Launch ``ditaccel bench`` under several processes with accelerate or torchrun, one process per GPU (or several
-CPU processes, gloo)::
+Launch ``ditaccel bench`` under several processes with ``--processes N`` (it relaunches itself under torchrun),
+accelerate or torchrun, one process per GPU (or several CPU processes, gloo)::
 
+    ditaccel bench --processes 2 --recipes none,fora -o results
     accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results
     torchrun --nproc_per_node 2 -m dit_accel.cli.app bench --recipes none,fora -o results   # CPU: gloo
 
