@@ -70,7 +70,9 @@ def random_lut(heads: int, q_blocks: int, k_blocks: int, keep: float, device: st
     return counts.to(device), indices.to(device), kept / k_blocks
 
 
-def bench_kernels(seqs: list[int], dims: list[int], keep: float, bench, device: str = "cuda") -> list[dict]:
+def bench_kernels(seqs: list[int], dims: list[int], keep: float, bench, device: str = "cuda",
+                  width: int = 3072) -> list[dict]:
+    """(a). ``width`` = heads x head_dim (FLUX.1: 3072); ``bench(fn)`` returns milliseconds."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from dit_accel.kernels.block_sparse import block_sparse_attention, block_sparse_reference, num_blocks
@@ -78,7 +80,7 @@ def bench_kernels(seqs: list[int], dims: list[int], keep: float, bench, device: 
 
     rows = []
     for dim in dims:
-        heads = 3072 // dim
+        heads = width // dim
         for length in seqs:
             q, k, v = dit_like(heads, length, dim, device)
             flops = 4.0 * heads * length * length * dim
@@ -120,13 +122,14 @@ def bench_kernels(seqs: list[int], dims: list[int], keep: float, bench, device: 
     return rows
 
 
-def bench_flux_activations() -> dict:
+def bench_flux_activations(side: int = 64, device: str = "cuda", **block) -> dict:
+    """(b). ``block``: passed to ``flux_block_activations`` (heads, head_dim, text_tokens)."""
     from dit_accel.bench.attention import flux_block_activations
     from dit_accel.kernels.int8_attention import int8_attention
 
-    call = flux_block_activations(64)
-    q, k, v = (getattr(call, name).cuda().bfloat16() for name in ("query", "key", "value"))
-    exact = call.output.cuda()
+    call = flux_block_activations(side, **block)
+    q, k, v = (getattr(call, name).to(device).bfloat16() for name in ("query", "key", "value"))
+    exact = call.output.to(device)
     sdpa = F.scaled_dot_product_attention(q, k, v)
     return {"tokens": q.shape[2], "int8_cos": cosine(int8_attention(q, k, v), exact), "sdpa_bf16_cos": cosine(sdpa,
                                                                                                             exact)}
