@@ -361,11 +361,6 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def _existing_file(path: Path | None, option: str) -> None:
-    if path is not None and not path.exists():
-        fail(f"{option} {str(path)!r} does not exist")
-
-
 @app.command(
     epilog="Examples:\n\n"
     "  ditaccel bench --recipes none,fora,taylorseer --steps 20 --num-samples 16 -o results\n\n"
@@ -417,7 +412,8 @@ def bench(
         metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     fid_weights: Annotated[Path | None, typer.Option(
         metavar="PATH", help="FID feature extractor: a TorchScript module mapping images (N, 3, H, W) in [0, 1] to "
-        "features (N, D), e.g. a scripted Inception; needs torchmetrics. FID is against the dense outputs.")] = None,
+        "features (N, D), e.g. a scripted Inception; a local file or owner/repo:file.pt on the hub; needs "
+        "torchmetrics. FID is against the dense outputs.")] = None,
     clip_model: Annotated[Path | None, typer.Option(
         metavar="PATH", help="A CLIP model for CLIP score: a local directory (transformers format) or a hub id "
         "when online; needs torchmetrics.")] = None,
@@ -449,7 +445,9 @@ def bench(
     if processes > 1 and not launched_distributed():
         check_output_dir(output)
         raise typer.Exit(_relaunch(processes, sys.argv[1:]))
-    _existing_file(fid_weights, "--fid-weights")
+    if fid_weights is not None and not fid_weights.exists() and ":" not in str(fid_weights):
+        fail(f"--fid-weights {str(fid_weights)!r} does not exist (a local TorchScript file, or owner/repo:file.pt "
+             "on the hub)")
     if clip_model is not None and not clip_model.exists() and not _looks_like_hub_id(str(clip_model)):
         fail(f"--clip-model {str(clip_model)!r} is neither a local directory nor a hub id (owner/name)")
     check_output_dir(output)

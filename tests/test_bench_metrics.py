@@ -109,3 +109,14 @@ def test_quality_measures_clip_only_with_prompts(tiny_clip: Path) -> None:
     result = Quality("tiny:dit", 2, clip_model=tiny_clip).measure(torch.rand(2, 3, 32, 32), None, {"labels": [0, 1]},
                                                                    notes)
     assert "clip_score" not in result and any("no prompt" in n for n in notes)
+
+
+def test_fid_weights_from_the_hub_offline_is_a_note() -> None:
+    from dit_accel.bench.runner import _hub_file
+
+    assert _hub_file("owner/repo:inception/features.pt") == ("owner/repo", "inception/features.pt")
+    assert _hub_file("./local.pt") is None and _hub_file("owner/repo") is None and _hub_file("a/b/c:d") is None
+    notes: list[str] = []
+    images = torch.rand(4, 3, 16, 16)
+    assert _fid("someone/extractors:inception.pt", images, images, notes) is None
+    assert notes and notes[0].startswith("FID skipped: cannot fetch 'inception.pt'") and "offline?" in notes[0]

@@ -297,18 +297,39 @@ def _uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _fid(weights: Path, images: torch.Tensor, reference: torch.Tensor, notes: list[str]) -> float | None:
+def _hub_file(text: str) -> tuple[str, str] | None:
+    """``"owner/repo:path/file.pt"`` -> ``("owner/repo", "path/file.pt")``; None for anything else."""
+    repo, sep, filename = text.partition(":")
+    parts = repo.split("/")
+    if not sep or not filename or len(parts) != 2 or not all(parts) or repo.startswith((".", "~")):
+        return None
+    return repo, filename
+
+
+def _fid(weights: Path | str, images: torch.Tensor, reference: torch.Tensor, notes: list[str]) -> float | None:
     """FID of ``images`` against the dense outputs of the same seeds (no real reference set here), through
     torchmetrics with an injected feature extractor: ``weights`` is a TorchScript module mapping float images
-    (N, 3, H, W) in [0, 1] to features (N, D) -- e.g. a scripted Inception. (torchmetrics' own Inception goes
+    (N, 3, H, W) in [0, 1] to features (N, D) -- e.g. a scripted Inception -- as a local file or as
+    ``owner/repo:file.pt`` on the hub (fetched when online). (torchmetrics' own Inception goes
     through torch-fidelity, which needs torchvision: never used here.)"""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as error:
         notes.append(f"FID skipped: torchmetrics is not importable ({error}); pip install 'dit_accel[metrics]'")
         return None
+    local = Path(weights)
+    if not local.exists() and _hub_file(str(weights)) is not None:
+        repo, filename = _hub_file(str(weights))
+        try:
+            from huggingface_hub import hf_hub_download
+
+            local = Path(hf_hub_download(repo, filename))
+        except Exception as error:  # noqa: BLE001 - offline, unknown repo or file: a note, never a number
+            notes.append(f"FID skipped: cannot fetch {filename!r} from the hub repo {repo!r} "
+                         f"({type(error).__name__}; offline?)")
+            return None
     try:
-        feature = torch.jit.load(str(weights), map_location="cpu").eval()
+        feature = torch.jit.load(str(local), map_location="cpu").eval()
     except (RuntimeError, ValueError, OSError) as error:
         notes.append(f"FID skipped: {str(weights)!r} is not a TorchScript feature extractor "
                      f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})")
