@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from conftest import zoo_weights_present
 from dit_accel.bench import report
 from dit_accel.bench.harness import BenchConfig, parse_item, plan, split_items
-from dit_accel.bench.runner import Quality, Session
+from dit_accel.bench.quality import Quality
+from dit_accel.bench.runner import Session
 from dit_accel.cli.app import app
 
 runner = CliRunner()

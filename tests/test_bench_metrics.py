@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from dit_accel.bench.runner import Quality, _clip, _fid  # noqa: E402
+from dit_accel.bench.quality import Quality, _clip, _fid  # noqa: E402
 
 
 class PooledFeatures(torch.nn.Module):
@@ -112,7 +112,7 @@ def test_quality_measures_clip_only_with_prompts(tiny_clip: Path) -> None:
 
 
 def test_fid_weights_from_the_hub_offline_is_a_note() -> None:
-    from dit_accel.bench.runner import _hub_file
+    from dit_accel.bench.quality import _hub_file
 
     assert _hub_file("owner/repo:inception/features.pt") == ("owner/repo", "inception/features.pt")
     assert _hub_file("./local.pt") is None and _hub_file("owner/repo") is None and _hub_file("a/b/c:d") is None

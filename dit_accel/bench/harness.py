@@ -41,7 +41,8 @@ import torch
 from dit_accel.bench import report
 from dit_accel.bench.baselines import BASELINES
 from dit_accel.bench.distributed import Ranks
-from dit_accel.bench.runner import Entry, Quality, Session, dense_reference, measure, timing_dict
+from dit_accel.bench.quality import Quality
+from dit_accel.bench.runner import Entry, Session, dense_reference, measure, timing_dict
 from dit_accel.recipe import parse_value
 
 # diffusers' TaylorSeer matches names with re.fullmatch; its default pattern misses DiT/PixArt's attn1/attn2/ff and

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
-from dit_accel.bench.runner import Quality, RecipeToggle, Session, fidelity, noisy_timing_notes
+from dit_accel.bench.quality import Quality, fidelity
+from dit_accel.bench.runner import RecipeToggle, Session, noisy_timing_notes
 
 # plugin type -> (field, coarse grid from conservative to aggressive)
 KNOBS: dict[str, tuple[str, list[Any]]] = {
