@@ -1,0 +1,273 @@
+"""``ditaccel bench`` and ``ditaccel tune``: the measuring commands, registered on :data:`dit_accel.cli.app.app`.
+
+    ditaccel bench --recipes none,fora,taylorseer --steps 20 --num-samples 16 -o results
+    ditaccel tune --target 'psnr>=30' --steps 20 -o tuned.toml
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+import dit_accel
+from dit_accel.cli.app import (DEFAULT_MODEL, TINY_STEPS, _first_line, _library_logs, app, fail, load_model,
+                               parse_overrides)
+
+
+def check_output_dir(path: Path) -> None:
+    """Exit 2 unless ``path`` is (or can be made) a writable directory."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        fail(f"-o {str(path)!r} is not a writable directory: {error.strerror or error}")
+
+
+def _relaunch(processes: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``processes`` workers (``--processes`` removed); its exit code."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "dit_accel.cli.app", *args]
+    return subprocess.run(command).returncode
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  ditaccel bench --recipes none,fora,taylorseer --steps 20 --num-samples 16 -o results\n\n"
+    "  ditaccel bench --model zoo:mmdit --recipes fora,fora@interval=4 --baselines diffusers:fbcache,"
+    "diffusers:taylorseer@cache_interval=5,max_order=2 -o results --resume\n\n"
+    "  ditaccel bench --recipes taylorseer,toca --set interval=4 --repeats 5 --batch 4 -o results\n\n"
+    "  ditaccel bench --model ./saved_pipeline --recipes fora --steps 28 --fid-weights inception_scripted.pt "
+    "--clip-model ./clip-vit-b-16 -o results\n\n"
+    "  accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results\n\n"
+    "  ditaccel bench --processes 2 --recipes none,fora -o results   (the same through torchrun; CPU: gloo)\n\n"
+    "Under torchrun or accelerate launch the samples are split across the processes (chunk k on process "
+    "k mod n, same seeds), gathered, and scored once; the main process times and writes the rows.\n\n"
+    "Configurations are written NAME or NAME@field=value,field=value (values: numbers, true/false, strings, "
+    "lists in brackets); --set applies to every recipe that has the field. Baselines and their default settings: "
+    "diffusers:fbcache (threshold=0.1), diffusers:taylorseer (cache_interval=3, max_order=1, "
+    "disable_cache_before_step=3, attention and MLP sub-layers), diffusers:magcache (threshold=0.06, "
+    "calibrated on its own seed), cache-dit:dbcache (residual_diff_threshold=0.08, max_warmup_steps=2), "
+    "cache-dit:dbcache+taylorseer (residual_diff_threshold=0.16); fields given replace the defaults. A baseline "
+    "that does not run on the model becomes an 'unavailable' row. Writes DIR/rows.jsonl (one JSON row per "
+    "configuration, strict JSON: an infinite PSNR is the string \"inf\"), DIR/results.md and DIR/pareto.png."
+)
+def bench(
+    model: Annotated[str, typer.Option(
+        metavar="SPEC", help="zoo:<dit|mmdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+    recipes: Annotated[list[str] | None, typer.Option(
+        "--recipes", metavar="R1,R2,...", help="Recipes to measure: names, 'a+b', .toml files, NAME@field=value "
+        "(comma-separated, repeatable; default: none).")] = None,
+    baselines: Annotated[list[str] | None, typer.Option(
+        "--baselines", metavar="B1,B2,...", help="Anchors to measure side by side: "
+        "diffusers:<fbcache|taylorseer|magcache>, cache-dit:<dbcache|dbcache+taylorseer>, with optional "
+        "@field=value settings.")] = None,
+    steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Denoising steps (default: the "
+                                              f"pipeline's; {TINY_STEPS} for tiny models).")] = None,
+    num_samples: Annotated[int, typer.Option(metavar="N", min=1, help="Samples per configuration for the quality "
+                                             "metrics (same seeds for all).")] = 8,
+    seed: Annotated[int, typer.Option(metavar="N", min=0, help="Base seed: chunk k of the samples uses seed+k.")] = 0,
+    repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed runs per configuration, each "
+                                         "interleaved with a dense run (after one warm-up).")] = 3,
+    batch: Annotated[int, typer.Option(metavar="N", min=1, help="Samples per generation: the timing batch "
+                                       "and the chunk size of the quality pass.")] = 2,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="DIR", help="Output directory.")] = Path("bench-results"),
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep the rows already in DIR/rows.jsonl and measure only the missing ones.")] = False,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a recipe field, e.g. interval=4 or fora__interval=4 "
+        "(repeatable).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
+    fid_weights: Annotated[Path | None, typer.Option(
+        metavar="PATH", help="FID feature extractor: a TorchScript module mapping images (N, 3, H, W) in [0, 1] to "
+        "features (N, D), e.g. a scripted Inception; a local file or owner/repo:file.pt on the hub; needs "
+        "torchmetrics. FID is against the dense outputs.")] = None,
+    clip_model: Annotated[Path | None, typer.Option(
+        metavar="PATH", help="A CLIP model for CLIP score: a local directory (transformers format) or a hub id "
+        "when online; needs torchmetrics.")] = None,
+    device: Annotated[str, typer.Option(
+        metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    processes: Annotated[int, typer.Option(
+        metavar="N", min=1, help="Data-parallel over N processes on this machine (one per GPU, or CPU processes "
+        "with gloo): relaunches itself under torchrun. Rows equal a one-process run's.")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
+) -> None:
+    """Measure recipes and baselines side by side against the dense pipeline: latency, speedups, memory, quality."""
+    import shlex
+    import sys
+
+    from dit_accel.bench.distributed import launched_distributed
+    from dit_accel.bench.harness import BenchConfig, plan, run_bench
+
+    config = BenchConfig(
+        model=model, recipes=recipes or ["none"], baselines=baselines or [], steps=steps, num_samples=num_samples,
+        seed=seed, repeats=repeats, batch=batch, out_dir=output, resume=resume,
+        overrides=parse_overrides(overrides or []), guidance_scale=guidance_scale, device=device,
+        fid_weights=fid_weights, clip_model=clip_model,
+        command="ditaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
+    )
+    try:
+        plan(config, steps or 0)  # names, settings and overrides are checked before any model is loaded
+    except (ValueError, TypeError) as error:
+        fail(str(error))
+    if processes > 1 and not launched_distributed():
+        check_output_dir(output)
+        raise typer.Exit(_relaunch(processes, sys.argv[1:]))
+    if fid_weights is not None and not fid_weights.exists() and ":" not in str(fid_weights):
+        fail(f"--fid-weights {str(fid_weights)!r} does not exist (a local TorchScript file, or owner/repo:file.pt "
+             "on the hub)")
+    if clip_model is not None and not clip_model.exists() and not _looks_like_hub_id(str(clip_model)):
+        fail(f"--clip-model {str(clip_model)!r} is neither a local directory nor a hub id (owner/name)")
+    check_output_dir(output)
+    with _library_logs(quiet):
+        pipe, family = load_model(model)
+        try:
+            pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            fail(f"--device {device!r}: {_first_line(error)}")
+        try:
+            rows = run_bench(config, progress=not quiet, pipe=pipe, family=family)
+        except ValueError as error:
+            fail(_first_line(error))
+    if not rows:  # a data-parallel helper process: the main process reports
+        return
+    for row in rows:
+        if row.get("unavailable"):
+            typer.echo(f"{row['config']}: unavailable ({row['unavailable']})")
+            continue
+        flops = f", FLOPs {row['flops_speedup']:.2f}x" if row.get("flops_speedup") else ""
+        typer.echo(f"{row['config']}: wall {row['wall_speedup']:.2f}x{flops}, PSNR {row['psnr']:.2f} dB"
+                   + (f", fd {row['fd']:.3f}" if row.get("fd") is not None else ""))
+    typer.echo(f"wrote {output / 'rows.jsonl'}, {output / 'results.md'}, {output / 'pareto.png'}")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  ditaccel tune --target 'psnr>=30' --steps 20 -o tuned.toml\n\n"
+    "  ditaccel tune --model zoo:mmdit --target 'fd<=12' --recipes fora,taylorseer,toca --budget-minutes 30 "
+    "-o tuned.toml\n\n"
+    "  ditaccel generate --model zoo:mmdit --recipe tuned.toml --steps 20\n\n"
+    "Targets: psnr, ssim or rel_l1 against the dense output of the same seeds; fd or class_consistency on zoo "
+    "models. The knob searched per plugin: interval (fora, taylorseer, toca, delta-dit), threshold (fbcache, "
+    "magcache), factor (todo), start (cfg-share), for each taylorseer order (1, 2) and magcache forecast_order "
+    "(1, 0) unless set with NAME@field=value; then, for fora/taylorseer/toca/todo, a per-layer plan (the first "
+    "failing value on the blocks that tolerate it, chosen greedily from the least sensitive; --uniform-only skips "
+    "it). The winner (lowest measured wall time, ties within 5 % broken by estimated FLOPs, among those meeting "
+    "the target) is measured again on "
+    "held-out seeds -- quality, FLOPs, and wall speedup timed against interleaved dense runs -- and both results "
+    "are printed."
+)
+def tune(
+    target: Annotated[str, typer.Option(metavar="METRIC>=X", help="Quality to keep, e.g. 'psnr>=30', 'fd<=10'.")],
+    model: Annotated[str, typer.Option(
+        metavar="SPEC", help="zoo:<dit|mmdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+    recipes: Annotated[list[str] | None, typer.Option(
+        "--recipes", metavar="R1,R2,...", help="Recipes to tune (default: fora,taylorseer,fbcache); "
+        "NAME@field=value fixes other fields, e.g. fora@first_steps=2.")] = None,
+    steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Denoising steps the recipe is tuned for "
+                                              f"(default: the pipeline's; {TINY_STEPS} for tiny models).")] = None,
+    num_samples: Annotated[int, typer.Option(metavar="N", min=1, help="Calibration samples per candidate.")] = 8,
+    seed: Annotated[int, typer.Option(metavar="N", min=0, help="Calibration seed (chunk k uses seed+k).")] = 0,
+    holdout_seed: Annotated[int | None, typer.Option(
+        metavar="N", min=0, help="Seed of the held-out check (default: seed+1000).")] = None,
+    batch: Annotated[int, typer.Option(metavar="N", min=1, help="Samples per generation.")] = 4,
+    budget_minutes: Annotated[float, typer.Option(metavar="MIN", min=0.0, help="Stop trying new candidates after "
+                                                  "this long.")] = 10.0,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="PATH", help="The tuned recipe to write (.toml).")] = Path("tuned.toml"),
+    guidance_scale: Annotated[float | None, typer.Option(
+        metavar="X", help="Classifier-free guidance scale (default: the pipeline's).")] = None,
+    device: Annotated[str, typer.Option(
+        metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    report: Annotated[Path | None, typer.Option(
+        metavar="PATH", help="Also write every candidate, the winner and its held-out check as JSON.")] = None,
+    repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed runs of the winner on the held-out "
+                                         "seeds, each interleaved with a dense run.")] = 3,
+    per_layer: Annotated[bool, typer.Option(
+        "--per-layer/--uniform-only", help="After the uniform search, also try per-layer plans (DiTFastAttn-style "
+        "greedy: the first failing value on the blocks that tolerate it).")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
+) -> None:
+    """Search the recipes' speed knobs for the fastest setting that meets a quality target; write it as TOML."""
+    from dit_accel.bench import tune as tuning
+    from dit_accel.bench.harness import BenchConfig, parse_item, resolve_steps, split_items
+
+    try:
+        goal = tuning.parse_target(target)
+        items = [parse_item(item) for item in split_items(recipes or tuning.DEFAULT_RECIPES)]
+        resolved = [dit_accel.load_recipe(name, **settings) for name, settings in items]
+        fixed = [frozenset(settings) for _, settings in items]
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        fail(str(error))
+    if output.suffix.lower() != ".toml":
+        fail(f"-o {str(output)!r}: the tuned recipe is written as TOML; use a .toml path")
+    check_output_dir(output.parent)
+    if report is not None:
+        check_output_dir(report.parent)
+    with _library_logs(quiet):
+        pipe, family = load_model(model)
+        try:
+            where = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+            pipe.to(where)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            fail(f"--device {device!r}: {_first_line(error)}")
+        n_steps = resolve_steps(BenchConfig(model=model, steps=steps), pipe)
+        try:
+            result = tuning.tune(pipe, model, family, resolved, goal, steps=n_steps, num_samples=num_samples,
+                                 seed=seed, batch=batch, budget_minutes=budget_minutes, output=output,
+                                 guidance_scale=guidance_scale, device=where, holdout_seed=holdout_seed,
+                                 log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats,
+                                 progress=not quiet)
+        except ValueError as error:
+            fail(str(error))
+    if report is not None:
+        import json
+        import shlex
+        import sys
+
+        from dit_accel.bench.report import environment
+
+        data = {"command": "ditaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "model": model,
+                "steps": n_steps, "num_samples": num_samples, "seed": seed, "batch": batch,
+                "env": environment(pipe, where), **result.to_dict()}
+        report.write_text(json.dumps(data, indent=2, default=str))
+    if result.best is None:
+        typer.echo(f"error: no configuration of {', '.join(r.name for r in resolved)} meets {goal} "
+                   f"({len(result.candidates)} tried); nothing written", err=True)
+        raise typer.Exit(1)
+    best, metric = result.best, goal.metric
+    typer.echo(f"best: {best.describe()}, FLOPs {best.flops_fraction:.3f} of dense "
+               f"({1 / best.flops_fraction:.2f}x); wrote {output}")
+    typer.echo(f"calibration seeds: {metric} {best.metrics[metric]:.4g} ({'meets' if goal.met(best.metrics) else 'misses'}"
+               f" {goal})")
+    held = result.holdout
+    typer.echo(f"held-out seeds {held['seeds']}: {metric} {held[metric]:.4g} "
+               f"({'meets' if goal.met(held) else 'misses'} {goal}), FLOPs {held['flops_fraction']:.3f} of dense, "
+               f"measured wall speedup {held['wall_speedup']:.2f}x (transformer "
+               f"{held['transformer_speedup'] or float('nan'):.2f}x; medians of {held['timed_runs']} runs "
+               "interleaved with dense ones)")
+    for note in held["timing_notes"]:
+        typer.echo(f"note: {note}")
