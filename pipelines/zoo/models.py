@@ -3,6 +3,8 @@ training script and the pipelines so that what is trained is exactly what is shi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -16,7 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from dit_accel.pipelines.zoo.shapes import IMAGE_SIZE, NUM_CLASSES
 
-PATCH = 4  # 32 px / 4 = an 8x8 token grid
+PATCH = 4  # the shipped models: 32 px / 4 = an 8x8 token grid (patch 2 gives 16x16, for GPU-trained models)
 GRID = IMAGE_SIZE // PATCH
 
 # DDPM family for zoo:dit: v-prediction on a cosine schedule rescaled to zero terminal SNR, so DDIM with trailing
@@ -30,11 +32,12 @@ DDPM_CONFIG = dict(
 )
 
 
-def dit_transformer(num_layers: int = 6, width: int = 128, heads: int = 4) -> DiTTransformer2DModel:
+def dit_transformer(num_layers: int = 6, width: int = 128, heads: int = 4, patch: int = PATCH
+                    ) -> DiTTransformer2DModel:
     """zoo:dit: adaLN-zero DiT in pixel space, class labels 0..9 plus the null class 10 for guidance."""
     return DiTTransformer2DModel(
         sample_size=IMAGE_SIZE,
-        patch_size=PATCH,
+        patch_size=patch,
         in_channels=3,
         out_channels=3,
         num_layers=num_layers,
@@ -57,12 +60,13 @@ def ddim_scheduler() -> DDIMScheduler:
 
 
 def mmdit_transformer(num_layers: int = 2, num_single_layers: int = 4, width: int = 128, heads: int = 4,
-                      text_dim: int = 64) -> FluxTransformer2DModel:
-    """zoo:mmdit: Flux architecture (dual- then single-stream blocks, RoPE) on packed 4x4 pixel patches."""
+                      text_dim: int = 64, patch: int = PATCH) -> FluxTransformer2DModel:
+    """zoo:mmdit: Flux architecture (dual- then single-stream blocks, RoPE) on packed ``patch`` x ``patch`` pixel
+    patches (the patch is read back from ``in_channels = 3 patch^2``, see :func:`patch_of`)."""
     head_dim = width // heads
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=3 * PATCH * PATCH,
+        in_channels=3 * patch * patch,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
         attention_head_dim=head_dim,
@@ -92,22 +96,32 @@ class ClassConditioner(ModelMixin, ConfigMixin):
         return self.tokens[labels], self.pooled[labels]
 
 
-def pack(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 32, 32) -> (B, 64, 48): 4x4 pixel patches as tokens, row-major over the 8x8 grid."""
-    batch = images.shape[0]
-    patches = images.reshape(batch, 3, GRID, PATCH, GRID, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, GRID * GRID, 3 * PATCH * PATCH)
+def patch_of(transformer: torch.nn.Module) -> int:
+    """The pixel patch side of a zoo transformer: DiT's ``patch_size``; for the Flux-architecture model, which
+    takes packed patches, the ``p`` of ``in_channels = 3 p^2``."""
+    config = transformer.config
+    if config.in_channels == 3:
+        return int(config.patch_size)
+    return math.isqrt(config.in_channels // 3)
 
 
-def unpack(tokens: torch.Tensor) -> torch.Tensor:
+def pack(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
+    """(B, 3, 32, 32) -> (B, (32/p)^2, 3 p^2): p x p pixel patches as tokens, row-major over the token grid."""
+    batch, grid = images.shape[0], IMAGE_SIZE // patch
+    patches = images.reshape(batch, 3, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, grid * grid, 3 * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
     """Inverse of :func:`pack`."""
-    batch = tokens.shape[0]
-    patches = tokens.reshape(batch, GRID, GRID, 3, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    batch, grid = tokens.shape[0], IMAGE_SIZE // patch
+    patches = tokens.reshape(batch, grid, grid, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
     return patches.reshape(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
-def image_ids(device=None) -> torch.Tensor:
-    rows, cols = torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij")
+def image_ids(device=None, patch: int = PATCH) -> torch.Tensor:
+    grid = IMAGE_SIZE // patch
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(device)
 
 

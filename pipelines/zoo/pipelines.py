@@ -6,7 +6,8 @@
   flow matching with Euler steps, guidance as two separate calls per step (conditional first, under
   ``cache_context("cond")`` / ``("uncond")``), exactly as Flux true-CFG and Wan do.
 
-Both sample in pixel space at 32x32 (an 8x8 token grid of 4x4 patches).
+Both sample in pixel space at 32x32 (the shipped models: an 8x8 token grid of 4x4 patches; the patch is read
+from the transformer's config).
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ class ZooMMDiTPipeline(DiffusionPipeline):
         batch = labels.shape[0]
         tokens, pooled = self.conditioner(labels)
         null_tokens, null_pooled = self.conditioner(torch.full_like(labels, NUM_CLASSES))
-        img_ids = models.image_ids(device)
+        patch = models.patch_of(self.transformer)
+        img_ids = models.image_ids(device, patch)
         txt_ids = models.text_ids(tokens.shape[1], device)
-        latents = randn_tensor((batch, models.GRID * models.GRID, 3 * models.PATCH**2), generator=generator,
+        latents = randn_tensor((batch, (IMAGE_SIZE // patch) ** 2, 3 * patch**2), generator=generator,
                                device=device, dtype=self.transformer.dtype)
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
@@ -133,7 +135,7 @@ class ZooMMDiTPipeline(DiffusionPipeline):
                 prediction = unconditional + guidance_scale * (prediction - unconditional)
             latents = self.scheduler.step(prediction, t, latents).prev_sample
         self.maybe_free_model_hooks()
-        return _output(models.unpack(latents), output_type, return_dict)
+        return _output(models.unpack(latents, patch), output_type, return_dict)
 
 
 def _load_weights(module: torch.nn.Module, file: Path) -> torch.nn.Module:

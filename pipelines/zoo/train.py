@@ -30,12 +30,15 @@ PRESETS = {
 }
 
 
-def build(preset: str) -> dict[str, torch.nn.Module]:
+def build(preset: str, arch: dict | None = None) -> dict[str, torch.nn.Module]:
+    """The networks of ``preset``; ``arch`` overrides the transformer's architecture (``patch``, ``num_layers``,
+    ``width``, ``heads``; mmdit also ``num_single_layers``), e.g. a 16x16 token grid with ``patch=2``."""
     torch.manual_seed(0)
+    arch = arch or {}
     if preset == "dit":
-        return {"transformer": models.dit_transformer()}
+        return {"transformer": models.dit_transformer(**arch)}
     if preset == "mmdit":
-        return {"transformer": models.mmdit_transformer(), "conditioner": models.ClassConditioner()}
+        return {"transformer": models.mmdit_transformer(**arch), "conditioner": models.ClassConditioner()}
     if preset == "evaluator":
         return {"classifier": ShapeClassifier()}
     raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
@@ -70,12 +73,13 @@ class DiTObjective:
 class FlowObjective:
     """Rectified flow: x_s = (1 - s) x0 + s noise, predict noise - x0; labels dropped to the empty class 10 %."""
 
-    def __init__(self) -> None:
-        self.img_ids = models.image_ids()
+    def __init__(self, patch: int = models.PATCH) -> None:
+        self.patch = patch
+        self.img_ids = models.image_ids(patch=patch)
         self.txt_ids = None
 
     def loss(self, nets, images, labels, generator):
-        x0 = models.pack(images * 2 - 1)
+        x0 = models.pack(images * 2 - 1, self.patch)
         drop = torch.rand(len(labels), generator=generator) < 0.1
         labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
         sigma = logit_normal(len(x0), generator)
@@ -147,13 +151,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anneal", type=int, default=0,
                         help="cosine-decay the learning rate to 10%% over the last N steps before --steps")
     parser.add_argument("--export", action="store_true", help="write the EMA weights into the package at the end")
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument("--patch", type=int, default=None, help="pixel patch side (4: 8x8 tokens, 2: 16x16)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (mmdit: dual-stream ones)")
+    parser.add_argument("--single-layers", type=int, default=None, help="mmdit: single-stream blocks")
+    parser.add_argument("--width", type=int, default=None, help="model width (heads x head dim)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = PRESETS[args.preset]
+    settings = dict(PRESETS[args.preset])
+    if args.batch:
+        settings["batch"] = args.batch
     device = torch.device(args.device)
+    names = {"patch": "patch", "layers": "num_layers", "single_layers": "num_single_layers", "width": "width",
+             "heads": "heads"}
+    arch = {field: getattr(args, option) for option, field in names.items() if getattr(args, option) is not None}
+    if arch and args.preset == "evaluator":
+        parser.error("--patch/--layers/--single-layers/--width/--heads apply to the dit and mmdit presets")
+    if "num_single_layers" in arch and args.preset != "mmdit":
+        parser.error("--single-layers applies to the mmdit preset only")
 
-    nets = build(args.preset)
+    nets = build(args.preset, arch)
     ema = {name: copy.deepcopy(net).eval().requires_grad_(False) for name, net in nets.items()}
     params = [p for net in nets.values() for p in net.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0, betas=(0.9, 0.99))
@@ -163,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     step, elapsed, losses = 0, 0.0, []
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("arch", {}) != arch:
+            raise SystemExit(f"{checkpoint} holds a model with architecture overrides {state.get('arch', {})}, not "
+                             f"{arch}: pass the same options, or another --workdir")
         for name in nets:
             nets[name].load_state_dict(state["nets"][name])
             ema[name].load_state_dict(state["ema"][name])
@@ -173,14 +195,16 @@ def main(argv: list[str] | None = None) -> None:
         net.to(device)
     for net in nets.values():
         net.train()
-    objective = OBJECTIVES[args.preset]()
+    objective = (FlowObjective(models.patch_of(nets["transformer"])) if args.preset == "mmdit"
+                 else OBJECTIVES[args.preset]())
     if hasattr(objective, "img_ids"):
         objective.img_ids = objective.img_ids.to(device)
 
     def save() -> None:
         torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
                     "ema": {k: v.state_dict() for k, v in ema.items()},
-                    "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed, "losses": losses},
+                    "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed, "losses": losses,
+                    "arch": arch},
                    checkpoint)
 
     start = time.time()
@@ -222,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"preset": args.preset, "steps": step, "wall_minutes": round(elapsed / 60, 1), "device": str(device),
             "threads": torch.get_num_threads(), "final_loss": losses[-1][1] if losses else None,
             "batch": settings["batch"], "lr": settings["lr"], "ema": settings["ema"], "seed": args.seed,
+            "arch": arch,
             "lr_schedule": f"warm-up {settings['warmup']}, constant"
                            + (f", cosine to 10% over steps {args.steps - args.anneal}-{args.steps}" if args.anneal else ""),
             "final_lr": learning_rate(settings, max(step - 1, 0), args.steps, args.anneal)}
