@@ -120,6 +120,14 @@ def check_range(config: PluginConfig, name: str, low: float, high: float, *, int
         raise ValueError(f"{type(config).__name__}.{name} = {value!r} is out of range; allowed: {kind} in [{low}, {high}]")
 
 
+def check_bool(config: PluginConfig, *names: str) -> None:
+    """Raise ``ValueError`` naming the field and its value unless each of ``names`` is ``True`` or ``False``."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(config).__name__}.{name} = {value!r} is not allowed; allowed: true, false")
+
+
 def check_choice(config: PluginConfig, name: str, choices: tuple) -> None:
     value = getattr(config, name)
     if value not in choices:

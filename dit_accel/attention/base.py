@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_accel.attention.tiled import tiled_attention
-from dit_accel.core.attention import AttentionCall, LayerId
+from dit_accel.core.attention import AttentionCall, LayerId, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin
@@ -104,13 +104,9 @@ class ImageAttentionPlugin(Plugin):
 
     # -- the shared part --------------------------------------------------------------------------------------
     def _unsupported(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall) -> str | None:
-        options = call.options
-        if options.get("attn_mask") is not None:
-            return "the call has an attention mask"
-        if options.get("is_causal"):
-            return "causal attention"
-        if options.get("dropout_p", 0.0) > 0:
-            return "attention dropout (training)"
+        reason = unsupported_options(call.options)
+        if reason is not None:
+            return reason
         if key.shape[2] != query.shape[2] or key.shape[1] != query.shape[1]:
             return "keys differ from queries in length or heads"
         if call.layout.grid is None:

@@ -21,7 +21,7 @@ from dit_accel.attention.curve import curve_order, inverse_order
 from dit_accel.attention.ranges import curve_density, curve_tile_attention
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
-from dit_accel.recipe import check_range, register_config
+from dit_accel.recipe import check_bool, check_range, register_config
 
 
 def auto_tile_size(grid: TokenGrid, tiles: int = 32) -> int:
@@ -83,9 +83,7 @@ class HilbertConfig(ImageAttentionConfig):
         if self.tile_size and self.pool_size and self.tile_size % self.pool_size:
             raise ValueError(f"HilbertConfig.pool_size = {self.pool_size} must divide tile_size = {self.tile_size}")
         check_range(self, "neighbours", 0, 16, integer=True)
-        for name in ("pooled", "shift"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"HilbertConfig.{name} = {getattr(self, name)!r} must be true or false")
+        check_bool(self, "pooled", "shift")
 
 
 class CurveTilePlugin(ImageAttentionPlugin):

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
-from dit_accel.core.attention import AttentionCall
+from dit_accel.core.attention import AttentionCall, unsupported_options
 from dit_accel.core.plugin import register_plugin
 from dit_accel.kernels import kernel_usable
 from dit_accel.kernels.int8_attention import MAX_HEAD_DIM, int8_attention
-from dit_accel.recipe import check_choice, register_config
+from dit_accel.recipe import check_bool, check_choice, register_config
 
 NO_KERNEL = "int8 attention needs CUDA + Triton; running PyTorch SDPA instead"
 
@@ -55,19 +55,14 @@ class Int8Config(ImageAttentionConfig):
         super().validate()
         check_choice(self, "block_q", (16, 32, 64, 128, 256))
         check_choice(self, "block_k", (16, 32, 64, 128, 256))
-        for name in ("smooth_k", "pv_bf16"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Int8Config.{name} = {getattr(self, name)!r} must be true or false")
+        check_bool(self, "smooth_k", "pv_bf16")
 
 
 def int8_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict) -> str | None:
     """Why the 8-bit kernel cannot take this SDPA call, or ``None`` if it can."""
-    if options.get("attn_mask") is not None:
-        return "the call has an attention mask"
-    if options.get("is_causal"):
-        return "causal attention"
-    if options.get("dropout_p", 0.0) > 0:
-        return "attention dropout (training)"
+    reason = unsupported_options(options)
+    if reason is not None:
+        return reason
     if key.shape[1] != query.shape[1]:
         return "keys have other heads than queries (grouped-query attention)"
     if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:

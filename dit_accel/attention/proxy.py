@@ -16,7 +16,7 @@ from dit_accel.attention.plans import window_plan
 from dit_accel.attention.windows import window_attention, window_density, window_layout
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
-from dit_accel.recipe import check_range, register_config
+from dit_accel.recipe import check_bool, check_range, register_config
 
 
 def auto_window(grid: TokenGrid) -> int:
@@ -48,9 +48,7 @@ class ProxyConfig(ImageAttentionConfig):
         super().validate()
         check_range(self, "window", 0, 256, integer=True)
         check_range(self, "radius", 0, 8, integer=True)
-        for name in ("pooled", "shift"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ProxyConfig.{name} = {getattr(self, name)!r} must be true or false")
+        check_bool(self, "pooled", "shift")
 
 
 @register_plugin(ProxyConfig)

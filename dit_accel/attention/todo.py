@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
-from dit_accel.recipe import check_choice, check_range, register_config
+from dit_accel.recipe import check_bool, check_choice, check_range, register_config
 
 
 def _sum_adjacent(x: torch.Tensor, dim: int, factor: int) -> torch.Tensor:
@@ -101,8 +101,7 @@ class ToDoConfig(ImageAttentionConfig):
         super().validate()
         check_range(self, "factor", 1, 8, integer=True)
         check_choice(self, "mode", ("avg", "nearest"))
-        if not isinstance(self.mass_correction, bool):
-            raise ValueError(f"ToDoConfig.mass_correction = {self.mass_correction!r} must be true or false")
+        check_bool(self, "mass_correction")
 
 
 @register_plugin(ToDoConfig)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from dit_accel.caching.blockrange import BlockRange
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin, register_plugin
-from dit_accel.recipe import PluginConfig, check_range, register_config
+from dit_accel.recipe import PluginConfig, check_bool, check_range, register_config
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class MagCacheConfig(PluginConfig):
         check_range(self, "retention", 0.0, 1.0)
         check_range(self, "last_steps", 0, 1000, integer=True)
         check_range(self, "forecast_order", 0, 4, integer=True)
-        if not isinstance(self.recalibrate, bool):
-            raise ValueError(f"MagCacheConfig.recalibrate = {self.recalibrate!r} is not allowed; allowed: true, false")
+        check_bool(self, "recalibrate")
         ratios = self.ratios
         valid = isinstance(ratios, (tuple, list)) and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in ratios)

@@ -79,6 +79,18 @@ class AttentionCall:
         return _SDPA(query, key, value, **self.options)
 
 
+def unsupported_options(options: dict) -> str | None:
+    """Why SDPA ``options`` (an :class:`AttentionCall`'s) cannot be served by an attention that does not implement
+    masks, causality or dropout, or ``None`` if they can."""
+    if options.get("attn_mask") is not None:
+        return "the call has an attention mask"
+    if options.get("is_causal"):
+        return "causal attention"
+    if options.get("dropout_p", 0.0) > 0:
+        return "attention dropout (training)"
+    return None
+
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
 
 
