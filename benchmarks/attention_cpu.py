@@ -373,14 +373,11 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     entries = list(results["attention"].items())
     figure, axes = plt.subplots(1, len(entries), figsize=(5 * len(entries), 4), squeeze=False)
     for axis, (key, entry) in zip(axes[0], entries):

@@ -251,14 +251,11 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     models = list(results["models"])
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):

@@ -120,13 +120,15 @@ def harness_section() -> str:
 
 
 def tune_section() -> str:
+    from dit_accel.bench.tune import parse_target
+
     reports = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("tune-*.json"))]
     if not reports:
         return ""
     rows = []
     for r in reports:
         best, held = r["best"], r["holdout"] or {}
-        metric = r["target"].rstrip("0123456789.").rstrip("<>=")
+        metric = parse_target(r["target"]).metric
         settings = ", ".join(f"{k}={v}" for k, v in best["settings"].items()) if best else "–"
         rows.append([r["model"], f"`{r['target']}`", str(r["steps"]), str(len(r["candidates"])),
                      f"`{best['recipe']}` ({settings})" if best else "none met the target",
