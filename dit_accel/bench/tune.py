@@ -254,15 +254,16 @@ class Tuner:
                     settings: dict[str, Any] | None = None) -> None:
         """The per-layer plan (:mod:`dit_accel.bench.layer_plan`): the first missing value on the least sensitive
         blocks, the best uniform value on the others (other fields as in ``settings``)."""
-        fixed_settings = settings or {}
-        recipe_in = recipe
-        recipe = recipe.with_overrides(**fixed_settings) if fixed_settings else recipe
+        settings = settings or {}
+        recipe = recipe.with_overrides(**settings) if settings else recipe
         index = next(i for i, p in enumerate(recipe.plugins) if p.type_name in KNOBS)
         plugin = recipe.plugins[index]
-        field_name = KNOBS[plugin.type_name][0]
-        blocks = transformer_blocks(self.session.pipe)
-        if plugin.type_name not in PER_LAYER_TYPES or plugin.layers is not None or len(blocks) < 2:
+        if plugin.type_name not in PER_LAYER_TYPES or plugin.layers is not None:
             return
+        blocks = transformer_blocks(self.session.pipe)
+        if len(blocks) < 2:
+            return
+        field_name = KNOBS[plugin.type_name][0]
         ascending = grid[-1] > grid[0]
 
         def rank(value: Any) -> Any:
@@ -278,10 +279,9 @@ class Tuner:
                  + (f"{field_name}={base} elsewhere" if base is not None else "exact elsewhere"))
 
         def plan(chosen: list[str]) -> Candidate | None:
-            settings = {**fixed_settings, field_name: base if base is not None else "exact",
-                        f"fast_{field_name}": fast, "fast_blocks": ",".join(chosen)}
-            return self.evaluate(recipe_in, settings,
-                                 split_recipe(recipe, index, field_name, base, fast, chosen, blocks))
+            described = {**settings, field_name: base if base is not None else "exact", f"fast_{field_name}": fast,
+                         "fast_blocks": ",".join(chosen)}
+            return self.evaluate(recipe, described, split_recipe(recipe, index, field_name, base, fast, chosen, blocks))
 
         def single(block: str) -> float | None:
             candidate = plan([block])
