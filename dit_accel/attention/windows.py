@@ -33,7 +33,6 @@ class WindowLayout:
     size: int  # tokens per window (rows x cols)
     pad: int  # empty windows before (and after) the real ones, so that every offset's range stays in bounds
     slot: torch.Tensor  # (N,) position of raster token i in the padded sequence
-    valid: torch.Tensor  # (total windows * size,) bool: the slot holds a real token
     shifts: tuple[int, ...]  # per offset: first key window of window 0, relative to window 0 (in windows)
     masks: tuple[torch.Tensor | None, ...]  # per offset: (windows, (2r+1) size) additive 0 / -inf, None if none
     near: torch.Tensor  # (windows, windows) bool: attended exactly (Chebyshev distance <= radius)
@@ -85,8 +84,7 @@ def window_layout(grid: TokenGrid, window: tuple[int, int], radius: int, offset:
         masks.append(None if bool(ok.all()) else torch.zeros(ok.shape).masked_fill(~ok, -math.inf))
     distance = torch.stack([(a[:, None] - a[None, :]).abs() for a in (wf, wy, wx)]).amax(0)
     counts = valid.view(total, size)[pad:pad + count].sum(1)
-    return WindowLayout((frames, ny, nx), size, pad, slot, valid, tuple(shifts), tuple(masks), distance <= radius,
-                        counts)
+    return WindowLayout((frames, ny, nx), size, pad, slot, tuple(shifts), tuple(masks), distance <= radius, counts)
 
 
 def window_density(layout: WindowLayout, num_tokens: int, pooled: bool) -> float:
