@@ -30,6 +30,12 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton kernels run in its CPU interpreter (read at launch: see kernels/jit.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs offline: hub flags set, and any socket connection attempt fails."""

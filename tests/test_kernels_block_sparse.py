@@ -22,11 +22,6 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def qkv(batch=1, heads=2, length=100, dim=64, dtype=torch.float32, seed=0, dim_v=None, k_len=None):
     g = torch.Generator().manual_seed(seed)
     k_len = length if k_len is None else k_len

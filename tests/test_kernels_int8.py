@@ -27,11 +27,6 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-3}
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def dit_like(batch, heads, length, dim, dtype, layout="HND", seed=0, k_len=None):
     """q, k, v like DiT activations: a per-channel bias on K (sigma 4) and three outlier channels, 2x in Q and 4x in
     K. (Harsher outliers, 8x in both, bring per-block INT8 to cosine ~0.998-0.999: a limit of one scale per block.)"""
