@@ -39,6 +39,7 @@ from dit_accel.attention.windows import window_attention, window_density, window
 from dit_accel.bench.attention import (attention_fidelity, capture_attention, effective_keys, flux_block_activations,
                                        side_by_side_attention)
 from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.report import format_number
 from dit_accel.bench.timing import TransformerTimer, summarize
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.pipelines import zoo
@@ -164,8 +165,8 @@ def attention_only(args) -> dict:
                             "timing_heads": th, "text_tokens": args.text_tokens, "effective_keys": spread,
                             "capture_seconds": capture_seconds, "rows": rows}
             for name, row in rows.items():
-                print(f"{key:<22} {name:<16} {row['speedup']:6.2f}x  cos {_fmt(row.get('cosine'), '.4f')}  "
-                      f"relL1 {_fmt(row.get('rel_l1'), '.4f')}", flush=True)
+                print(f"{key:<22} {name:<16} {row['speedup']:6.2f}x  cos {format_number(row.get('cosine'), '.4f')}  "
+                      f"relL1 {format_number(row.get('rel_l1'), '.4f')}", flush=True)
             del captured, q, k, v, tk, tv
     return results
 
@@ -290,12 +291,6 @@ def quality_row(images, dense, speedups, flops_fraction, evaluator, labels, real
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-def _fmt(value, spec):
-    if value is None:
-        return "–"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    return format(value, spec)
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -328,8 +323,8 @@ def write_markdown(results: dict, path: Path) -> None:
                       "|---|---|---|---|---|---|---|---|"]
             for name, r in entry["rows"].items():
                 lines.append(f"| {name} | {r['setting']} | {r['key_fraction']:.3f} | {r['median_ms']:.2f} | "
-                             f"{r['speedup']:.2f} | {_fmt(r.get('cosine'), '.4f')} | "
-                             f"{_fmt(r.get('cosine_min'), '.4f')} | {_fmt(r.get('rel_l1'), '.4f')} |")
+                             f"{r['speedup']:.2f} | {format_number(r.get('cosine'), '.4f')} | "
+                             f"{format_number(r.get('cosine_min'), '.4f')} | {format_number(r.get('rel_l1'), '.4f')} |")
     if "captured" in results:
         lines += [
             "", "## (b) Fidelity on captured zoo activations", "",
@@ -362,7 +357,7 @@ def write_markdown(results: dict, path: Path) -> None:
                       "|---|---|---|---|---|---|---|---|"]
             for name, r in entry["rows"].items():
                 lines.append(f"| {name} | {r['wall_speedup']:.2f} | {r['transformer_speedup']:.2f} | "
-                             f"{r['flops_speedup']:.2f} | {_fmt(r['psnr'], '.2f')} | {r['ssim']:.3f} | {r['fd']:.3f} | "
+                             f"{r['flops_speedup']:.2f} | {format_number(r['psnr'], '.2f')} | {r['ssim']:.3f} | {r['fd']:.3f} | "
                              f"{r['class_consistency']:.3f} |")
     if "goal" in results:
         lines += ["", "## Goal", "", "Goal: >= 3x over dense SDPA at 4096 image tokens with cosine >= 0.99 "

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
 from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.report import format_number
 from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer, summarize
 from dit_accel.pipelines import zoo
@@ -202,12 +203,6 @@ def row(images, dense, speedups, flops_fraction, evaluator, labels, real, kind):
     }
 
 
-def _fmt(value, spec):
-    if value is None:
-        return "–"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    return format(value, spec)
 
 
 def meta_line(meta: dict) -> str:
@@ -236,16 +231,16 @@ def write_markdown(results: dict, path: Path) -> None:
                 lines.append(f"| {name} | not applicable: {r['unavailable']} ||||||| ")
                 continue
             lines.append(
-                f"| {name} | {_fmt(r['wall_speedup'], '.2f')} | {_fmt(r['transformer_speedup'], '.2f')} | "
-                f"{_fmt(r['flops_speedup'], '.2f')} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} | "
-                f"{_fmt(r['fd'], '.3f')} | {_fmt(r['class_consistency'], '.3f')} |"
+                f"| {name} | {format_number(r['wall_speedup'], '.2f')} | {format_number(r['transformer_speedup'], '.2f')} | "
+                f"{format_number(r['flops_speedup'], '.2f')} | {format_number(r['psnr'], '.2f')} | {format_number(r['ssim'], '.3f')} | "
+                f"{format_number(r['fd'], '.3f')} | {format_number(r['class_consistency'], '.3f')} |"
             )
     if "taylorseer_distance" in results:
         lines += ["", "## TaylorSeer: distance in timesteps or in steps, on a non-uniform schedule", "",
                   "zoo:mmdit with a shifted flow-matching schedule (shift 3, as FLUX uses), same seeds; quality "
                   "against its own dense output.", "", "| configuration | PSNR dB | SSIM | fd |", "|---|---|---|---|"]
         for name, r in results["taylorseer_distance"].items():
-            lines.append(f"| {name} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} | {_fmt(r['fd'], '.3f')} |")
+            lines.append(f"| {name} | {format_number(r['psnr'], '.2f')} | {format_number(r['ssim'], '.3f')} | {format_number(r['fd'], '.3f')} |")
     lines += ["", "![speedup vs PSNR](caching-cpu.png)"]
     path.write_text("\n".join(lines) + "\n")
 

@@ -115,9 +115,13 @@ def environment(pipe: Any, device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
-def _fmt(value: Any, spec: str) -> str:
+def format_number(value: Any, spec: str = ".2f") -> str:
+    """A table cell: ``–`` for a missing value, ``∞``/``-∞``, ``nan``, else ``format(value, spec)``; numbers stored
+    as strings (``"inf"`` in strict JSON rows) are read back first."""
     if value is None:
         return "–"
+    if isinstance(value, str):
+        value = float(value)
     if isinstance(value, float) and math.isinf(value):
         return "∞" if value > 0 else "-∞"
     if isinstance(value, float) and math.isnan(value):
@@ -171,12 +175,12 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
                              f"{str(r['unavailable']).replace('|', '/')} |||||||||||||{notes} |")
                 continue
             lines.append(
-                f"| {r['config']} | {r.get('kind', '')} | {_fmt(r.get('wall_speedup'), '.2f')} | "
-                f"{_fmt(r.get('transformer_speedup'), '.2f')} | {_fmt(r.get('flops_speedup'), '.2f')} | "
+                f"| {r['config']} | {r.get('kind', '')} | {format_number(r.get('wall_speedup'), '.2f')} | "
+                f"{format_number(r.get('transformer_speedup'), '.2f')} | {format_number(r.get('flops_speedup'), '.2f')} | "
                 f"{_latency(r.get('latency_s'))} | {_latency(r.get('dense_latency_s'))} | "
-                f"{_mib(r.get('peak_memory_bytes'))} | {_mib(r.get('cache_bytes'))} | {_fmt(r.get('psnr'), '.2f')} | "
-                f"{_fmt(r.get('ssim'), '.3f')} | {_fmt(r.get('fd'), '.3f')} | {_fmt(r.get('class_consistency'), '.3f')}"
-                f" | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip_score'), '.2f')} | {notes} |")
+                f"{_mib(r.get('peak_memory_bytes'))} | {_mib(r.get('cache_bytes'))} | {format_number(r.get('psnr'), '.2f')} | "
+                f"{format_number(r.get('ssim'), '.3f')} | {format_number(r.get('fd'), '.3f')} | {format_number(r.get('class_consistency'), '.3f')}"
+                f" | {format_number(r.get('fid'), '.2f')} | {format_number(r.get('clip_score'), '.2f')} | {notes} |")
     lines += ["", f"![speedup vs PSNR]({PARETO_FILE})", ""]
     return "\n".join(lines)
 
