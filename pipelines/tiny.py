@@ -3,7 +3,8 @@
 These pipelines exist for tests, examples and CPU benchmarks of the acceleration
 plugins: every one is a *real* ``diffusers`` pipeline class (``DiTPipeline``,
 ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
-``WanPipeline``, ``CogVideoXPipeline``, ``LTXPipeline``) whose components are
+``WanPipeline``, ``CogVideoXPipeline``, ``LTXPipeline``, ``QwenImagePipeline``,
+``HunyuanVideoPipeline``) whose components are
 random-init models with very small configs, and whose tokenizers are built from
 in-memory vocabularies. Nothing touches the Hugging Face Hub, so everything works
 with ``HF_HUB_OFFLINE=1``.
@@ -24,9 +25,10 @@ Classifier-free guidance (CFG) conventions, checked in the diffusers 0.42.1 sour
   of 2·B, **uncond half first** (``torch.cat([negative, positive])``).
   CogVideoX and LTX wrap the call in ``cache_context("cond_uncond")``; PixArt and
   SD3 set no cache context.
-* ``flux`` (true CFG, ``true_cfg_scale > 1`` plus a negative prompt) and ``wan``:
-  two calls per step on a batch of B, **cond call first** (under
-  ``cache_context("cond")``), then the uncond call (``cache_context("uncond")``).
+* ``flux``, ``qwen-image`` and ``hunyuan-video`` (true CFG, ``true_cfg_scale > 1``
+  plus a negative prompt) and ``wan``: two calls per step on a batch of B, **cond
+  call first** (under ``cache_context("cond")``), then the uncond call
+  (``cache_context("uncond")``).
 
 The module-level function :func:`list` deliberately shadows the builtin inside
 this module (the builtin stays reachable as ``builtins.list``); it is therefore
@@ -42,19 +44,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dit_accel.pipelines import tiny_lm
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import DiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 __all__ = ["build", "default_call_kwargs", "is_batched_cfg", "output_of"]
 
-_PIPELINE_NAMES: tuple[str, ...] = ("dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx")
+_PIPELINE_NAMES: tuple[str, ...] = (
+    "dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "qwen-image", "hunyuan-video",
+)
 
 # Pipelines that run cond and uncond as one transformer call on a doubled batch.
 _BATCHED_CFG_NAMES: frozenset[str] = frozenset({"dit", "pixart-sigma", "sd3", "cogvideox", "ltx"})
 
 # Pipelines whose output lives in ``.frames`` (videos) rather than ``.images``.
-_VIDEO_NAMES: frozenset[str] = frozenset({"wan", "cogvideox", "ltx"})
+_VIDEO_NAMES: frozenset[str] = frozenset({"wan", "cogvideox", "ltx", "hunyuan-video"})
 
 # Default number of transformer blocks per pipeline (for Flux: per stack, dual and single).
 _DEFAULT_NUM_LAYERS: dict[str, int] = {
@@ -65,6 +71,8 @@ _DEFAULT_NUM_LAYERS: dict[str, int] = {
     "wan": 2,
     "cogvideox": 2,
     "ltx": 2,
+    "qwen-image": 2,
+    "hunyuan-video": 1,
 }
 
 # Default CFG strength used by ``default_call_kwargs`` (for Flux this is ``true_cfg_scale``).
@@ -76,10 +84,12 @@ _DEFAULT_GUIDANCE: dict[str, float] = {
     "wan": 5.0,
     "cogvideox": 6.0,
     "ltx": 3.0,
+    "qwen-image": 4.0,
+    "hunyuan-video": 3.0,
 }
 
 _IMAGE_SIZE = 32  # pixels, height and width, for every pipeline (DiT's size is fixed by its config)
-_VIDEO_FRAMES: dict[str, int] = {"wan": 5, "cogvideox": 9, "ltx": 9}
+_VIDEO_FRAMES: dict[str, int] = {"wan": 5, "cogvideox": 9, "ltx": 9, "hunyuan-video": 5}
 _MAX_SEQUENCE_LENGTH = 16
 _PROMPT = "a photo of a cat"
 _NEGATIVE_PROMPT = "blurry"
@@ -95,8 +105,8 @@ def is_batched_cfg(name: str) -> bool:
     """Tell whether pipeline ``name`` runs CFG as one transformer call on a doubled batch.
 
     ``True`` for dit, pixart-sigma, sd3, cogvideox and ltx (cond and uncond are
-    concatenated along the batch); ``False`` for flux (true CFG) and wan, which call
-    the transformer twice per step, cond first and uncond second.
+    concatenated along the batch); ``False`` for flux, qwen-image, hunyuan-video (true
+    CFG) and wan, which call the transformer twice per step, cond first and uncond second.
     """
     _check_name(name)
     return name in _BATCHED_CFG_NAMES
@@ -110,9 +120,9 @@ def build(name: str, *, seed: int = 0, num_layers: int | None = None) -> Diffusi
         seed: seed of the random initialisation. The global torch RNG state is
             left untouched (the build runs inside ``torch.random.fork_rng``).
         num_layers: number of transformer blocks; ``None`` picks the pipeline's
-            default (2, or 3 for SD3). For Flux it sets both the number of dual
-            (``transformer_blocks``) and single (``single_transformer_blocks``)
-            blocks.
+            default (2, 3 for SD3, 1 for HunyuanVideo). For Flux and HunyuanVideo it
+            sets both the number of dual (``transformer_blocks``) and single
+            (``single_transformer_blocks``) blocks.
 
     Returns:
         The pipeline, with every ``torch.nn.Module`` component in eval mode and the
@@ -161,10 +171,11 @@ def default_call_kwargs(
             forces ``num_videos_per_prompt=1``; the others: ``num_images_per_prompt``
             / ``num_videos_per_prompt``).
         guidance_scale: CFG strength; ``None`` picks a per-pipeline default (> 1, so
-            CFG is on). For Flux this value is passed as ``true_cfg_scale`` (true CFG
-            with a negative prompt); Flux's own ``guidance_scale`` feeds a guidance
-            embedding that the tiny transformer does not have. A value <= 1 turns
-            CFG off in every pipeline.
+            CFG is on). For Flux, Qwen-Image and HunyuanVideo this value is passed as
+            ``true_cfg_scale`` (true CFG with a negative prompt); Flux's own
+            ``guidance_scale`` feeds a guidance embedding that the tiny transformer
+            does not have, HunyuanVideo's keeps the pipeline default (6.0). A value
+            <= 1 turns CFG off in every pipeline.
 
     Raises:
         ValueError: if ``name`` is unknown, or ``steps``/``batch_size`` < 1.
@@ -200,11 +211,14 @@ def default_call_kwargs(
             num_frames=_VIDEO_FRAMES[name],
             guidance_scale=scale,
         )
+    elif name == "hunyuan-video":
+        kwargs.update(num_frames=_VIDEO_FRAMES[name], num_videos_per_prompt=batch_size, true_cfg_scale=scale,
+                      prompt_template=dict(tiny_lm.HUNYUAN_PROMPT_TEMPLATE))
     elif name in _VIDEO_NAMES:
         kwargs.update(num_frames=_VIDEO_FRAMES[name], num_videos_per_prompt=batch_size, guidance_scale=scale)
     else:
         kwargs["num_images_per_prompt"] = batch_size
-        if name == "flux":
+        if name in ("flux", "qwen-image"):
             kwargs["true_cfg_scale"] = scale
         else:
             kwargs["guidance_scale"] = scale
@@ -570,4 +584,6 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
     "wan": _build_wan,
     "cogvideox": _build_cogvideox,
     "ltx": _build_ltx,
+    "qwen-image": tiny_lm.build_qwen_image,
+    "hunyuan-video": tiny_lm.build_hunyuan_video,
 }

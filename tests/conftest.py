@@ -12,9 +12,10 @@ import plugins_for_tests  # noqa: E402,F401  (registers the test plugins)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# The five families the foundation must support, the two video pipelines the tiny builders also cover, and the
-# two trained zoo models (when their weights are in the package).
-FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "zoo:dit", "zoo:mmdit"]
+# Every pipeline family the README lists (DiT, PixArt, SD3, FLUX, Wan, Qwen-Image, HunyuanVideo), the two other
+# video pipelines the tiny builders cover, and the two trained zoo models (when their weights are in the package).
+FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "qwen-image", "hunyuan-video",
+            "zoo:dit", "zoo:mmdit"]
 
 
 def zoo_weights_present(name: str) -> bool:

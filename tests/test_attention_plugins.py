@@ -186,13 +186,13 @@ def test_text_tokens_are_exact_on_either_side(text_position):
 def test_unsupported_calls_run_dense_and_warn():
     grid = TokenGrid(1, 8, 8)
     q, k, v, _, _ = qkv(length=64)
-    mask = torch.zeros(64, 64)
+    mask = torch.randn(64, 64)  # a bias, not a key-padding mask
     plugin, call = _plugin_call(HilbertPlugin, HilbertConfig(tile_size=8, neighbours=0),
                                 TokenLayout("self", grid), attn_mask=mask)
     with pytest.warns(UserWarning, match="attention mask"):
         out = plugin._attend(q, k, v, call)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    assert plugin.fallbacks["the call has an attention mask"] == 1
+    assert plugin.fallbacks["the attention mask is not a key-padding mask shared by the batch"] == 1
     plugin, call = _plugin_call(HilbertPlugin, HilbertConfig(), TokenLayout("self", TokenGrid(1, 4, 4)))
     with pytest.warns(UserWarning, match="does not match the token grid"):
         plugin._attend(q, k, v, call)  # 64 tokens, 16-token grid: a sharded sequence

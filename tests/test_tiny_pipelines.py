@@ -21,6 +21,8 @@ EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
     "wan": (5, 3, 32, 32),
     "cogvideox": (9, 3, 32, 32),
     "ltx": (9, 3, 32, 32),
+    "qwen-image": (3, 32, 32),
+    "hunyuan-video": (5, 3, 32, 32),
 }
 
 
@@ -34,7 +36,8 @@ def _transformer_params(pipe: Any) -> dict[str, torch.Tensor]:
 
 
 def test_list_order() -> None:
-    assert tiny.list() == ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx"]
+    assert tiny.list() == ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "qwen-image",
+                           "hunyuan-video"]
     assert tiny.list() is not tiny.list()  # callers may mutate their copy
 
 

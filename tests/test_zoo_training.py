@@ -48,3 +48,34 @@ def test_architecture_options_are_checked() -> None:
         train.main(["--preset", "evaluator", "--patch", "2", "--steps", "0"])
     with pytest.raises(SystemExit):
         train.main(["--preset", "dit", "--single-layers", "2", "--steps", "0"])
+
+
+@pytest.mark.parametrize("preset", ["dit", "mmdit"])
+def test_a_run_continues_the_shipped_weights_in_bf16(preset: str, tmp_path: Path) -> None:
+    """--from-shipped starts from the packaged weights and counts on from their steps; the optimizer warms up
+    again; the run's command lines are kept for the model card; bf16 autocast trains (fp32 weights)."""
+    from safetensors.torch import load_file
+
+    from dit_accel.pipelines.zoo.train import WEIGHTS
+
+    shipped = __import__("json").loads((WEIGHTS / preset / "training.json").read_text())
+    args = ["--preset", preset, "--from-shipped", "--steps", str(shipped["steps"] + 1), "--batch", "2",
+            "--precision", "bf16", "--workdir", str(tmp_path)]
+    train.main(args)
+    state = torch.load(tmp_path / preset / "checkpoint.pt", weights_only=True)
+    assert state["step"] == shipped["steps"] + 1 and state["warmup_from"] == shipped["steps"]
+    assert state["commands"][:len(shipped["commands"])] == shipped["commands"]
+    assert state["commands"][-1] == "python -m dit_accel.pipelines.zoo.train " + " ".join(args)
+    assert state["history"][-1]["steps"] == shipped["steps"]
+    weights = {k: v.float() for k, v in load_file(str(WEIGHTS / preset / "model.safetensors")).items()}
+    trained = state["nets"]["transformer"]
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    moved = max(float((trained[k] - weights[k]).abs().max()) for k in weights)
+    assert 0 < moved < 1e-2  # one step at the first warm-up rate (lr / 300): a small move from the shipped weights
+    assert train.learning_rate({"lr": 1.0, "warmup": 300}, shipped["steps"], 10**6, 0, shipped["steps"]) == 1 / 300
+
+
+def test_from_shipped_refuses_another_architecture(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not match this architecture"):
+        train.main(["--preset", "dit", "--from-shipped", "--steps", "1", "--width", "64", "--heads", "1",
+                    "--workdir", str(tmp_path)])

@@ -6,9 +6,11 @@ the self- and joint-attention layers selected by the config (cross attention is 
 splits off the text tokens wherever the model puts them (first in Flux, last in SD3), lets text queries attend to
 everything exactly, and puts the sequence back together.
 
-Calls it cannot handle exactly as described (an attention mask, causal attention, dropout, a sequence that does
-not match the token grid, as under context parallelism) run dense, are counted in ``fallbacks`` and warned about
-once per reason, so an acceleration that is not happening never goes unnoticed.
+A key-padding mask over text tokens (HunyuanVideo pads every prompt and masks the padding) is served exactly: the
+masked text keys are left out. Calls it cannot handle exactly as described (any other attention mask, causal
+attention, dropout, a sequence that does not match the token grid, as under context parallelism) run dense, are
+counted in ``fallbacks`` and warned about once per reason, so an acceleration that is not happening never goes
+unnoticed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_accel.attention.tiled import tiled_attention
-from dit_accel.core.attention import AttentionCall, LayerId, unsupported_options
+from dit_accel.core.attention import AttentionCall, LayerId, shared_key_padding, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin
@@ -104,7 +106,7 @@ class ImageAttentionPlugin(Plugin):
 
     # -- the shared part --------------------------------------------------------------------------------------
     def _unsupported(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall) -> str | None:
-        reason = unsupported_options(call.options)
+        reason = unsupported_options(call.options, key_padding=True)
         if reason is not None:
             return reason
         if key.shape[2] != query.shape[2] or key.shape[1] != query.shape[1]:
@@ -133,11 +135,23 @@ class ImageAttentionPlugin(Plugin):
         q_img, q_txt = split_text(query, num_text, text_first)
         k_img, k_txt = split_text(key, num_text, text_first)
         v_img, v_txt = split_text(value, num_text, text_first)
+        mask = call.options.get("attn_mask")
+        if mask is not None:
+            keep = shared_key_padding(mask, key.shape[2])
+            if keep is None:
+                self._fallback("the attention mask is not a key-padding mask shared by the batch", call)
+                return call.dense(query, key, value)
+            keep_img, keep_txt = split_text(keep[None, None, :, None], num_text, text_first)
+            if not bool(keep_img.all()):
+                self._fallback("the attention mask hides image tokens", call)
+                return call.dense(query, key, value)
+            keep_txt = keep_txt[0, 0, :, 0]
+            k_txt, v_txt = k_txt[:, :, keep_txt], v_txt[:, :, keep_txt]
         out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
         if num_text:
-            out_txt = F.scaled_dot_product_attention(q_txt, key, value, scale=call.options.get("scale"))
+            out_txt = F.scaled_dot_product_attention(q_txt, key, value, attn_mask=mask, scale=call.options.get("scale"))
             out = torch.cat([out_txt, out] if text_first else [out, out_txt], 2)
-        self._record(call, density, q_img.shape[2], num_text)
+        self._record(call, density, q_img.shape[2], k_txt.shape[2])
         return out
 
     def _record(self, call: AttentionCall, density: float, num_image: int, num_text: int) -> None:

@@ -79,16 +79,37 @@ class AttentionCall:
         return _SDPA(query, key, value, **self.options)
 
 
-def unsupported_options(options: dict) -> str | None:
+def unsupported_options(options: dict, *, key_padding: bool = False) -> str | None:
     """Why SDPA ``options`` (an :class:`AttentionCall`'s) cannot be served by an attention that does not implement
-    masks, causality or dropout, or ``None`` if they can."""
-    if options.get("attn_mask") is not None:
+    masks, causality or dropout, or ``None`` if they can. ``key_padding=True``: the caller serves a mask that
+    :func:`shared_key_padding` reads (it checks that itself), so a mask alone is no reason."""
+    if options.get("attn_mask") is not None and not key_padding:
         return "the call has an attention mask"
     if options.get("is_causal"):
         return "causal attention"
     if options.get("dropout_p", 0.0) > 0:
         return "attention dropout (training)"
     return None
+
+
+def shared_key_padding(mask: torch.Tensor, num_keys: int) -> torch.Tensor | None:
+    """The keys an SDPA ``attn_mask`` lets every query see, as a (num_keys,) bool tensor, when the mask is a
+    key-padding mask shared by every sample, head and query (HunyuanVideo's (B, 1, 1, S) mask over padded prompt
+    tokens, with one prompt length in the batch); ``None`` for any other mask.
+
+    Boolean masks (True: attend) and additive ones whose entries are 0 or -inf are read; any other bias is not
+    padding. Attention over the kept keys alone is then exactly the masked attention."""
+    if mask.dim() == 0 or mask.shape[-1] != num_keys:
+        return None
+    rows = mask.reshape(-1, num_keys)
+    row = rows[0]
+    if rows.shape[0] > 1 and not bool((rows == row).all()):
+        return None
+    if mask.dtype == torch.bool:
+        return row
+    if not mask.is_floating_point() or not bool(((row == 0) | torch.isneginf(row)).all()):
+        return None
+    return row == 0
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
