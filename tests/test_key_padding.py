@@ -1,10 +1,13 @@
-"""Key-padding masks over text tokens (HunyuanVideo's padded prompts) are served exactly by the attention plugins:
-the masked keys are left out, nothing falls back to dense; any other mask still runs dense with a warning."""
+"""Key-padding masks over text tokens (HunyuanVideo's padded prompts, Qwen-Image's batches of prompts of different
+lengths) are served exactly by the attention plugins: each sample's masked keys are left out, nothing falls back to
+dense; any other mask still runs dense with a warning."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ import pipelines_for_tests as pipes
 from dit_accel import accelerate_dit
 from dit_accel.attention.hilbert import HilbertConfig, HilbertPlugin
 from dit_accel.attention.todo import ToDoConfig, ToDoPlugin
-from dit_accel.core.attention import shared_key_padding
+from dit_accel.attention.window_residual import WindowResidualConfig, WindowResidualPlugin
+from dit_accel.core.attention import key_padding, padding_groups
 from dit_accel.core.blocks import TokenGrid, TokenLayout
 from test_attention_plugins import _plugin_call, qkv
 
@@ -22,19 +26,22 @@ GRID = TokenGrid(1, 8, 8)
 NUM_TEXT = 6
 
 
-def test_shared_key_padding_reads_boolean_and_additive_masks():
+def test_key_padding_reads_boolean_and_additive_masks_per_sample():
     keep = torch.tensor([True] * 5 + [False] * 2)
     for mask in (keep.view(1, 1, 1, 7).expand(3, 1, 1, 7),
                  torch.where(keep, 0.0, float("-inf")).view(1, 1, 1, 7),
                  keep.view(1, 7).expand(7, 7)):
-        assert torch.equal(shared_key_padding(mask, 7), keep)
-    assert shared_key_padding(torch.zeros(2, 1, 1, 7, dtype=torch.bool), 6) is None  # another length
-    differing = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        assert torch.equal(key_padding(mask, 3, 7), keep.expand(3, 7))
+    assert key_padding(torch.zeros(2, 1, 1, 7, dtype=torch.bool), 2, 6) is None  # another length
+    differing = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     differing[1, ..., -1] = False
-    assert shared_key_padding(differing, 7) is None  # prompts of other lengths in one batch
-    assert shared_key_padding(torch.full((1, 1, 1, 7), -2.0), 7) is None  # a bias, not padding
-    assert shared_key_padding(torch.ones(1, 1, 1, 7, dtype=torch.long), 7) is None
-    assert shared_key_padding(torch.tril(torch.ones(7, 7, dtype=torch.bool)), 7) is None  # causal
+    assert torch.equal(key_padding(differing, 3, 7), differing[:, 0, 0])  # prompts of other lengths in one batch
+    groups = padding_groups(differing[:, 0, 0])
+    assert sorted(rows.tolist() for rows, _ in groups) == [[0, 2], [1]]
+    assert key_padding(torch.ones(2, 1, 1, 7, dtype=torch.bool), 3, 7) is None  # a batch it does not belong to
+    assert key_padding(torch.full((1, 1, 1, 7), -2.0), 1, 7) is None  # a bias, not padding
+    assert key_padding(torch.ones(1, 1, 1, 7, dtype=torch.long), 1, 7) is None
+    assert key_padding(torch.tril(torch.ones(7, 7, dtype=torch.bool)), 1, 7) is None  # causal
 
 
 def _joint(text_position: str, padded: int, batch: int = 2):
@@ -71,7 +78,44 @@ def test_masked_text_keys_are_left_out_exactly(text_position, plugin_cls, config
     assert (out - masked_dense).abs().max() > 1e-3  # and the image queries are accelerated
 
 
-def test_a_mask_over_image_tokens_or_differing_prompts_runs_dense():
+def _run_steps(plugin_cls, config, layout, q, k, v, **options):
+    """The plugin's output on the third step (window-residual: a cheap step that adds the residual cached on a
+    full one, so a residual mixed up between groups of samples shows)."""
+    plugin, call = _plugin_call(plugin_cls, config, layout, **options)
+    plugin.residuals = {}
+    plugin.target = SimpleNamespace(stats=SimpleNamespace(set_cache_bytes=lambda nbytes: None, record=lambda *a, **k: None,
+                                                          core_fraction=lambda context, name: 1.0))
+    out = None
+    for step in (0, 1, 2):
+        step_call = dataclasses.replace(call, context=SimpleNamespace(step=step, slot=0))
+        out = plugin._attend(q * (1 + 0.5 * step), k, v, step_call)  # queries that change from step to step
+    return plugin, out
+
+
+@pytest.mark.parametrize("plugin_cls,config", [
+    (HilbertPlugin, HilbertConfig(tile_size=8, neighbours=0, pool_size=8)),
+    (WindowResidualPlugin, WindowResidualConfig(tile_size=8, neighbours=0, interval=2, first_steps=1)),
+])
+def test_prompts_of_different_lengths_in_one_batch_are_served_per_length(plugin_cls, config):
+    q, k, v, keep, mask = _joint("first", padded=0, batch=3)
+    mask = mask.clone()
+    mask[1, ..., NUM_TEXT - 3:NUM_TEXT] = False  # sample 1 has the shorter prompt
+    layout = TokenLayout("joint", GRID, num_text_tokens=NUM_TEXT, text_position="first")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dit_accel")
+        plugin, out = _run_steps(plugin_cls, config, layout, q, k, v, attn_mask=mask)
+    assert not plugin.fallbacks
+    for sample in range(3):
+        kept, rows = mask[sample, 0, 0], slice(sample, sample + 1)
+        alone_layout = TokenLayout("joint", GRID, num_text_tokens=int(kept[:NUM_TEXT].sum()), text_position="first")
+        _, expected = _run_steps(plugin_cls, config, alone_layout, q[rows][:, :, kept], k[rows][:, :, kept],
+                                 v[rows][:, :, kept])
+        torch.testing.assert_close(out[rows][:, :, kept], expected, atol=1e-6, rtol=1e-6)
+    masked_dense = F.scaled_dot_product_attention(q * 2, k, v, attn_mask=mask)
+    assert (out - masked_dense).abs().max() > 1e-3  # the image queries are accelerated
+
+
+def test_a_mask_over_image_tokens_or_a_bias_runs_dense():
     q, k, v, keep, mask = _joint("last", padded=2)
     layout = TokenLayout("joint", GRID, num_text_tokens=NUM_TEXT, text_position="last")
     hides_image = mask.clone()
@@ -80,10 +124,9 @@ def test_a_mask_over_image_tokens_or_differing_prompts_runs_dense():
     with pytest.warns(UserWarning, match="hides image tokens"):
         out = plugin._attend(q, k, v, call)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=hides_image))
-    differing = mask.clone()
-    differing[1, ..., -3] = False
-    plugin, call = _plugin_call(HilbertPlugin, HilbertConfig(tile_size=8, neighbours=0), layout, attn_mask=differing)
-    with pytest.warns(UserWarning, match="not a key-padding mask shared by the batch"):
+    bias = torch.randn(2, 1, 64 + NUM_TEXT, 64 + NUM_TEXT)
+    plugin, call = _plugin_call(HilbertPlugin, HilbertConfig(tile_size=8, neighbours=0), layout, attn_mask=bias)
+    with pytest.warns(UserWarning, match="not a key-padding mask"):
         plugin._attend(q, k, v, call)
 
 
@@ -123,3 +166,56 @@ def test_hunyuan_video_padding_is_masked_and_served():
     assert not plugin.fallbacks
     assert any(s.partial for s in handle.stats.sublayers.values())
     handle.remove()
+
+
+def test_qwen_image_batch_of_prompts_of_different_lengths_is_served():
+    """Qwen-Image masks text padding only when a batch mixes prompt lengths; the attention plugins then run once per
+    length, exact at settings that cover every key, and never fall back."""
+    pipe = pipes.build("qwen-image")
+    kwargs = dict(pipes.call_kwargs("qwen-image", steps=2), prompt=["a cat", "a much longer prompt about a dog"],
+                  negative_prompt=["b", "a longer negative prompt"], num_images_per_prompt=1,
+                  max_sequence_length=512)  # the whole templated prompt: its padding is kept, not cut off
+
+    def run():
+        with torch.no_grad():
+            return pipes.output_of("qwen-image", pipe(**dict(kwargs, generator=torch.Generator().manual_seed(0))))
+
+    masks = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kw: masks.append(kw.get("encoder_hidden_states_mask")), with_kwargs=True)
+    reference = run()
+    hook.remove()
+    assert masks[0] is not None and not bool(masks[0].all())  # the case under test: padding is masked
+    for recipe, overrides in (("hilbert", dict(neighbours=16, start=0.0, tile_size=1)), ("todo", {})):
+        handle = accelerate_dit(pipe, recipe, **overrides)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="dit_accel")
+            out = run()
+        assert not handle.transformers[0].plugins[0].fallbacks
+        if recipe == "hilbert":
+            torch.testing.assert_close(out, reference, atol=2e-4, rtol=1e-4)
+        else:
+            assert any(s.partial for s in handle.stats.sublayers.values())
+        handle.remove()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton not installed")
+def test_int8_serves_padding_per_prompt_length(interpreter):
+    from dit_accel.attention.int8 import Int8Config, Int8Plugin
+    from dit_accel.kernels.int8_attention import int8_attention
+
+    q, k, v, keep, mask = _joint("last", padded=0, batch=3)
+    mask = mask.clone()
+    mask[1, ..., -3:] = False
+    layout = TokenLayout("joint", GRID, num_text_tokens=NUM_TEXT, text_position="last")
+    plugin, call = _plugin_call(Int8Plugin, Int8Config(), layout, attn_mask=mask)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dit_accel")
+        out = plugin._attend(q, k, v, call)
+    assert not plugin.fallbacks
+    for sample in range(3):
+        kept, rows = mask[sample, 0, 0], slice(sample, sample + 1)
+        expected = int8_attention(q[rows], k[rows][:, :, kept], v[rows][:, :, kept])
+        torch.testing.assert_close(out[rows], expected, atol=1e-6, rtol=1e-6)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert F.cosine_similarity(out.flatten(), dense.flatten(), dim=0) > 0.999

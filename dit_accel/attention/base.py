@@ -6,8 +6,9 @@ the self- and joint-attention layers selected by the config (cross attention is 
 splits off the text tokens wherever the model puts them (first in Flux, last in SD3), lets text queries attend to
 everything exactly, and puts the sequence back together.
 
-A key-padding mask over text tokens (HunyuanVideo pads every prompt and masks the padding) is served exactly: the
-masked text keys are left out. Calls it cannot handle exactly as described (any other attention mask, causal
+A key-padding mask over text tokens (HunyuanVideo pads every prompt and masks the padding, Qwen-Image masks it when
+a batch mixes prompt lengths) is served exactly: each sample's masked text keys are left out, one call of the
+plugin per distinct prompt length. Calls it cannot handle exactly as described (any other attention mask, causal
 attention, dropout, a sequence that does not match the token grid, as under context parallelism) run dense, are
 counted in ``fallbacks`` and warned about once per reason, so an acceleration that is not happening never goes
 unnoticed.
@@ -15,6 +16,7 @@ unnoticed.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_accel.attention.tiled import tiled_attention
-from dit_accel.core.attention import AttentionCall, LayerId, shared_key_padding, unsupported_options
+from dit_accel.core.attention import AttentionCall, LayerId, key_padding, padding_groups, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin
@@ -136,23 +138,50 @@ class ImageAttentionPlugin(Plugin):
         k_img, k_txt = split_text(key, num_text, text_first)
         v_img, v_txt = split_text(value, num_text, text_first)
         mask = call.options.get("attn_mask")
-        if mask is not None:
-            keep = shared_key_padding(mask, key.shape[2])
+        if mask is None:
+            out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
+            kept_text = num_text
+        else:
+            keep = key_padding(mask, query.shape[0], key.shape[2])
             if keep is None:
-                self._fallback("the attention mask is not a key-padding mask shared by the batch", call)
+                self._fallback("the attention mask is not a key-padding mask", call)
                 return call.dense(query, key, value)
-            keep_img, keep_txt = split_text(keep[None, None, :, None], num_text, text_first)
+            keep_img, keep_txt = split_text(keep[:, None, :, None], num_text, text_first)
             if not bool(keep_img.all()):
                 self._fallback("the attention mask hides image tokens", call)
                 return call.dense(query, key, value)
-            keep_txt = keep_txt[0, 0, :, 0]
-            k_txt, v_txt = k_txt[:, :, keep_txt], v_txt[:, :, keep_txt]
-        out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
+            out, density, kept_text = self._padded_image_attention(q_img, k_img, v_img, k_txt, v_txt,
+                                                                   keep_txt[:, 0, :, 0], call)
         if num_text:
             out_txt = F.scaled_dot_product_attention(q_txt, key, value, attn_mask=mask, scale=call.options.get("scale"))
             out = torch.cat([out_txt, out] if text_first else [out, out_txt], 2)
-        self._record(call, density, q_img.shape[2], k_txt.shape[2])
+        self._record(call, density, q_img.shape[2], kept_text)
         return out
+
+    def _padded_image_attention(self, query, key, value, text_key, text_value, keep_text: torch.Tensor,
+                                call: AttentionCall) -> tuple[torch.Tensor, float, float]:
+        """``image_attention`` with each sample's padded text keys left out: one call per distinct prompt length
+        in the batch (each its own ``call.index``, so per-call caches never mix groups). Returns the output, the
+        batch's mean key density and mean number of kept text keys."""
+        groups = padding_groups(keep_text)
+        if len(groups) == 1:
+            kept = groups[0][1]
+            out, density = self.image_attention(query, key, value, text_key[:, :, kept], text_value[:, :, kept],
+                                                call.layout.grid, call.layer, call)
+            return out, density, int(kept.sum())
+        out, density, kept_text = None, 0.0, 0.0
+        for number, (rows, kept) in enumerate(groups):
+            part = dataclasses.replace(call, index=(call.index, number))
+            part_out, part_density = self.image_attention(
+                query[rows], key[rows], value[rows], text_key[rows][:, :, kept], text_value[rows][:, :, kept],
+                call.layout.grid, call.layer, part)
+            if out is None:
+                out = part_out.new_empty((query.shape[0], *part_out.shape[1:]))
+            out[rows] = part_out
+            share = len(rows) / query.shape[0]
+            density += part_density * share
+            kept_text += int(kept.sum()) * share
+        return out, density, kept_text
 
     def _record(self, call: AttentionCall, density: float, num_image: int, num_text: int) -> None:
         if call.context is None or density >= 1.0:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
-from dit_accel.core.attention import AttentionCall, shared_key_padding, unsupported_options
+from dit_accel.core.attention import AttentionCall, key_padding, padding_groups, unsupported_options
 from dit_accel.core.plugin import register_plugin
 from dit_accel.kernels import kernel_usable
 from dit_accel.kernels.int8_attention import MAX_HEAD_DIM, int8_attention
@@ -59,14 +59,14 @@ class Int8Config(ImageAttentionConfig):
 
 
 def int8_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict) -> str | None:
-    """Why the 8-bit kernel cannot take this SDPA call, or ``None`` if it can (a key-padding mask shared by the
-    batch is served by leaving the masked keys out)."""
+    """Why the 8-bit kernel cannot take this SDPA call, or ``None`` if it can (a key-padding mask is served by
+    leaving each sample's masked keys out)."""
     reason = unsupported_options(options, key_padding=True)
     if reason is not None:
         return reason
     mask = options.get("attn_mask")
-    if mask is not None and shared_key_padding(mask, key.shape[2]) is None:
-        return "the attention mask is not a key-padding mask shared by the batch"
+    if mask is not None and key_padding(mask, query.shape[0], key.shape[2]) is None:
+        return "the attention mask is not a key-padding mask"
     if key.shape[1] != query.shape[1]:
         return "keys have other heads than queries (grouped-query attention)"
     if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
@@ -91,12 +91,19 @@ class Int8Plugin(ImageAttentionPlugin):
             self._fallback(reason, call)
             return call.dense(query, key, value)
         config = self.config
+        settings = dict(scale=call.options.get("scale"), block_q=config.block_q, block_k=config.block_k,
+                        smooth_k=config.smooth_k, pv_bf16=config.pv_bf16)
         mask = call.options.get("attn_mask")
-        if mask is not None:
-            keep = shared_key_padding(mask, key.shape[2])
-            key, value = key[:, :, keep], value[:, :, keep]
-        return int8_attention(query, key, value, scale=call.options.get("scale"), block_q=config.block_q,
-                              block_k=config.block_k, smooth_k=config.smooth_k, pv_bf16=config.pv_bf16)
+        if mask is None:
+            return int8_attention(query, key, value, **settings)
+        groups = padding_groups(key_padding(mask, query.shape[0], key.shape[2]))
+        if len(groups) == 1:
+            kept = groups[0][1]
+            return int8_attention(query, key[:, :, kept], value[:, :, kept], **settings)
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        for rows, kept in groups:
+            out[rows] = int8_attention(query[rows], key[rows][:, :, kept], value[rows][:, :, kept], **settings)
+        return out
 
     def _fallback(self, reason: str, call: AttentionCall) -> None:
         self.fallbacks[reason] += 1

@@ -63,7 +63,8 @@ class AttentionCall:
         layer: which attention sub-layer is calling.
         layout: where image and text tokens sit in the query sequence (and the token grid).
         context: the tracker's step/branch decision for the current transformer call (``None`` outside one).
-        index: the SDPA call's index within this module's forward (Wan's image-to-video cross attention makes two).
+        index: the SDPA call's index within this module's forward (Wan's image-to-video cross attention makes two);
+            ``(index, group)`` when an attention plugin runs a call in groups of samples with one prompt length.
         options: the remaining SDPA arguments (``attn_mask``, ``dropout_p``, ``is_causal``, ``scale``,
             ``enable_gqa``), to be honoured or refused by the plugin.
     """
@@ -71,7 +72,7 @@ class AttentionCall:
     layer: LayerId
     layout: TokenLayout
     context: CallContext | None
-    index: int
+    index: int | tuple[int, int]
     options: dict = field(default_factory=dict)
 
     def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ class AttentionCall:
 def unsupported_options(options: dict, *, key_padding: bool = False) -> str | None:
     """Why SDPA ``options`` (an :class:`AttentionCall`'s) cannot be served by an attention that does not implement
     masks, causality or dropout, or ``None`` if they can. ``key_padding=True``: the caller serves a mask that
-    :func:`shared_key_padding` reads (it checks that itself), so a mask alone is no reason."""
+    :func:`key_padding` reads (it checks that itself), so a mask alone is no reason."""
     if options.get("attn_mask") is not None and not key_padding:
         return "the call has an attention mask"
     if options.get("is_causal"):
@@ -92,24 +93,34 @@ def unsupported_options(options: dict, *, key_padding: bool = False) -> str | No
     return None
 
 
-def shared_key_padding(mask: torch.Tensor, num_keys: int) -> torch.Tensor | None:
-    """The keys an SDPA ``attn_mask`` lets every query see, as a (num_keys,) bool tensor, when the mask is a
-    key-padding mask shared by every sample, head and query (HunyuanVideo's (B, 1, 1, S) mask over padded prompt
-    tokens, with one prompt length in the batch); ``None`` for any other mask.
+def key_padding(mask: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor | None:
+    """Per sample, the keys an SDPA ``attn_mask`` lets every head and query see, as a (batch, num_keys) bool
+    tensor, when the mask is a key-padding mask (HunyuanVideo's and Qwen-Image's (B, 1, 1, S) masks over padded
+    prompt tokens); ``None`` for any other mask.
 
     Boolean masks (True: attend) and additive ones whose entries are 0 or -inf are read; any other bias is not
-    padding. Attention over the kept keys alone is then exactly the masked attention."""
-    if mask.dim() == 0 or mask.shape[-1] != num_keys:
+    padding. Attention over each sample's kept keys alone is then exactly the masked attention."""
+    if mask.dim() == 0 or mask.shape[-1] != num_keys or (mask.dim() == 4 and mask.shape[0] not in (1, batch)):
         return None
-    rows = mask.reshape(-1, num_keys)
-    row = rows[0]
-    if rows.shape[0] > 1 and not bool((rows == row).all()):
+    samples = mask.shape[0] if mask.dim() == 4 else 1
+    rows = mask.reshape(samples, -1, num_keys)
+    keep = rows[:, 0]
+    if rows.shape[1] > 1 and not bool((rows == keep[:, None]).all()):
         return None
-    if mask.dtype == torch.bool:
-        return row
-    if not mask.is_floating_point() or not bool(((row == 0) | torch.isneginf(row)).all()):
-        return None
-    return row == 0
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point() or not bool(((keep == 0) | torch.isneginf(keep)).all()):
+            return None
+        keep = keep == 0
+    return keep.expand(batch, num_keys)
+
+
+def padding_groups(keep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The samples of a (batch, num_keys) :func:`key_padding` grouped by their kept keys: ``(rows, keep_row)``
+    pairs, one per distinct prompt length in the batch (usually one)."""
+    if keep.shape[0] == 1 or bool((keep == keep[:1]).all()):
+        return [(torch.arange(keep.shape[0], device=keep.device), keep[0])]
+    distinct, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    return [(torch.nonzero(inverse == g).flatten(), row) for g, row in enumerate(distinct)]
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
