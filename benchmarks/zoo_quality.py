@@ -146,7 +146,9 @@ def write_card(name: str, row: dict, reference: dict, n: int) -> None:
         f"width {config.get('num_attention_heads', 0) * config.get('attention_head_dim', 0)}; config in `config.json`",
         f"- training: {info['steps']} steps, batch {info['batch']}, AdamW lr {info['lr']} "
         f"({info.get('lr_schedule', 'warm-up, constant')}), EMA {info['ema']}, seed {info['seed']}, on {info['device']} "
-        f"with {info['threads']} thread(s), {info['wall_minutes']} min wall",
+        f"with {info['threads']} thread(s), {info.get('precision', 'fp32')}, {info['wall_minutes']} min wall in all"
+        + "".join(f"; continues a run of {h['steps']} steps ({h['device']}, {h['wall_minutes']} min, "
+                  f"{h['lr_schedule']})" for h in info.get("history", [])),
         f"- final training loss (mean of the last 50 steps): {info['final_loss']:.4f}",
         f"- objective: {'DDPM v-prediction (cosine, zero terminal SNR), DDIM sampling' if name == 'dit' else 'rectified flow, Euler sampling'}",
         f"- measured ({n} samples, {row['num_inference_steps']} steps, guidance {row['guidance_scale']}): "
