@@ -20,7 +20,7 @@ from dit_accel.attention.ranges import curve_density, curve_tile_attention
 from dit_accel.attention.tiled import curve_neighbours, plan_from_groups, tiled_attention
 from dit_accel.attention.todo import ToDoConfig, ToDoPlugin, downsample_tokens, downsampled_attention
 from dit_accel.attention.window_residual import WindowResidualConfig, WindowResidualPlugin, is_full_step
-from dit_accel.core.attention import AttentionCall, LayerId
+from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId
 from dit_accel.core.blocks import TokenGrid, TokenLayout
 
 ATTENTION_RECIPES = ["todo", "proxy", "hilbert", "window-residual"]
@@ -158,6 +158,7 @@ def _plugin_call(plugin_cls, config, layout, **options):
     plugin.config, plugin.target = config, None
     plugin.depth = {"blocks.0.attn": 0}
     plugin._orders, plugin._tilings, plugin.fallbacks, plugin._warned = {}, {}, __import__("collections").Counter(), set()
+    plugin.key_padding = KeyPaddingReader()
     layer = LayerId("blocks", 0, "attn", layout.kind)
     opts = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
     opts.update(options)

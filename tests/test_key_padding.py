@@ -18,7 +18,8 @@ from dit_accel import accelerate_dit
 from dit_accel.attention.hilbert import HilbertConfig, HilbertPlugin
 from dit_accel.attention.todo import ToDoConfig, ToDoPlugin
 from dit_accel.attention.window_residual import WindowResidualConfig, WindowResidualPlugin
-from dit_accel.core.attention import key_padding, padding_groups
+from dit_accel.core import attention as core_attention
+from dit_accel.core.attention import KeyPaddingReader, key_padding, padding_groups
 from dit_accel.core.blocks import TokenGrid, TokenLayout
 from test_attention_plugins import _plugin_call, qkv
 
@@ -42,6 +43,21 @@ def test_key_padding_reads_boolean_and_additive_masks_per_sample():
     assert key_padding(torch.full((1, 1, 1, 7), -2.0), 1, 7) is None  # a bias, not padding
     assert key_padding(torch.ones(1, 1, 1, 7, dtype=torch.long), 1, 7) is None
     assert key_padding(torch.tril(torch.ones(7, 7, dtype=torch.bool)), 1, 7) is None  # causal
+
+
+def test_the_reader_reads_one_mask_object_once(monkeypatch):
+    reads = []
+    monkeypatch.setattr(core_attention, "key_padding", lambda *args: reads.append(args) or key_padding(*args))
+    reader = KeyPaddingReader()
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[..., -2:] = False
+    for _ in range(3):  # every block of one forward
+        assert torch.equal(reader(mask, 2, 7), mask[:, 0, 0])
+    assert len(reads) == 1
+    mask[..., -3] = False  # changed in place: read again
+    assert torch.equal(reader(mask, 2, 7), mask[:, 0, 0])
+    assert torch.equal(reader(mask.clone(), 2, 7), mask[:, 0, 0])  # another object: read again
+    assert len(reads) == 3
 
 
 def _joint(text_position: str, padded: int, batch: int = 2):

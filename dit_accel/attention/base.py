@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_accel.attention.tiled import tiled_attention
-from dit_accel.core.attention import AttentionCall, LayerId, key_padding, padding_groups, unsupported_options
+from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId, padding_groups, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin
@@ -85,6 +85,7 @@ class ImageAttentionPlugin(Plugin):
         self.depth = {layer.name: index for index, layer in enumerate(layers)}
         self.fallbacks: Counter = Counter()
         self._warned: set[str] = set()
+        self.key_padding = KeyPaddingReader()
         self.target.attention.route(layers, self._attend, owner=self, when=self._active, steps=self.config.steps)
 
     def remove(self) -> None:
@@ -142,7 +143,7 @@ class ImageAttentionPlugin(Plugin):
             out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
             kept_text = num_text
         else:
-            keep = key_padding(mask, query.shape[0], key.shape[2])
+            keep = self.key_padding(mask, query.shape[0], key.shape[2])
             if keep is None:
                 self._fallback("the attention mask is not a key-padding mask", call)
                 return call.dense(query, key, value)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
-from dit_accel.core.attention import AttentionCall, key_padding, padding_groups, unsupported_options
+from dit_accel.core.attention import AttentionCall, padding_groups, unsupported_options
 from dit_accel.core.plugin import register_plugin
 from dit_accel.kernels import kernel_usable
 from dit_accel.kernels.int8_attention import MAX_HEAD_DIM, int8_attention
@@ -58,14 +58,14 @@ class Int8Config(ImageAttentionConfig):
         check_bool(self, "smooth_k", "pv_bf16")
 
 
-def int8_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict) -> str | None:
-    """Why the 8-bit kernel cannot take this SDPA call, or ``None`` if it can (a key-padding mask is served by
-    leaving each sample's masked keys out)."""
+def int8_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict,
+                     keep: torch.Tensor | None = None) -> str | None:
+    """Why the 8-bit kernel cannot take this SDPA call, or ``None`` if it can. A mask is served when ``keep``, its
+    :func:`~dit_accel.core.attention.key_padding`, was read: each sample's masked keys are left out."""
     reason = unsupported_options(options, key_padding=True)
     if reason is not None:
         return reason
-    mask = options.get("attn_mask")
-    if mask is not None and key_padding(mask, query.shape[0], key.shape[2]) is None:
+    if options.get("attn_mask") is not None and keep is None:
         return "the attention mask is not a key-padding mask"
     if key.shape[1] != query.shape[1]:
         return "keys have other heads than queries (grouped-query attention)"
@@ -84,7 +84,9 @@ class Int8Plugin(ImageAttentionPlugin):
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 call: AttentionCall) -> torch.Tensor:
-        reason = int8_unsupported(query, key, value, call.options)
+        mask = call.options.get("attn_mask")
+        keep = self.key_padding(mask, query.shape[0], key.shape[2]) if mask is not None else None
+        reason = int8_unsupported(query, key, value, call.options, keep)
         if reason is None and not kernel_usable(query):
             reason = NO_KERNEL
         if reason is not None:
@@ -93,10 +95,9 @@ class Int8Plugin(ImageAttentionPlugin):
         config = self.config
         settings = dict(scale=call.options.get("scale"), block_q=config.block_q, block_k=config.block_k,
                         smooth_k=config.smooth_k, pv_bf16=config.pv_bf16)
-        mask = call.options.get("attn_mask")
-        if mask is None:
+        if keep is None:
             return int8_attention(query, key, value, **settings)
-        groups = padding_groups(key_padding(mask, query.shape[0], key.shape[2]))
+        groups = padding_groups(keep)
         if len(groups) == 1:
             kept = groups[0][1]
             return int8_attention(query, key[:, :, kept], value[:, :, kept], **settings)

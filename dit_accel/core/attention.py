@@ -114,6 +114,22 @@ def key_padding(mask: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor |
     return keep.expand(batch, num_keys)
 
 
+class KeyPaddingReader:
+    """:func:`key_padding` remembering its last answer: HunyuanVideo hands one mask object to every block of a
+    forward, so the mask (a host sync on a GPU) is read once per forward, not once per attention call."""
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
+
+    def __call__(self, mask: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor | None:
+        key = (mask._version, batch, num_keys)
+        if self._last is not None and self._last[0] is mask and self._last[1] == key:
+            return self._last[2]
+        keep = key_padding(mask, batch, num_keys)
+        self._last = (mask, key, keep)
+        return keep
+
+
 def padding_groups(keep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The samples of a (batch, num_keys) :func:`key_padding` grouped by their kept keys: ``(rows, keep_row)``
     pairs, one per distinct prompt length in the batch (usually one)."""

@@ -128,8 +128,8 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     """The forward pass's numerics: ``fp32``, or ``bf16`` autocast (weights, optimizer and EMA stay fp32).
 
     On the CPU, bf16 runs the attention through SDPA's math backend: the CPU flash kernel's bf16 backward is
-    several times slower than its fp32 one (42 ms against 6 ms a call on the zoo:dit shapes, 2-core x86-64 with
-    AMX), while the math backend's bf16 matmuls are the fast part of the step."""
+    several times slower than its fp32 one (profiled on the zoo:dit shapes, 2-core x86-64 with AMX), while the math
+    backend's bf16 matmuls are the fast part of the step; ``benchmarks/train_step_cpu.py`` times the result."""
     if precision == "fp32":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
