@@ -51,6 +51,13 @@ def dit_transformer(num_layers: int = 6, width: int = 128, heads: int = 4, patch
     )
 
 
+def flowdit_transformer(num_layers: int = 4, width: int = 96, heads: int = 4, patch: int = 2
+                        ) -> DiTTransformer2DModel:
+    """zoo:flowdit, the evaluation-only model: an adaLN-zero DiT like zoo:dit but trained with flow matching on a
+    16x16 token grid (patch 2), 4 blocks of width 96; timestep input 1000 * sigma."""
+    return dit_transformer(num_layers=num_layers, width=width, heads=heads, patch=patch)
+
+
 def ddpm_train_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**DDPM_CONFIG)
 
