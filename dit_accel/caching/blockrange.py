@@ -4,13 +4,17 @@ The blocks of all block lists are numbered in execution order (Flux: dual-stream
 ``[start, end)`` gets one hook per block. At the first block the policy decides, per sample row, whether the range
 is skipped. If every row skips (and a residual is cached) the blocks pass their inputs through and the last one
 returns ``input + residual`` per stream (hidden, and encoder where the block returns one; SD3's last block returns
-``None`` for the encoder and so does the skipped range). Otherwise the range computes; rows that chose to skip still
-get ``input + cached residual``, so a decision is always per row (never a batch mean), and the residual is updated
-only for the rows that computed. State is per slot, so separate cond/uncond calls never share a residual.
+``None`` for the encoder and so does the skipped range). When only some rows skip, the range computes *only the
+other rows*: every tensor argument of the range's blocks with the call's batch as its first dimension is cut to
+those rows (and the tracker's context to their branches while the range runs), so a call costs what it computes;
+the skipping rows get ``input + cached residual``. A decision is always per row (never a batch mean), and the
+residual is updated only for the rows that computed. State is per slot, so separate cond/uncond calls never share
+a residual.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,16 +57,34 @@ class _Call:
     hidden: torch.Tensor
     encoder: torch.Tensor | None
     passthrough: bool
+    rows: torch.Tensor | None = None  # indices of the rows the range computes when only some rows skip
+    context: CallContext | None = None  # the whole call's context, restored when the range ends
+
+
+# Rotary embeddings: (tokens, dim) tables shared by the batch (Flux, CogVideoX, HunyuanVideo), or per sample with a
+# leading batch dimension (LTX's (B, tokens, dim)); a 2-D one is never cut, even if its token count equals the batch.
+_POSITIONAL_ARGS = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rotary_pos_emb")
+
+
+def select_rows(value: Any, rows: torch.Tensor, batch: int, min_ndim: int = 1) -> Any:
+    """``value`` with every tensor of at least ``min_ndim`` dimensions whose first dimension is ``batch`` cut to
+    ``rows`` (through tuples, lists and dicts); anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.ndim >= min_ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(select_rows(v, rows, batch, min_ndim) for v in value)
+    if isinstance(value, dict):
+        return {k: select_rows(v, rows, batch, 3 if k in _POSITIONAL_ARGS else min_ndim) for k, v in value.items()}
+    return value
 
 
 def _add(value: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor | None:
     return None if value is None or residual is None else value + residual
 
 
-def _blend(rows: torch.Tensor, skipped: torch.Tensor | None, computed: torch.Tensor | None):
-    if skipped is None or computed is None:
-        return computed
-    return torch.where(rows.view(-1, *([1] * (computed.ndim - 1))), skipped, computed)
+def _scatter(full: torch.Tensor | None, rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``full`` with ``rows`` replaced by ``part`` (out of place); ``part`` alone if there is no ``full``."""
+    return part if full is None else full.index_copy(0, rows, part.to(full.dtype))
 
 
 class _RangeHook(ModelHook):
@@ -85,6 +107,10 @@ class _RangeHook(ModelHook):
             residual = owner.residual_for(context)
             owner.record_skip(context)
             return self.contract.join_output(_add(hidden, residual[0]), _add(encoder, residual[1]))
+        if call.rows is not None:
+            batch = call.hidden.shape[0]
+            args = select_rows(args, call.rows, batch)
+            kwargs = select_rows(kwargs, call.rows, batch)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.last:
             output = owner.end(context, output, self.contract)
@@ -120,20 +146,35 @@ class BlockRange:
         skip_rows = self.policy.decide(context, hidden, encoder)
         cached = context.slot in self.residuals
         skip_rows = skip_rows & cached
-        self.call = _Call(skip_rows, hidden, encoder, passthrough=bool(cached and skip_rows.all()))
+        skipping = int(skip_rows.sum()) if cached else 0
+        self.call = _Call(skip_rows, hidden, encoder, passthrough=skipping == skip_rows.numel())
+        if 0 < skipping < skip_rows.numel():
+            self.call.rows = (~skip_rows).nonzero().flatten()
+            self.call.context = context
+            kept = self.call.rows.tolist()
+            self.target.tracker.current = dataclasses.replace(
+                context, batch_size=len(kept), branches=tuple(context.branches[i] for i in kept))
 
     def end(self, context: CallContext, output, contract: BlockContract):
         call = self.call
         hidden, encoder = contract.split_output(output)
-        new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
-        old = self.residuals.get(context.slot)
-        mixed = old is not None and bool(call.skip_rows.any())
+        mixed = call.rows is not None
         if mixed:
-            rows = call.skip_rows
+            context = call.context
+            self.target.tracker.current = context
+            rows = call.rows
+            old = self.residuals[context.slot]
             served = self.residual_for(context)
-            hidden = _blend(rows, _add(call.hidden, served[0]), hidden)
-            encoder = _blend(rows, _add(call.encoder, served[1]), encoder)
-            new = (_blend(rows, old[0], new[0]), _blend(rows, old[1], new[1]))
+            new = (_scatter(old[0], rows, hidden - call.hidden.index_select(0, rows)),
+                   None if encoder is None or call.encoder is None or old[1] is None
+                   else _scatter(old[1], rows, encoder - call.encoder.index_select(0, rows)))
+            hidden = _scatter(_add(call.hidden, served[0]), rows, hidden)
+            encoder = None if encoder is None else _scatter(_add(call.encoder, served[1]), rows, encoder)
+            computed = rows.numel() / call.skip_rows.numel()
+            for name in self.sublayers:
+                self.target.stats.record(context, name, "partial", computed_fraction=computed)
+        else:
+            new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
         self.residuals[context.slot] = new
         if self.forecast_order:
             # Rows that skipped keep an older residual: a polynomial through mixed rows would be wrong, restart it.
