@@ -218,6 +218,47 @@ class AccelerationHandle:
             self._compiled.append(compile_regions(blocks, **options))
         return self
 
+    def begin(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None) -> None:
+        """Declare the generations of a custom sampling loop (no diffusers scheduler): each has ``num_steps`` steps
+        (or ``len(timesteps)``), so that schedules relative to the end (``last_steps``, magcache's curve, cfg-share's
+        window) apply; ``cfg`` names how the loop runs classifier-free guidance, to label rows ``cond``/``uncond``:
+        ``"batched-cond-first"`` (one call, conditional rows first), ``"batched-uncond-first"``,
+        ``"separate-cond-first"`` (two calls per step, conditional first) or ``"none"``. DiT's null class labels
+        rows by itself. Holds until :meth:`end`; several generations may run in between (each starts when the
+        timestep jumps back up). Pipelines need none of this: their scheduler declares it."""
+        from dit_accel.pipelines.adapters import CFG_CONVENTIONS
+
+        if timesteps is not None:
+            if num_steps is not None and num_steps != len(timesteps):
+                raise ValueError(f"num_steps = {num_steps} but {len(timesteps)} timesteps were given; pass one")
+            num_steps = len(timesteps)
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps = {num_steps!r} is not allowed; allowed: a positive integer")
+        allowed = sorted(set(CFG_CONVENTIONS.values())) + ["none"]
+        if cfg is not None and cfg not in allowed:
+            raise ValueError(f"cfg = {cfg!r} is not allowed; allowed: {', '.join(allowed)}")
+        for acc in self.transformers:
+            acc.tracker.declare(num_steps, cfg)
+
+    def end(self) -> None:
+        """End what :meth:`begin` declared: the running generation ends and plugin state is dropped."""
+        for acc in self.transformers:
+            acc.tracker.undeclare()
+
+    @contextlib.contextmanager
+    def generation(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None):
+        """``with handle.generation(num_steps=50, cfg="batched-cond-first"): <your loop>``: :meth:`begin` on
+        entry, :meth:`end` on exit; an exception inside drops all state as a failed generation."""
+        self.begin(num_steps, timesteps=timesteps, cfg=cfg)
+        try:
+            yield self
+        except BaseException:
+            for acc in self.transformers:
+                acc.tracker.undeclare(reason="error")
+            raise
+        else:
+            self.end()
+
     def reset(self) -> None:
         """Drop all plugin state now (the next call starts a fresh generation)."""
         for acc in self.transformers:

@@ -58,6 +58,9 @@ class CFGSharePlugin(Plugin):
         self.target.route_attention(self, self._attend)
 
     def _active(self, context: CallContext | None) -> bool:
+        if context is not None:
+            self.warn_unknown_length(context, f"its window (start={self.config.start}, end={self.config.end}) never "
+                                     "opens: nothing is shared")
         return (context is not None and self.target.in_scope(self.config, context)
                 and sharing_window(context.step, context.num_steps, self.config.start, self.config.end))
 

@@ -63,6 +63,8 @@ class _GroupPolicy:
 
     def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
         config = self.plugin.config
+        self.plugin.warn_unknown_length(context, f"boundary={config.boundary} and last_steps={config.last_steps} cannot "
+                                        "apply (every cached step reuses the rear group)")
         skip = (
             self.plugin.target.in_scope(config, context)
             and delta_dit_group(context.step, context.num_steps, config.boundary) == self.group

@@ -128,6 +128,8 @@ class FirstBlockCachePlugin(Plugin):
         self._pending = residual
         never = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
         previous = self.previous.get(context.slot)
+        if config.last_steps:
+            self.warn_unknown_length(context, f"last_steps={config.last_steps} cannot keep the final steps computed")
         late = context.num_steps is not None and context.step >= context.num_steps - config.last_steps
         if (previous is None or previous.shape != residual.shape or context.step < config.warmup_steps or late
                 or not self.target.in_scope(config, context)):

@@ -218,7 +218,8 @@ class MagCachePlugin(Plugin):
         if steps is None or steps < 2:
             self._mode = "dense"
             self._warn_once(("steps", steps), "dit_accel magcache: the number of steps of this generation is unknown "
-                            "(the scheduler's set_timesteps was not seen), so it runs dense", UserWarning)
+                            "(the scheduler's set_timesteps was not seen: a custom loop?), so it runs dense; declare the loop with "
+                            "`with handle.generation(num_steps=N):` (or handle.begin(num_steps=N))", UserWarning)
         elif config.ratios or steps in self.curves:
             self._mode = "cache"
         elif self.curves and not config.recalibrate:

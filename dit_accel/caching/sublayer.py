@@ -162,6 +162,8 @@ class IntervalSubLayerPlugin(Plugin):
     def cached_step(self, context: CallContext) -> bool:
         """Whether this call reuses or forecasts (in scope, and not a full step of the schedule)."""
         config = self.config
+        if config.last_steps:
+            self.warn_unknown_length(context, f"last_steps={config.last_steps} cannot keep the final steps computed")
         return self.target.in_scope(config, context) and not computes_at(
             context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
 

@@ -117,6 +117,8 @@ class StepTracker:
         self._null_class_label = null_class_label
         self.generation = 0
         self.current: CallContext | None = None
+        self._declared_steps: int | None = None
+        self._declared_cfg: str | None = None
         self._clear()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -126,7 +128,7 @@ class StepTracker:
         self._last_timestep: float | None = None
         self._direction = 0.0
         self._signature: tuple | None = None
-        self._num_steps: int | None = None
+        self._num_steps: int | None = self._declared_steps
         self._slot_names: dict[str, int] = {}
         self._grid_cache: dict[tuple, TokenGrid | None] = {}
         self._started = False
@@ -145,6 +147,17 @@ class StepTracker:
                 self._num_steps = len(timesteps)
             except TypeError:
                 self._num_steps = None
+
+    def declare(self, num_steps: int | None, cfg: str | None) -> None:
+        """A generation declared by the caller (a custom loop): every generation until :meth:`undeclare` has
+        ``num_steps`` steps, and its rows follow the CFG convention ``cfg`` (``"none"``: no CFG, every row is
+        conditional). Starts a new generation."""
+        self._declared_steps, self._declared_cfg = num_steps, cfg
+        self.reset(reason="start")
+
+    def undeclare(self, reason: str = "end") -> None:
+        self._declared_steps = self._declared_cfg = None
+        self.reset(reason=reason)
 
     # -------------------------------------------------------------------------------------------- per call
     def enter(self, module: torch.nn.Module, args: tuple, kwargs: dict, context_name: str | None) -> CallContext:
@@ -180,7 +193,7 @@ class StepTracker:
             reversed_direction = self._direction != 0.0 and (direction > 0) != (self._direction > 0)
             past_schedule = self._num_steps is not None and self._step + 1 >= self._num_steps
             if reversed_direction or past_schedule:
-                num_steps = None if reversed_direction else self._num_steps
+                num_steps = self._declared_steps if reversed_direction else self._num_steps
                 self.reset(reason="change")
                 self._num_steps = num_steps
                 self._start(signature)
@@ -229,7 +242,9 @@ class StepTracker:
     def _role(self, slot: int, row: int, batch: int, context_name: str | None, kwargs: dict) -> str | None:
         if context_name in ("cond", "uncond"):
             return context_name
-        convention = self.cfg_convention
+        if self._declared_cfg == "none":
+            return "cond"
+        convention = self._declared_cfg or self.cfg_convention
         if convention == "separate-cond-first":
             return "cond" if slot == 0 else "uncond" if slot == 1 else None
         if convention is None or not convention.startswith("batched"):
@@ -238,7 +253,7 @@ class StepTracker:
         if self._null_class_label is not None and isinstance(class_labels, torch.Tensor) and class_labels.numel() == batch:
             # DiT: the unconditional rows carry the null class label.
             return "uncond" if int(class_labels[row]) == self._null_class_label else "cond"
-        guided = self._guidance_probe() if self._guidance_probe is not None else None
+        guided = True if self._declared_cfg else self._guidance_probe() if self._guidance_probe is not None else None
         if not guided or batch % 2:
             return "cond" if guided is False else None
         first_half = row < batch // 2

@@ -9,6 +9,7 @@ hook in :meth:`Plugin.remove`.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -77,6 +78,19 @@ class Plugin:
     @property
     def name(self) -> str:
         return type(self.config).type_name
+
+    def warn_unknown_length(self, context: CallContext, consequence: str) -> None:
+        """Once per plugin, when this generation's schedule length is unknown (a custom loop with no diffusers
+        scheduler): a warning that says what the plugin cannot do without it (``consequence``) and how to declare
+        the loop."""
+        if context.num_steps is not None or getattr(self, "_warned_unknown_length", False):
+            return
+        self._warned_unknown_length = True
+        warnings.warn(
+            f"dit_accel {self.name}: the number of steps of this generation is unknown (no scheduler's "
+            f"set_timesteps was seen: a custom loop?), so {consequence}; declare "
+            "the loop with `with handle.generation(num_steps=N):` (or handle.begin(num_steps=N))",
+            UserWarning, stacklevel=4)
 
     def install(self) -> None:
         """Register hooks / attention routes on ``self.target``."""
