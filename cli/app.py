@@ -329,6 +329,7 @@ def generate(
 
 
 from dit_accel.cli import measure as _measure  # noqa: E402,F401 - registers `bench` and `tune` on `app`
+from dit_accel.cli import calibrate as _calibrate  # noqa: E402,F401 - registers `calibrate`
 
 
 def main() -> None:

@@ -306,7 +306,14 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a magcache calibration)
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(c.isalnum() or c in "-_" for c in key) and key.isascii()
+    return key if bare else _toml_value(str(key))
 
 
 _NONE_DESCRIPTION = "No acceleration: installs the tracker and attention interception, changes nothing"
@@ -346,7 +353,7 @@ def load_recipe(recipe: "str | Path | Recipe" = "none", **overrides: Any) -> Rec
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe file {str(path)!r} is not valid TOML: {error}") from None
-        resolved = Recipe.from_dict(data)
+        resolved = Recipe.from_dict(_resolve_paths(data, path.parent))
     elif isinstance(recipe, str):
         files = _named_recipe_files()
         parts = [part.strip() for part in recipe.split("+")]
@@ -362,6 +369,23 @@ def load_recipe(recipe: "str | Path | Recipe" = "none", **overrides: Any) -> Rec
     else:
         raise TypeError(f"recipe must be a name, a path to a .toml file or a Recipe, got {type(recipe).__name__}")
     return resolved.with_overrides(**overrides) if overrides else resolved
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative file paths in the fields a config names in ``path_fields`` (magcache's calibration file) are
+    relative to the recipe file, not to the working directory."""
+    types = config_types()
+    plugins = []
+    for plugin in data.get("plugins", []) if isinstance(data.get("plugins"), list) else []:
+        cls = types.get(plugin.get("type")) if isinstance(plugin, dict) else None
+        if cls is not None:
+            plugin = dict(plugin)
+            for name in getattr(cls, "path_fields", ()):
+                value = plugin.get(name)
+                if isinstance(value, str) and value and not Path(value).is_absolute():
+                    plugin[name] = str(folder / value)
+        plugins.append(plugin)
+    return {**data, "plugins": plugins} if "plugins" in data else data
 
 
 def _load_builtin_plugins() -> None:

@@ -308,6 +308,19 @@ class Tuner:
         return min(tied, key=lambda c: (round(c.flops_fraction, 3), sign * c.metrics[self.target.metric]))
 
 
+def with_calibrations(recipe: Any, session: Session) -> Any:
+    """``recipe`` with the curves its self-calibrating plugins measure (one untimed generation on calibration
+    seeds) written into it, so that a fresh process loading the file skips from its first generation."""
+    from dit_accel.caching.calibration import embed_calibrations
+
+    toggle = RecipeToggle(session, recipe)
+    toggle.enable()
+    try:
+        return embed_calibrations(recipe, toggle.handles[-1])
+    finally:
+        toggle.disable()
+
+
 def score(images: torch.Tensor, dense: torch.Tensor, conditioning: dict, quality: Quality) -> dict[str, Any]:
     metrics = fidelity(images, dense)
     metrics.update(quality.measure(images, dense, conditioning, []))
@@ -368,6 +381,7 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
         tuned = Recipe(plugins=best.recipe.plugins, name=f"{best.recipe.name}-tuned",
                        description=f"{best.recipe.name} tuned by ditaccel tune for {target} on {spec} at {steps} steps "
                        f"({settings}; FLOPs {best.flops_fraction:.3f} of dense on calibration seeds)")
+        tuned = with_calibrations(tuned, session)
         tuned.save(output)
         result.recipe = load_recipe(str(output))  # what the user will load, checked
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET

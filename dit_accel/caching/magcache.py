@@ -31,12 +31,14 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from dit_accel.caching.blockrange import BlockRange
+from dit_accel.caching.calibration import CALIBRATION_FORMAT, load_calibration, model_identity, validate_calibration
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_range, register_config
@@ -127,17 +129,23 @@ class MagCacheConfig(PluginConfig):
         forecast_order (`int`, defaults to `1`): 0 reuses the residual of the last computed step (MagCache);
             1 forecasts it linearly over the timesteps of the last two computed steps; 2-4 higher-order Newton
             forecasts. Allowed: 0-4.
-        ratios (`tuple[float, ...]`, defaults to `()`): the calibrated magnitude-ratio curve (``gamma_0 = 1``
-            first), used for every branch and resampled to the generation's step count (:func:`resample_ratios`).
-            Empty: calibrate automatically -- the first generation with a new number of steps runs dense and
-            records one curve per branch role; ``plugin.curves[steps][role]`` holds them for reuse here. Allowed:
-            empty, or at least 2 finite positive numbers.
+        ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
+            automatically -- the first generation with a new number of steps runs dense and records one curve per
+            branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
+            curve (``gamma_0 = 1`` first) for every branch. A table ``{model, steps, curves = {cond = [...], ...}}``
+            or the path of a JSON file holding one (written by ``ditaccel calibrate``, embedded by ``ditaccel
+            tune``; a relative path in a recipe file is relative to that file; see ``caching.calibration``): per
+            role curves from the first generation on. A curve measured at another step count is resampled
+            (:func:`resample_ratios`) and one measured on another model is not used (the first generation
+            recalibrates), each with a one-time warning. Allowed: empty, at least 2 finite positive numbers, such a
+            table, or a path.
         recalibrate (`bool`, defaults to `True`): automatic calibration only. True: every new number of steps gets
             its own dense calibration run. False: only the first generation calibrates; later step counts
             interpolate the curve of the nearest calibrated step count over the normalised schedule position.
     """
 
     kind = "schedule"
+    path_fields: ClassVar[tuple[str, ...]] = ("ratios",)  # resolved against the folder of the recipe file
     threshold: float = 0.06
     max_skips: int = 3
     retention: float = 0.2
@@ -154,12 +162,19 @@ class MagCacheConfig(PluginConfig):
         check_range(self, "forecast_order", 0, 4, integer=True)
         check_bool(self, "recalibrate")
         ratios = self.ratios
+        if isinstance(ratios, (str, Path)):
+            object.__setattr__(self, "ratios", load_calibration(ratios))
+            return
+        if isinstance(ratios, Mapping):
+            object.__setattr__(self, "ratios", validate_calibration(ratios, where="MagCacheConfig.ratios"))
+            return
         valid = isinstance(ratios, (tuple, list)) and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in ratios)
         if not valid or len(ratios) == 1:
             raise ValueError(
-                f"MagCacheConfig.ratios = {ratios!r} is invalid; allowed: empty (calibrate automatically) or a list "
-                "of at least 2 finite positive magnitude ratios, one per calibration step (the first is 1.0)"
+                f"MagCacheConfig.ratios = {ratios!r} is invalid; allowed: empty (calibrate automatically), a list "
+                "of at least 2 finite positive magnitude ratios, one per calibration step (the first is 1.0), a "
+                "calibration table {model, steps, curves} or the path of a calibration file"
             )
         object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
 
@@ -186,6 +201,7 @@ class MagCachePlugin(Plugin):
         if not blocks:
             raise ValueError(f"magcache found no blocks in {type(self.target.transformer).__name__}")
         self.curves: dict[int, dict[str, tuple[float, ...]]] = {}
+        self._identity: str | None = None
         self._warned: set = set()
         self.last_decisions: list[tuple[int, int, list[bool], bool]] = []
         self._mode: str | None = None
@@ -198,7 +214,16 @@ class MagCachePlugin(Plugin):
     @property
     def calibrated(self) -> bool:
         """Whether a curve is available (given in ``ratios`` or calibrated by an earlier generation)."""
-        return bool(self.config.ratios) or bool(self.curves)
+        ratios = self.config.ratios
+        if isinstance(ratios, Mapping):  # a calibration of another model is not used
+            return bool(self.curves) or not ratios["model"] or ratios["model"] == self.model_identity()
+        return bool(ratios) or bool(self.curves)
+
+    def model_identity(self) -> str:
+        """:func:`~dit_accel.caching.calibration.model_identity` of the transformer (computed once)."""
+        if self._identity is None:
+            self._identity = model_identity(self.target.transformer)
+        return self._identity
 
     @property
     def calibrating(self) -> bool:
@@ -220,7 +245,7 @@ class MagCachePlugin(Plugin):
             self._warn_once(("steps", steps), "dit_accel magcache: the number of steps of this generation is unknown "
                             "(the scheduler's set_timesteps was not seen: a custom loop?), so it runs dense; declare the loop with "
                             "`with handle.generation(num_steps=N):` (or handle.begin(num_steps=N))", UserWarning)
-        elif config.ratios or steps in self.curves:
+        elif steps in self.curves or (config.ratios and self._use_given(steps)):
             self._mode = "cache"
         elif self.curves and not config.recalibrate:
             nearest = min(self.curves, key=lambda m: (abs(m - steps), -m))
@@ -235,8 +260,38 @@ class MagCachePlugin(Plugin):
                             "yet; this generation runs dense to calibrate one per branch, later generations with "
                             f"{steps} steps skip (pass `ratios` to skip from the first generation)")
 
+    def _use_given(self, steps: int) -> bool:
+        """Whether the ``ratios`` given serve a generation of ``steps`` steps (a calibration table is loaded into
+        ``curves``); False for a calibration of another model (this generation calibrates anew). Says once when it
+        resamples or refuses."""
+        calibration = self.config.ratios
+        if not isinstance(calibration, Mapping):
+            if len(calibration) != steps:
+                self._warn_once(("resample", steps), f"dit_accel magcache: `ratios` has {len(calibration)} entries, "
+                                f"this generation {steps} steps: the curve is resampled", UserWarning)
+            return True
+        if calibration["model"] and calibration["model"] != self.model_identity():
+            self._warn_once(("model", steps), f"dit_accel magcache: the calibration in `ratios` was measured on "
+                            f"{calibration['model']}, this transformer is {self._identity}: it is not used, and this "
+                            "generation runs dense to calibrate (write one for this model with `ditaccel calibrate`)",
+                            UserWarning)
+            return False
+        if calibration["steps"] != steps:
+            self._warn_once(("resample", steps), f"dit_accel magcache: the calibration in `ratios` is for "
+                            f"{calibration['steps']} steps, this generation has {steps}: its curves are resampled",
+                            UserWarning)
+        self.curves[steps] = {role: tuple(resample_ratios(curve, steps)) for role, curve in calibration["curves"].items()}
+        return True
+
+    def calibration(self, steps: int) -> dict:
+        """The calibrated curves for ``steps`` as a calibration table (see ``caching.calibration``)."""
+        if steps not in self.curves:
+            raise KeyError(f"magcache has no calibration for {steps} steps; calibrated: {sorted(self.curves)}")
+        return {"format": CALIBRATION_FORMAT, "model": self.model_identity(), "steps": steps,
+                "curves": {role: list(curve) for role, curve in self.curves[steps].items()}}
+
     def _curve(self, key: str, steps: int) -> tuple[float, ...]:
-        if self.config.ratios:
+        if self.config.ratios and not isinstance(self.config.ratios, Mapping):
             return tuple(resample_ratios(self.config.ratios, steps))
         curves = self.curves[steps]
         if key in curves:
