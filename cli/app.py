@@ -187,6 +187,18 @@ def save_output(tensor: torch.Tensor, path: Path) -> None:
         raise ValueError(f"unexpected output shape {tuple(tensor.shape)}")
 
 
+def accelerate_on(pipe: Any, device: str, recipe: Any, model: str) -> Any:
+    """Move ``pipe`` to ``device`` (``auto``: cuda if available) and apply ``recipe``; a clean exit 2 on failure."""
+    try:
+        pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        fail(f"--device {device!r}: {_first_line(error)}")
+    try:
+        return dit_accel.accelerate_dit(pipe, recipe)
+    except (ValueError, TypeError) as error:
+        fail(f"cannot apply recipe {recipe.name!r} to {model!r}: {_first_line(error)}")
+
+
 def check_output_path(path: Path) -> None:
     """Exit 2 unless ``path`` has an image extension PIL can write and its directory is (made) writable."""
     from PIL import Image
@@ -298,14 +310,7 @@ def generate(
     with _library_logs(quiet):
         pipe, family = load_model(model)
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, num_images)
-        try:
-            pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        except (RuntimeError, ValueError, AssertionError) as error:
-            fail(f"--device {device!r}: {_first_line(error)}")
-        try:
-            handle = dit_accel.accelerate_dit(pipe, resolved)
-        except (ValueError, TypeError) as error:
-            fail(f"cannot apply recipe {resolved.name!r} to {model!r}: {_first_line(error)}")
+        handle = accelerate_on(pipe, device, resolved, model)
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")
         start = time.perf_counter()
         try:

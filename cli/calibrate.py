@@ -9,6 +9,7 @@ loads it with ``ratios = "zoo-dit-50.json"`` and skips from its first generation
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ import torch
 import typer
 
 import dit_accel
-from dit_accel.cli.app import DEFAULT_MODEL, _first_line, _library_logs, app, call_kwargs, fail, load_model
+from dit_accel.cli.app import DEFAULT_MODEL, _library_logs, accelerate_on, app, call_kwargs, fail, load_model
 
 
 @app.command(epilog="Examples:\n\n  ditaccel calibrate --model zoo:dit --steps 50 -o zoo-dit-50.json\n\n"
@@ -55,17 +56,8 @@ def calibrate(
     with _library_logs(quiet):
         pipe, family = load_model(model)
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, 1)
-        try:
-            pipe.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        except (RuntimeError, ValueError, AssertionError) as error:
-            fail(f"--device {device!r}: {_first_line(error)}")
-        try:
-            handle = dit_accel.accelerate_dit(pipe, resolved)
-        except (ValueError, TypeError) as error:
-            fail(f"cannot apply recipe {resolved.name!r} to {model!r}: {_first_line(error)}")
+        handle = accelerate_on(pipe, device, resolved, model)
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [calibrate]")
-        import warnings
-
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.filterwarnings("ignore", message=".*magcache: no magnitude-ratio curve")
             pipe(**kwargs)
