@@ -17,6 +17,7 @@ import torch
 from dit_accel.core.blocks import (
     BlockContract,
     BlockList,
+    MergedOutput,
     SubLayer,
     TokenGrid,
     TransformerSpec,
@@ -173,6 +174,24 @@ FLUX_DOUBLE_BLOCK = BlockContract(
     ),
 )
 
+def _single_stream_from_merged(text_first: bool):
+    """A single-stream block's output from its cached ``proj_out`` output: ``residual + gate * merged``, with the
+    gate of its ``AdaLayerNormZeroSingle`` computed fresh from ``temb`` (what the block computes, less the norm of
+    the tokens, both sub-layers, the activation and the projection)."""
+
+    def apply(block: torch.nn.Module, arguments: dict, merged: torch.Tensor):
+        hidden, encoder, temb = arguments["hidden_states"], arguments["encoder_hidden_states"], arguments["temb"]
+        gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)[2]
+        joint = torch.cat([encoder, hidden] if text_first else [hidden, encoder], dim=1)
+        out = joint + gate.unsqueeze(1) * merged
+        if out.dtype == torch.float16:
+            out = out.clip(-65504, 65504)
+        text = encoder.shape[1]
+        return (out[:, :text], out[:, text:]) if text_first else (out[:, :-text], out[:, -text:])
+
+    return apply
+
+
 FLUX_SINGLE_BLOCK = BlockContract(
     block_class="FluxSingleTransformerBlock",
     returns="e_h",
@@ -180,6 +199,7 @@ FLUX_SINGLE_BLOCK = BlockContract(
         _attn("attn", "joint", gate="norm.gate (after proj_out)"),
         _mlp("proj_mlp", gate="norm.gate (after proj_out)", stream="joint"),
     ),
+    merged=MergedOutput("proj_out", _single_stream_from_merged(text_first=True)),
 )
 
 WAN_BLOCK = BlockContract(
@@ -210,6 +230,7 @@ HUNYUAN_SINGLE_BLOCK = BlockContract(
         _attn("attn", "joint", gate="norm.gate (after proj_out)"),
         _mlp("proj_mlp", gate="norm.gate (after proj_out)", stream="joint"),
     ),
+    merged=MergedOutput("proj_out", _single_stream_from_merged(text_first=False)),
 )
 
 COGVIDEOX_BLOCK = BlockContract(

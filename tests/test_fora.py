@@ -57,13 +57,15 @@ def test_reuse_schedule_semantics_and_removal(family):
     tracker = handle.transformers[0].tracker
 
     outputs = defaultdict(list)  # (sub-layer, slot) -> [(step, output)]
-    hooks = []
+    hooks, merged = [], set()
     for list_attr, index, block, contract in handle.transformers[0].spec.blocks(pipe.transformer):
         for sublayer in contract.sublayers:
             module = getattr(block, sublayer.name, None)
             if module is None:
                 continue
             name = f"{list_attr}.{index}.{sublayer.name}"
+            if contract.merged is not None:
+                merged.add(name)  # served at the block's projection: the sub-layer does not even run
 
             def record(module, args, output, name=name):
                 context = tracker.current
@@ -81,6 +83,9 @@ def test_reuse_schedule_semantics_and_removal(family):
     assert set(plugin.sublayers) == set(stats.sublayers)
     reused_steps = {2, 4}
     for (name, slot), seen in outputs.items():
+        if name in merged:
+            assert [step for step, _ in seen] == [0, 1, 3, 5]
+            continue
         assert [step for step, _ in seen] == list(range(6))
         for step, output in seen:
             previous = seen[step - 1][1] if step else None
@@ -90,9 +95,10 @@ def test_reuse_schedule_semantics_and_removal(family):
                 assert output is not previous
     if slots == 2:  # cond and uncond calls keep their own caches
         for name in plugin.sublayers:
-            first = outputs[(name, 0)][0][1]
-            second = outputs[(name, 1)][0][1]
-            assert first is not second
+            if name not in merged:
+                first = outputs[(name, 0)][0][1]
+                second = outputs[(name, 1)][0][1]
+                assert first is not second
     assert plugin.store.entries == {}, "the cache is dropped at the end of the generation"
     assert stats.cache_bytes > 0 and 0 < stats.flops_fraction < 1
 
@@ -118,3 +124,41 @@ def test_flops_fraction_is_one_over_interval_plus_warm_up(interval):
     computed = sum(fora_computes(s, steps, interval, 2, 1) for s in range(steps))
     assert handle.stats.flops_fraction == pytest.approx(computed / steps)
     assert abs(handle.stats.flops_fraction - 1 / interval) < 3 / steps + 1e-9  # 1/N plus warm-up and tail
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuan-video"])
+def test_single_stream_blocks_are_served_at_their_projection(family):
+    """A reused single-stream block skips its sub-layers, activation and proj_out: rebuilt from the cached proj_out
+    output with a fresh gate it equals what the block computes, and its proj_out is counted in the FLOPs."""
+    pipe = pipes.build(family)
+    handle = accelerate_dit(pipe, "none")
+    acc = handle.transformers[0]
+    singles = [(block, contract) for _, _, block, contract in acc.spec.blocks(pipe.transformer) if contract.merged]
+    assert singles
+    block, contract = singles[0]
+    seen = {}
+    hooks = [block.register_forward_hook(lambda m, a, k, out: seen.update(args=a, kwargs=k, out=out), with_kwargs=True),
+             getattr(block, contract.merged.module).register_forward_hook(lambda m, a, out: seen.update(merged=out))]
+    generate(pipe, family, steps=1)
+    for hook in hooks:
+        hook.remove()
+    from dit_accel.caching.sublayer import _arguments
+
+    rebuilt = contract.merged.apply(block, _arguments(block, seen["args"], seen["kwargs"]), seen["merged"])
+    for mine, theirs in zip(rebuilt, seen["out"]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    projection = getattr(block, contract.merged.module)
+    stats = handle.stats
+    name = next(n for n in stats.sublayers if n.startswith("single_transformer_blocks.0."))
+    assert any(k == f"<{contract.merged.module}>" for _, _, linears, _ in acc.stats._layers for k in linears)
+    total_columns = sum(linears[f"<{contract.merged.module}>"] for n, _, linears, _ in acc.stats._layers
+                        if n.startswith("single_transformer_blocks.0."))
+    assert total_columns == 2 * projection.in_features * projection.out_features, name
+    handle = accelerate_dit(pipe, "fora", interval=2, first_steps=1, last_steps=0)
+    calls = []
+    hook = getattr(block, contract.merged.module).register_forward_hook(lambda m, a, out: calls.append(1))
+    generate(pipe, family, steps=3)
+    hook.remove()
+    slots = 1 if pipes.is_batched_cfg(family) else 2
+    assert len(calls) == 2 * slots  # steps 0 and 1 compute, step 2 is served without running proj_out
+    assert handle.stats.sublayers[name].reused == slots

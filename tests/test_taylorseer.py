@@ -51,7 +51,7 @@ def test_order_grows_with_full_steps_and_order_zero_is_reuse():
     torch.testing.assert_close(taylor_forecast(linear, 7.0), 3 * value + (3 * value - value) / (8.0 - 10.0) * -1.0)
 
 
-def test_forecast_gain_is_the_share_of_the_trend_each_row_followed():
+def test_forecast_trust_follows_the_share_of_the_trend_each_row_kept():
     base = torch.zeros(2, 4, 3)
     trend = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
     state = update_differences(update_differences(None, base, 0.0, 1), base + trend, 1.0, 1)
@@ -60,8 +60,10 @@ def test_forecast_gain_is_the_share_of_the_trend_each_row_followed():
     gain = forecast_gain(state, value, 2.0)
     assert gain.shape == (2, 1, 1)
     torch.testing.assert_close(gain.flatten(), torch.tensor([1.0, 0.0]))
-    half = forecast_gain(state, base + 1.5 * trend, 2.0)  # half of the forecast change came true
-    torch.testing.assert_close(half.flatten(), torch.tensor([0.5, 0.5]))
+    half = forecast_gain(state, base + 1.5 * trend, 2.0)  # half of the forecast change came true: as good as reuse
+    torch.testing.assert_close(half.flatten(), torch.tensor([1.0, 1.0]))
+    quarter = forecast_gain(state, base + 1.25 * trend, 2.0)  # worse than reuse: trusted half
+    torch.testing.assert_close(quarter.flatten(), torch.tensor([0.5, 0.5]))
     assert float(forecast_gain(state, base + 9 * trend, 2.0).max()) == 1.0  # clipped
     constant = update_differences(update_differences(None, base, 0.0, 1), base, 1.0, 1)
     assert float(forecast_gain(constant, base + trend, 2.0).abs().max()) == 0.0  # nothing forecast: no gain
@@ -209,8 +211,13 @@ def test_verified_order_one_beats_reuse_and_diffusers_taylorseer_on_its_schedule
                 results[order, verify] = run()
                 assert handle.stats.flops_fraction < 0.45
         remove_acceleration(pipe)
+        # Their hooks where ours are: every attention and MLP sub-layer, and single-stream blocks at proj_out (their
+        # sub-layers skipped, as in their lite mode).
         setting = dict(DEFAULT_BASELINE_SETTINGS["diffusers:taylorseer"], cache_interval=3, max_order=1,
-                       disable_cache_before_step=3)  # on every attention and MLP sub-layer, as ours
+                       disable_cache_before_step=3,
+                       cache_identifiers=[r"transformer_blocks\.\d+\.(attn|attn1|ff|ff_context)",
+                                          r"single_transformer_blocks\.\d+\.proj_out"],
+                       skip_predict_identifiers=[r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"])
         baseline = apply_baseline("diffusers:taylorseer", pipe, num_steps=50, setting=setting, calibration=run)
         try:
             theirs = run(baseline.run)

@@ -45,6 +45,8 @@ class ForaConfig(PluginConfig):
 
 @register_plugin(ForaConfig)
 class ForaPlugin(IntervalSubLayerPlugin):
+    serves_merged = True  # single-stream blocks are served at their proj_out (see core.blocks.MergedOutput)
+
     def serve(self, context: CallContext, name: str):
         if not self.cached_step(context):
             return None

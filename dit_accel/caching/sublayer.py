@@ -10,6 +10,7 @@ their own entries, and in a batched-CFG call every row of a cached tensor comes 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Protocol
 
 import torch
@@ -89,6 +90,65 @@ class SubLayerHook(ModelHook):
         return output
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    signature = _SIGNATURES.get(type(module))
+    if signature is None:
+        signature = _SIGNATURES[type(module)] = inspect.signature(module.forward)
+    return signature.bind_partial(*args, **kwargs).arguments
+
+
+class MergedBlockHook(ModelHook):
+    """A block whose sub-layers merge in one projection (:class:`~dit_accel.core.blocks.MergedOutput`): the policy
+    serves the projection's output (key ``<block>.<projection>``) and the block returns ``residual + gate *
+    served`` without running its sub-layers, activation or projection; the sub-layers are counted as served."""
+
+    def __init__(self, key: str, names: list[str], contract, policy: SubLayerPolicy, store: "SubLayerStore") -> None:
+        super().__init__()
+        self.key, self.names, self.contract, self.policy, self.store = key, names, contract, policy, store
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        context = self.store.target.tracker.current
+        served = None if context is None else self.policy.serve(context, self.key)
+        if served is None:
+            return self.fn_ref.original_forward(*args, **kwargs)  # the projection's hook sees its output
+        output, event = served
+        for name in self.names:
+            self.store.target.stats.record(context, name, event)
+        return self.contract.merged.apply(module, _arguments(module, args, kwargs), output)
+
+
+class MergedCaptureHook(ModelHook):
+    """On the projection of a merged block: hands each computed output to the policy."""
+
+    def __init__(self, key: str, policy: SubLayerPolicy, store: "SubLayerStore") -> None:
+        super().__init__()
+        self.key, self.policy, self.store = key, policy, store
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        context = self.store.target.tracker.current
+        if context is not None:
+            self.policy.update(context, self.key, output, args, kwargs)
+        return output
+
+
+def _merged_key(block: torch.nn.Module, contract, prefix: str, layers, policy) -> str | None:
+    """``<block>.<projection>`` when the block's whole output can be served at its projection by this policy."""
+    merged = contract.merged
+    if merged is None or not getattr(policy, "serves_merged", False):
+        return None
+    norm = getattr(block, "norm", None)
+    present = [s for s in contract.sublayers if getattr(block, s.name, None) is not None]
+    if (len(present) != len(contract.sublayers) or getattr(block, merged.module, None) is None
+            or not all(matches_layers(layers, f"{prefix}.{s.name}") for s in present)
+            or not (hasattr(norm, "linear") and hasattr(norm, "silu"))):
+        return None
+    return f"{prefix}.{merged.module}"
+
+
 class SubLayerStore:
     """The per-branch state of one caching plugin (any value per ``(sub-layer, slot)``) and its hooks."""
 
@@ -103,6 +163,16 @@ class SubLayerStore:
         """Hook every sub-layer selected by ``layers`` (glob patterns; ``None``: all). Returns their names."""
         names = []
         for list_attr, index, block, contract in self.target.spec.blocks(self.target.transformer):
+            prefix = f"{list_attr}.{index}"
+            key = _merged_key(block, contract, prefix, layers, policy)
+            if key is not None:
+                block_names = [f"{prefix}.{s.name}" for s in contract.sublayers]
+                attach(block, MergedBlockHook(key, block_names, contract, policy, self), self.hook_name)
+                projection = getattr(block, contract.merged.module)
+                attach(projection, MergedCaptureHook(key, policy, self), self.hook_name)
+                self._modules += [block, projection]
+                names += block_names
+                continue
             for sublayer in contract.sublayers:
                 module = getattr(block, sublayer.name, None)
                 name = f"{list_attr}.{index}.{sublayer.name}"

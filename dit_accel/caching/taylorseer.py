@@ -13,9 +13,11 @@ Verified forecasts (``verify=True``, the default). A forecast that extrapolates 
 follow is worse than reuse: on zoo:dit the early features change direction from step to step, and plain order 1
 lost 3-9 dB to order 0 depending on the phase of the schedule. So every full step first checks the forecast the
 previous state would have made for it: the least-squares share ``g`` of the extrapolated change that the computed
-output bore out (clipped to [0, 1], per sample row). The next forecasts scale their change by ``g``, relaxed
-toward 1 for positions closer than the check's (``1 - (1 - g) * k / span``: a trend bent by curvature overshoots
-in proportion to the distance). ``g = 1`` is plain TaylorSeer; ``g = 0`` is reuse.
+output bore out, per sample row. The forecast beat reuse there iff ``g > 0.5``; the next forecasts scale their
+change by the trust ``t = min(1, 2 g)`` (clipped at 0), relaxed toward 1 for positions closer than the check's
+(``1 - (1 - t) * k / span``: a trend bent by curvature overshoots in proportion to the distance). ``t = 1`` is plain
+TaylorSeer; ``t = 0`` is reuse. Chosen on the zoo models' calibration seeds over the plain share ``g`` (which
+damped smooth mmdit forecasts: -3 dB) and a 0/1 switch at ``g = 0.5``.
 """
 
 from __future__ import annotations
@@ -69,18 +71,20 @@ def extrapolation(state: tuple[list[float], list[torch.Tensor]], position: float
 
 
 def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Tensor, position: float) -> torch.Tensor:
-    """The share of the state's forecast change at ``position`` that the computed ``value`` bore out.
+    """How far to trust the state's forecast change, from how much of it at ``position`` the computed ``value``
+    bore out.
 
-    Per sample row (dim 0): ``g = <value - F[x0], e> / <e, e>`` for the extrapolation ``e``
-    (:func:`extrapolation`), clipped to [0, 1]; 0 where ``e`` is zero. Shape ``(B, 1, ...)`` float32, broadcastable
-    against ``value``; computed on the device (no host sync).
+    Per sample row (dim 0): ``g = <value - F[x0], e> / <e, e>`` is the least-squares share of the extrapolation
+    ``e`` (:func:`extrapolation`) that came true; the forecast beat reuse iff ``g > 0.5``, so the trust is
+    ``min(1, 2 g)`` clipped at 0: full where forecasting helped, fading to reuse where it did not; 0 where ``e`` is
+    zero. Shape ``(B, 1, ...)`` float32, broadcastable against ``value``; computed on the device (no host sync).
     """
     change = extrapolation(state, position).float()
     actual = value.float() - state[1][0].float()
     dims = tuple(range(1, change.dim())) if change.dim() > 1 else (0,)
     energy = (change * change).sum(dims, keepdim=True)
     gain = (actual * change).sum(dims, keepdim=True) / energy.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(energy > 0, gain.clamp(0.0, 1.0), torch.zeros_like(gain))
+    return torch.where(energy > 0, (2 * gain).clamp(0.0, 1.0), torch.zeros_like(gain))
 
 
 def verified_forecast(state: tuple[list[float], list[torch.Tensor]], gain: torch.Tensor | None,
@@ -117,9 +121,9 @@ class TaylorSeerConfig(PluginConfig):
         factor_dtype (`str`, defaults to `"float32"`): dtype of the stored factors: ``"float32"``, ``"float16"``,
             ``"bfloat16"`` (half the memory, slightly noisier differences).
         verify (`bool`, defaults to `True`): scale each forecast by how well the previous one matched the output
-            computed at the latest full step (see the module docstring). On zoo:dit at interval 3 order 1, +6.3 dB
-            over plain forecasts with diffusers' schedule; ``False`` is plain TaylorSeer, identical to diffusers'
-            TaylorSeer at orders 0 and 1 on the same schedule.
+            computed at the latest full step (see the module docstring). At interval 3 order 1 on diffusers'
+            schedule, zoo:dit 35.9 -> 44.9 dB, zoo:mmdit 51.3 -> 51.4 dB; ``False`` is plain TaylorSeer, identical to
+            diffusers' TaylorSeer at orders 0 and 1 on the same schedule and cache points.
     """
 
     kind = "schedule"
@@ -143,6 +147,8 @@ class TaylorSeerConfig(PluginConfig):
 
 @register_plugin(TaylorSeerConfig)
 class TaylorSeerPlugin(IntervalSubLayerPlugin):
+    serves_merged = True  # single-stream blocks are served at their proj_out (see core.blocks.MergedOutput)
+
     def install(self) -> None:
         super().install()
         self._dtype = _DTYPES[self.config.factor_dtype]

@@ -45,6 +45,23 @@ class SubLayer:
 
 
 @dataclass(frozen=True)
+class MergedOutput:
+    """A block whose sub-layers feed one projection before the gate (Flux and HunyuanVideo single-stream blocks:
+    ``gate * proj_out(cat(attn, act(proj_mlp)))``). A cache of the projection's output makes a reused step skip
+    the projection, the activation and the concatenations too, not only the sub-layers.
+
+    Args:
+        module: attribute name of the projection on the block (``"proj_out"``).
+        apply: ``apply(block, arguments, merged) -> block output``: the block's output given the projection's
+            output ``merged`` (the gate and residual computed fresh); ``arguments`` are the block's forward
+            arguments by name.
+    """
+
+    module: str
+    apply: Callable[[torch.nn.Module, dict, torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
 class BlockContract:
     """The call and return contract of one block class.
 
@@ -56,6 +73,8 @@ class BlockContract:
         hidden_arg / encoder_arg: keyword names of the two streams in the block's forward (``encoder_arg`` is
             ``None`` for single-stream blocks that do not take text).
         sublayers: the attention and MLP sub-layers, in execution order.
+        merged: set where the sub-layers' outputs merge in one projection before the gate (see
+            :class:`MergedOutput`).
     """
 
     block_class: str
@@ -64,6 +83,7 @@ class BlockContract:
     encoder_may_be_none: bool = False
     hidden_arg: str = "hidden_states"
     encoder_arg: str | None = "encoder_hidden_states"
+    merged: MergedOutput | None = None
 
     def split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(hidden, encoder)`` from whatever the block returned."""

@@ -3,7 +3,9 @@
 Nothing here hooks the model: every transformer call is assumed to compute every sub-layer (the dense run), and
 schedule plugins report the exceptions (``reused``, ``forecast``, ``partial`` with the fraction of tokens
 recomputed). FLOPs are estimated from shapes: the Linear layers of each sub-layer times the token rows it
-transforms, plus ``4 * B * heads * Sq * Sk * head_dim`` for the attention core.
+transforms (where a block merges its sub-layers in one projection, Flux's single-stream ``proj_out``, each
+sub-layer also owns the projection's columns that read its output), plus ``4 * B * heads * Sq * Sk * head_dim``
+for the attention core.
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def _linear_flops_per_row(module: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def _output_width(module: torch.nn.Module) -> int:
+    """Features out of a sub-layer: its last Linear's (an MLP's ``proj_mlp``)."""
+    linears = [child for child in module.modules() if isinstance(child, torch.nn.Linear)]
+    return int(linears[-1].out_features) if linears else 0
+
+
 def _is_text_projection(name: str, kind: str | None) -> bool:
     if "add_" in name:  # add_q_proj / add_k_proj / add_v_proj / to_add_out: the text stream of joint attention
         return True
@@ -115,15 +123,19 @@ class StatsRecorder:
     def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec) -> None:
         self._layers: list[tuple[str, SubLayer, dict[str, int], int]] = []
         for list_attr, index, block, contract in spec.blocks(transformer):
+            merge = getattr(block, contract.merged.module, None) if contract.merged is not None else None
             for sublayer in contract.sublayers:
                 module = getattr(block, sublayer.name, None)
                 if module is None:
                     continue
                 to_q = getattr(module, "to_q", None) if sublayer.role == "attention" else None
                 inner_dim = int(to_q.out_features) if isinstance(to_q, torch.nn.Linear) else 0  # heads * head_dim
-                self._layers.append(
-                    (f"{list_attr}.{index}.{sublayer.name}", sublayer, _linear_flops_per_row(module), inner_dim)
-                )
+                linears = _linear_flops_per_row(module)
+                if isinstance(merge, torch.nn.Linear):
+                    # The merging projection's columns that read this sub-layer's output count as its work.
+                    width = inner_dim or _output_width(module)
+                    linears[f"<{contract.merged.module}>"] = 2 * width * merge.out_features
+                self._layers.append((f"{list_attr}.{index}.{sublayer.name}", sublayer, linears, inner_dim))
         self.current: GenerationStats | None = None
         self.last: GenerationStats | None = None
         self._flops_cache: dict[tuple, dict[str, float]] = {}
