@@ -54,7 +54,7 @@ def _offline() -> bool:
 
 def _allowed_models() -> str:
     hub = "a hub id (HF_HUB_OFFLINE is set: only ids already in the local cache)" if _offline() else "a hub id"
-    return f"allowed: zoo:<dit|mmdit>, tiny:<{'|'.join(tiny.list())}>, a local pipeline directory, or {hub}"
+    return f"allowed: zoo:<dit|mmdit|flowdit>, tiny:<{'|'.join(tiny.list())}>, a local pipeline directory, or {hub}"
 
 
 def load_model(spec: str) -> tuple[Any, str]:
@@ -277,7 +277,7 @@ def generate(
     recipe: Annotated[str, typer.Option(
         metavar="NAME|TOML", help="Named recipe ('none', 'a+b' composes) or a .toml recipe file.")] = "none",
     model: Annotated[str, typer.Option(
-        metavar="SPEC", help="zoo:<dit|mmdit> (trained, offline), tiny:<name> (random-init), a local "
+        metavar="SPEC", help="zoo:<dit|mmdit|flowdit> (trained, offline), tiny:<name> (random-init), a local "
         "pipeline directory, or a hub id.")] = DEFAULT_MODEL,
     prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="Prompt of text-conditional pipelines "
                                                f"(default: tiny's, else '{DEFAULT_PROMPT}').")] = None,

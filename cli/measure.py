@@ -75,7 +75,7 @@ def _looks_like_hub_id(text: str) -> bool:
 )
 def bench(
     model: Annotated[str, typer.Option(
-        metavar="SPEC", help="zoo:<dit|mmdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+        metavar="SPEC", help="zoo:<dit|mmdit|flowdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
     recipes: Annotated[list[str] | None, typer.Option(
         "--recipes", metavar="R1,R2,...", help="Recipes to measure: names, 'a+b', .toml files, NAME@field=value "
         "(comma-separated, repeatable; default: none).")] = None,
@@ -183,7 +183,7 @@ def bench(
 def tune(
     target: Annotated[str, typer.Option(metavar="METRIC>=X", help="Quality to keep, e.g. 'psnr>=30', 'fd<=10'.")],
     model: Annotated[str, typer.Option(
-        metavar="SPEC", help="zoo:<dit|mmdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
+        metavar="SPEC", help="zoo:<dit|mmdit|flowdit>, tiny:<name>, a local pipeline directory, or a hub id.")] = DEFAULT_MODEL,
     recipes: Annotated[list[str] | None, typer.Option(
         "--recipes", metavar="R1,R2,...", help="Recipes to tune (default: fora,taylorseer,fbcache); "
         "NAME@field=value fixes other fields, e.g. fora@first_steps=2.")] = None,

@@ -30,6 +30,7 @@ CFG_CONVENTIONS: dict[str, CFGConvention] = {
     # One transformer call holds both halves of the batch.
     "DiTPipeline": "batched-cond-first",
     "ZooDiTPipeline": "batched-cond-first",
+    "ZooFlowDiTPipeline": "batched-cond-first",
     "PixArtAlphaPipeline": "batched-uncond-first",
     "PixArtSigmaPipeline": "batched-uncond-first",
     "StableDiffusion3Pipeline": "batched-uncond-first",

@@ -202,7 +202,7 @@ def test_help_has_examples() -> None:
     (["--recipes", "fora", "--set", "interval"], ["--set expects KEY=VALUE"]),
     (["--recipes", "fora", "--set", "factor=2"], ["--set factor", "no plugin"]),
     (["--recipes", "fora", "--set", "interval=0"], ["interval"]),
-    (["--model", "zoo:nope"], ["unknown zoo model 'nope'", "zoo:<dit|mmdit>"]),
+    (["--model", "zoo:nope"], ["unknown zoo model 'nope'", "zoo:<dit|mmdit|flowdit>"]),
 ])
 def test_bad_input_exits_2(args: list[str], fragments: list[str], tmp_path: Path) -> None:
     assert_usage_error(invoke("bench", *args, "-o", tmp_path / "out", "--quiet"), *fragments)

@@ -233,4 +233,4 @@ def test_generate_zoo_mmdit_grid(tmp_path: Path) -> None:
 
 def test_unknown_zoo_model(tmp_path: Path) -> None:
     result = invoke("generate", "--model", "zoo:sd9", "-o", tmp_path / "x.png")
-    assert_usage_error(result, "unknown zoo model 'sd9'", "zoo:<dit|mmdit>")
+    assert_usage_error(result, "unknown zoo model 'sd9'", "zoo:<dit|mmdit|flowdit>")

@@ -43,7 +43,7 @@ def test_frechet_distance_matches_an_independent_computation():
 
 
 def test_weights_are_shipped_as_safetensors_only():
-    for name in ("dit", "mmdit", "evaluator"):
+    for name in ("dit", "mmdit", "flowdit", "evaluator"):
         folder = WEIGHTS / name
         assert (folder / "model.safetensors").is_file(), f"{folder} has no model.safetensors"
         assert not [p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
@@ -105,3 +105,17 @@ def test_bad_zoo_inputs():
         pipe(class_labels=[10], num_inference_steps=2)
     with pytest.raises(ValueError, match="output_type 'latent' is not supported"):
         pipe(class_labels=[1], num_inference_steps=2, output_type="latent")
+
+
+def test_the_evaluation_only_model_generates_and_is_never_tuned_on():
+    """zoo:flowdit: a flow-matching DiT on a 16x16 grid, sampled by Euler steps with batched CFG; tune refuses it."""
+    from dit_accel.bench.tune import Target, tune
+
+    pipe = zoo.load("flowdit")
+    assert "flowdit" in zoo.EVALUATION_ONLY and pipe.transformer.config.patch_size == 2
+    images = pipe([1, 5], num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+    assert (images[0] - images[1]).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="zoo:flowdit is the evaluation-only model: nothing is tuned on it"):
+        tune(pipe, "zoo:flowdit", "dit", [], Target("psnr", ">=", 30), steps=4, num_samples=2, seed=0, batch=2,
+             budget_minutes=1, output=None)

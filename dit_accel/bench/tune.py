@@ -343,6 +343,11 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     if launched_distributed():
         raise ValueError("ditaccel tune runs in one process (its search is sequential); launch it without "
                          "torchrun/accelerate. `ditaccel bench` is the command that runs data-parallel")
+    from dit_accel.pipelines.zoo import EVALUATION_ONLY
+
+    if spec.startswith("zoo:") and spec[4:] in EVALUATION_ONLY:
+        raise ValueError(f"{spec} is the evaluation-only model: nothing is tuned on it, so that what is reported on "
+                         "it was not chosen on it; tune on zoo:dit or zoo:mmdit (or your own model)")
     if target.metric in ("fd", "class_consistency") and not spec.startswith("zoo:"):
         raise ValueError(f"--target {target}: {target.metric} is measured on zoo models only; use psnr, ssim or "
                          "rel_l1")

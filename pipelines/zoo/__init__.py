@@ -8,17 +8,21 @@
 """
 
 from dit_accel.pipelines.zoo.evaluator import Evaluator, evaluator
-from dit_accel.pipelines.zoo.pipelines import ZooDiTPipeline, ZooMMDiTPipeline, load
+from dit_accel.pipelines.zoo.pipelines import ZooDiTPipeline, ZooFlowDiTPipeline, ZooMMDiTPipeline, load
 from dit_accel.pipelines.zoo.shapes import CLASS_NAMES, NUM_CLASSES, dataset
 
-MODELS = ("dit", "mmdit")
+MODELS = ("dit", "mmdit", "flowdit")
+# Never used to choose a default (ditaccel tune refuses it): defaults are chosen on dit and mmdit, and reported here.
+EVALUATION_ONLY = ("flowdit",)
 
 __all__ = [
     "CLASS_NAMES",
     "MODELS",
     "NUM_CLASSES",
     "Evaluator",
+    "EVALUATION_ONLY",
     "ZooDiTPipeline",
+    "ZooFlowDiTPipeline",
     "ZooMMDiTPipeline",
     "dataset",
     "evaluator",

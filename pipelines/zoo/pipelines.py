@@ -12,6 +12,7 @@ from the transformer's config).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Sequence
@@ -74,20 +75,40 @@ class ZooDiTPipeline(DiffusionPipeline):
         batch = labels.shape[0]
         latents = randn_tensor((batch, 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator, device=device,
                                dtype=self.transformer.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * self._set_schedule(num_inference_steps, device)
         guided = guidance_scale > 1
         labels_in = torch.cat([labels, torch.full_like(labels, NUM_CLASSES)]) if guided else labels
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             timesteps = t.expand(model_input.shape[0]).to(device)
+            timesteps = timesteps if not timesteps.is_floating_point() else timesteps.to(latents.dtype)
             prediction = self.transformer(model_input, timestep=timesteps, class_labels=labels_in).sample
             if guided:
                 cond, uncond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(prediction, t, latents, generator=generator).prev_sample
+            latents = self._step(prediction, t, latents, generator)
         self.maybe_free_model_hooks()
         return _output(latents, output_type, return_dict)
+
+    def _set_schedule(self, num_inference_steps: int, device) -> float:
+        """Set the scheduler's timesteps; returns the initial noise scale."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.init_noise_sigma
+
+    def _step(self, prediction, t, latents, generator):
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            return self.scheduler.step(prediction, t, latents, generator=generator).prev_sample
+        return self.scheduler.step(prediction, t, latents).prev_sample
+
+
+class ZooFlowDiTPipeline(ZooDiTPipeline):
+    """zoo:flowdit, evaluation-only: a class-conditional DiT trained with flow matching, sampled with flow-matching
+    Euler steps (timestep input 1000 sigma); CFG batched, conditional rows first, null class 10."""
+
+    def _set_schedule(self, num_inference_steps: int, device) -> float:
+        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        return 1.0
 
 
 class ZooMMDiTPipeline(DiffusionPipeline):
@@ -155,14 +176,18 @@ def _folder(name: str) -> Path:
 
 
 def load(name: str, *, device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """Load ``zoo:dit`` or ``zoo:mmdit`` from the safetensors shipped in the package (no network)."""
-    if name not in ("dit", "mmdit"):
-        raise ValueError(f"unknown zoo model {name!r}; allowed: dit, mmdit")
+    """Load ``zoo:dit``, ``zoo:mmdit`` or the evaluation-only ``zoo:flowdit`` from the safetensors shipped in the
+    package (no network)."""
+    if name not in ("dit", "mmdit", "flowdit"):
+        raise ValueError(f"unknown zoo model {name!r}; allowed: dit, mmdit, flowdit")
     folder = _folder(name)
     config = json.loads((folder / "config.json").read_text())
     if name == "dit":
         transformer = _load_weights(DiTTransformer2DModel.from_config(config), folder / "model.safetensors")
         pipe = ZooDiTPipeline(transformer=transformer, scheduler=models.ddim_scheduler())
+    elif name == "flowdit":
+        transformer = _load_weights(DiTTransformer2DModel.from_config(config), folder / "model.safetensors")
+        pipe = ZooFlowDiTPipeline(transformer=transformer, scheduler=models.flow_scheduler())
     else:
         transformer = _load_weights(FluxTransformer2DModel.from_config(config), folder / "model.safetensors")
         conditioner_config = json.loads((folder / "conditioner_config.json").read_text())
