@@ -6,7 +6,8 @@ at the last step that computed everything, by relative L1 per sample row; rows w
 final steps always compute and a row never skips more than ``max_consecutive`` steps in a row -- the safety rails
 users converged on. Decisions are per branch (slot) and per sample, except that in a batched-CFG call a sample's
 conditional and unconditional rows skip together: guidance amplifies the difference of the two predictions, and a
-stale residual in one of them only (the other fresh) measured 1.1-1.4 dB worse on zoo:dit than both stale together.
+stale residual in one of them only (the other fresh) is worse than both stale together (seen on zoo:dit in an
+uncommitted comparison; with the pairing, the bench's fbcache rows match diffusers' FirstBlockCache in PSNR).
 Rows that compute are the only ones the cached blocks run on (see ``blockrange``). Under diffusers' context
 parallelism the statistic is all-reduced so every rank takes the same decision.
 """
