@@ -214,13 +214,24 @@ def overhead_section() -> str:
                         _table(["pipeline", "bare ms", "recipe `none`", "identity attention interception"], rows)])
 
 
+def _gpu_section(md: Path, title: str) -> str:
+    """A GPU results ``.md`` under ``title``: its paragraphs without the title, its headings one level down."""
+    body = [p.replace("## ", "#### ", 1) if p.startswith("## ") else p
+            for p in md.read_text().split("\n\n") if p.strip() and not p.startswith("# ")]
+    return "\n\n".join([title] + body)
+
+
 def kernels_section() -> str:
     md = RESULTS / "kernels-gpu.md"
     if not md.is_file():
         return ("### Triton kernels (GPU)\n\nNot measured yet: no session has had a GPU. Reproduce on one with "
-                "`python benchmarks/kernels_gpu.py -o benchmarks/results` (writes `kernels-gpu.md`).")
-    body = [p for p in md.read_text().split("\n\n") if p.strip() and not p.startswith("# ")]
-    return "\n\n".join(["### Triton kernels (GPU)"] + body)
+                "`python benchmarks/gpu_suite.py -o benchmarks/results` (writes `kernels-gpu.md` and `models-gpu.md`).")
+    return _gpu_section(md, "### Triton kernels (GPU)")
+
+
+def models_gpu_section() -> str:
+    md = RESULTS / "models-gpu.md"
+    return _gpu_section(md, "### Per-step costs on full-size transformers (GPU)") if md.is_file() else ""
 
 
 def zoo_section() -> str:
@@ -242,7 +253,7 @@ def zoo_section() -> str:
 
 def generate() -> str:
     sections = [harness_section(), custom_loop_section(), reuse_cost_section(), caching_section(), tune_section(),
-                attention_section(), overhead_section(), kernels_section(), zoo_section()]
+                attention_section(), overhead_section(), kernels_section(), models_gpu_section(), zoo_section()]
     return "\n\n".join([BEGIN] + [s for s in sections if s] + [END])
 
 

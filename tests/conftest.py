@@ -33,7 +33,7 @@ def family(request) -> str:
 
 @pytest.fixture
 def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton kernels run in its CPU interpreter (read at launch: see kernels/jit.py)."""
+    """Triton kernels run in its CPU interpreter (read at launch: see dit_accel/kernels/jit.py)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 

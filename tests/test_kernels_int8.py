@@ -1,7 +1,7 @@
 """8-bit attention: Triton kernel (CPU interpreter) vs its PyTorch reference and exact attention; the int8 recipe.
 
 The kernel tests run Triton's interpreter (``TRITON_INTERPRET=1``, set per test; the kernels are wrapped at launch,
-see ``kernels/jit.py``) on small shapes, and skip when Triton is not installed. The recipe's CPU fallback needs no
+see ``dit_accel/kernels/jit.py``) on small shapes, and skip when Triton is not installed. The recipe's CPU fallback needs no
 Triton.
 """
 
