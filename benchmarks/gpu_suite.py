@@ -3,12 +3,14 @@
 1. ``benchmarks/kernels_gpu.py``: INT8 and block-sparse attention against SDPA (flash) and SageAttention where
    installed, 4096-32768 tokens, head_dim 64/128, bf16, accuracy against FP32 in the same run;
 2. ``benchmarks/models_gpu.py``: FLUX.1-dev- and Wan-2.1-14B-sized transformers, dense against the computed and
-   skipped steps of every caching recipe and against every attention recipe, with each cache's memory.
+   skipped steps of every caching recipe and against every attention recipe, with each cache's memory;
+3. ``benchmarks/profile_gpu.py``: where the time goes: int8 attention in stages and launch settings, one call of
+   each recipe on both models with its host time and top kernels.
 
 Each part runs in its own process with its own time limit (a CUDA fault in one cannot lose the other's results);
 ``suite.json`` records what ran, its exit status and seconds, and the environment.
 
-    python benchmarks/gpu_suite.py -o "$OUT"                                   # a GPU: about 6 minutes on an H200
+    python benchmarks/gpu_suite.py -o "$OUT"                                   # a GPU: at most 8 minutes
     TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --smoke -o /tmp/suite    # CPU: tiny shapes, every code path
 """
 
@@ -27,12 +29,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def parts(out: Path, smoke: bool, minutes: float) -> list[tuple[str, list[str], float]]:
-    """(name, argv, time limit in seconds); the models part gets what the kernels part leaves of ``minutes``."""
+    """(name, argv, time limit in seconds); every part also stops at the suite's deadline (``minutes``)."""
     if smoke:
         return [("kernels", ["--device", "cpu", "--seqs", "128", "--dims", "64", "--width", "128"], 300),
-                ("models", ["--device", "cpu", "--steps", "8", "--models", "flux,wan"], 600)]
-    return [("kernels", [], min(200, minutes * 60 * 0.4)),
-            ("models", ["--steps", "10", "--models", "flux,wan"], minutes * 60)]
+                ("models", ["--device", "cpu", "--steps", "8", "--models", "flux,wan"], 600),
+                ("profile", ["--device", "cpu", "--models", "flux"], 600)]
+    return [("kernels", [], min(90, minutes * 60 * 0.2)),
+            ("models", ["--steps", "8", "--models", "flux,wan"], minutes * 60 * 0.5),
+            ("profile", [], minutes * 60 * 0.35)]
 
 
 def environment() -> dict:
@@ -57,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, under TRITON_INTERPRET=1")
-    parser.add_argument("--minutes", type=float, default=6.5, help="the whole suite's time limit")
+    parser.add_argument("--minutes", type=float, default=8, help="the whole suite's time limit")
     args = parser.parse_args()
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("--smoke runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
@@ -72,8 +76,8 @@ def main() -> int:
         if limit < 20:
             record["parts"].append({"part": name, "skipped": "no time left"})
             continue
-        if name == "models":
-            argv = argv + ["--budget", str(max(10.0, limit - 90))]  # the second model must still be built
+        if name in ("models", "profile") and not args.smoke:
+            argv = argv + ["--budget", str(max(10.0, limit - 60))]  # the last model must still be built and run
         command = [sys.executable, str(HERE / f"{name}_gpu.py"), "-o", str(args.out)] + argv
         start = time.time()
         with open(args.out / f"{name}-gpu.log", "w") as log:

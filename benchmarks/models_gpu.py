@@ -303,9 +303,11 @@ def _line(row: dict, dense_ms: float) -> str:
             f"cos first {row['cos_first_call']:.4f} final {row['cos_final']:.4f}")
 
 
-def markdown(results: list[dict], device_name: str, command: str) -> str:
+def markdown(results: list[dict], device_name: str, command: str, versions: str | None = None) -> str:
+    """``versions``: the software line of the machine that measured (default: this one's torch and CUDA)."""
+    versions = versions or f"torch {torch.__version__}, CUDA {torch.version.cuda}"
     lines = ["# Per-step costs on full-size transformers (GPU)", "",
-             f"`{command}` on **{device_name}**, torch {torch.__version__}, CUDA {torch.version.cuda}. Random-init "
+             f"`{command}` on **{device_name}**, {versions}. Random-init "
              "bf16 transformers driven by an Euler loop declared with `handle.generation`; every call timed alone "
              "(CUDA events). *cheapest* = the recipe's skipped/forecast call (the lowest accounted FLOPs), "
              "*achieved / ideal* = achieved speedup of the generation over 1 / its accounted FLOPs fraction. "
@@ -336,9 +338,13 @@ def markdown(results: list[dict], device_name: str, command: str) -> str:
 
 
 def run(models: list[str], steps: int, out: Path, device: str = "cuda", budget_s: float = math.inf,
-        builders: dict | None = None, log=print) -> list[dict]:
+        builders: dict | None = None, log=print, cases: list[str] | None = None) -> list[dict]:
     """Measure ``models`` (names in :data:`MODELS`, or ``builders``: name -> () -> LoopModel) and write
-    ``models-gpu.json`` / ``.md`` into ``out`` after each model (what finished survives a later failure)."""
+    ``models-gpu.json`` / ``.md`` into ``out`` after each model (what finished survives a later failure).
+    ``cases``: labels or recipe names of :data:`CASES` to run (default: all)."""
+    selected = [c for c in CASES if cases is None or c[0] in cases or c[1] in cases]
+    if cases is not None and not selected:
+        raise ValueError(f"no case matches {cases}; cases: {', '.join(c[0] for c in CASES)}")
     deadline = time.time() + budget_s
     if builders is None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -354,7 +360,7 @@ def run(models: list[str], steps: int, out: Path, device: str = "cuda", budget_s
             start = time.time()
             m = builders[name]()
             log(f"[{name}] built in {time.time() - start:.1f} s")
-            results.append(measure_model(m, steps, CASES, device, deadline, log))
+            results.append(measure_model(m, steps, selected, device, deadline, log))
         except Exception as error:
             results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:300]})
             log(f"[{name}] failed: {results[-1]['error']}")
@@ -364,6 +370,8 @@ def run(models: list[str], steps: int, out: Path, device: str = "cuda", budget_s
                 torch.cuda.empty_cache()
         (out / "models-gpu.json").write_text(json.dumps({"device": device_name, "command": command,
                                                          "python": platform.python_version(),
+                                                         "versions": f"torch {torch.__version__}, CUDA "
+                                                                     f"{torch.version.cuda}",
                                                          "results": results}, indent=1))
         (out / "models-gpu.md").write_text(markdown(results, device_name, command))
     return results
@@ -376,11 +384,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--budget", type=float, default=math.inf, help="seconds; later recipes are skipped")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs tiny shapes (a smoke test of the script)")
+    parser.add_argument("--cases", default=None, help="comma-separated labels or recipes (default: every case)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/models_gpu.py times full-size transformers on a CUDA GPU; this machine has none "
                  "(--device cpu runs it on tiny shapes as a smoke test).")
-    run(args.models.split(","), args.steps, args.out, device=args.device, budget_s=args.budget)
+    run(args.models.split(","), args.steps, args.out, device=args.device, budget_s=args.budget,
+        cases=args.cases.split(",") if args.cases else None)
 
 
 if __name__ == "__main__":

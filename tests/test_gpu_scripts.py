@@ -68,3 +68,20 @@ def test_the_model_benchmark_times_every_recipe_on_tiny_flux_and_wan(tmp_path: P
         assert cfg["calls"] == 16 and cfg["cheapest_fraction"] < 1
     text = (tmp_path / "models-gpu.md").read_text()
     assert "## flux" in text and "## wan" in text and "| fora |" in text
+
+
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+def test_the_profile_script_runs_every_stage_and_call_on_tiny_shapes(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    script = load("profile_gpu")
+    stages = script.int8_stages([128], [64], timer, "cpu", width=128)
+    row = stages[0]
+    assert row["kernel_default_ms"] > 0 and row["kernel_without_pv_ms"] > 0 and row["best_setting"].startswith("k")
+    assert not [key for key in row if key.endswith("_error")], row
+    models_gpu = load("models_gpu")
+    m = models_gpu.flux("cpu", torch.float32, **models_gpu.TINY["flux"])
+    calls = script.model_calls(m, "cpu")
+    assert not {label: r["error"] for label, r in calls.items() if "error" in r}
+    assert {"dense", "fora: a reused call", "taylorseer: a forecast call", "int8"} <= set(calls)
+    text = script.markdown(stages, {m.description: calls}, "CPU interpreter (smoke test)")
+    assert "| 64 | 128 |" in text and "| fora: a reused call |" in text

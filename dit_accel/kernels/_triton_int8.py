@@ -46,7 +46,8 @@ def _attention_kernel(Q8, QScale, K8, KScale, V, O, q_len, k_len, heads, dim_v, 
                       num_q_blocks, num_k_blocks,
                       stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      EVEN_K: tl.constexpr, PV_BF16: tl.constexpr, UPCAST_BF16: tl.constexpr):
+                      EVEN_K: tl.constexpr, PV_BF16: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                      SKIP_PV: tl.constexpr = False):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -78,7 +79,9 @@ def _attention_kernel(Q8, QScale, K8, KScale, V, O, q_len, k_len, heads, dim_v, 
         v = tl.load(v_ptrs + j * BLOCK_N * stride_vs, mask=(keys[:, None] < k_len) & (offs_dv[None, :] < dim_v),
                     other=0.0)
         # Two-level accumulation: the block's P·V comes out of the MMA in FP32 and is added to the FP32 buffer.
-        if PV_BF16:
+        if SKIP_PV:  # profiling only (benchmarks/profile_gpu.py): the time of everything but P·V; output wrong
+            pv = acc
+        elif PV_BF16:
             if UPCAST_BF16:  # Triton's CPU interpreter multiplies bf16 bit patterns as integers
                 pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.bfloat16).to(tl.float32),
                             input_precision="ieee")
@@ -114,8 +117,14 @@ def quantize(x: torch.Tensor, block: int, multiplier: float, mean: torch.Tensor 
 
 
 def attention(q8: torch.Tensor, q_scales: torch.Tensor, k8: torch.Tensor, k_scales: torch.Tensor, v: torch.Tensor,
-              out: torch.Tensor, *, k_len: int, block_q: int, block_k: int, pv_bf16: bool) -> None:
-    """Launch the attention kernel; ``v`` and ``out`` are (B, H, S, Dv) views (any strides), ``out`` is written."""
+              out: torch.Tensor, *, k_len: int, block_q: int, block_k: int, pv_bf16: bool,
+              num_warps: int | None = None, num_stages: int = 4, skip_pv: bool = False) -> None:
+    """Launch the attention kernel; ``v`` and ``out`` are (B, H, S, Dv) views (any strides), ``out`` is written.
+
+    ``num_warps`` (default 8 up to head_dim 64, else 4) and ``num_stages`` (default 4) are launch settings that
+    leave the result unchanged: the defaults were the fastest of 4/8 warps x 3/4 stages at 128 x 64 blocks on an
+    H200 (benchmarks/results/profile-gpu.md: 5-8 % faster than the 4-or-8 warps, 3 stages used before).
+    ``skip_pv`` leaves the P·V product out, for profiling only (the output is wrong)."""
     batch, heads, q_len, dim_v = out.shape
     block_d = q8.shape[3]
     grid = (q_scales.shape[2], batch * heads)
@@ -123,5 +132,5 @@ def attention(q8: torch.Tensor, q_scales: torch.Tensor, k8: torch.Tensor, k_scal
         q8, q_scales, k8, k_scales, v, out, q_len, k_len, heads, dim_v, q8.shape[2], k8.shape[2],
         q_scales.shape[2], k_scales.shape[2], *v.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, BLOCK_DV=padded_head_dim(dim_v),
-        EVEN_K=k_len % block_k == 0, PV_BF16=pv_bf16, UPCAST_BF16=interpret_mode(),
-        num_warps=4 if block_d <= 64 else 8, num_stages=3, enable_fp_fusion=True)  # explicit: no Triton warning
+        EVEN_K=k_len % block_k == 0, PV_BF16=pv_bf16, UPCAST_BF16=interpret_mode(), SKIP_PV=skip_pv,
+        num_warps=num_warps or (8 if block_d <= 64 else 4), num_stages=num_stages, enable_fp_fusion=True)  # explicit: no Triton warning
