@@ -3,8 +3,10 @@
     python benchmarks/reuse_cost_cpu.py -o benchmarks/results --threads 2 --repeats 15
 
 Bare transformers at >= 1024 image tokens, random init: Flux (4 dual + 8 single blocks, 8 heads x 64, 1024 image +
-128 text tokens: the configuration of issue 13), DiT (12 blocks, 8 x 64, 32x32 tokens) and SD3 (8 joint blocks,
-8 x 64, 1024 + 128 tokens). Each repeat times one dense call (no acceleration) and one reused call (``fora`` with an
+128 text tokens: the configuration of issue 13), DiT (12 blocks, 8 x 64, 32x32 tokens), SD3 (8 joint blocks,
+8 x 64, 1024 + 128 tokens), PixArt (12 blocks, 8 x 64, 32x32 tokens, 128 caption tokens), Wan, CogVideoX and LTX-Video
+(12 blocks, 8 x 64, 4 x 16 x 16 = 1024 video tokens, 128 text tokens), Qwen-Image (12 blocks, 8 x 64, 32x32 tokens,
+128 text tokens) and HunyuanVideo (4 dual + 8 single blocks, 8 x 64, 1024 video + 128 text tokens). Each repeat times one dense call (no acceleration) and one reused call (``fora`` with an
 interval longer than the run, inside a declared generation, after its computed first step), alternately; the
 ratio is of medians. The goal is <= 5 % of a dense call; the stats' FLOPs of a reused call are printed beside it
 (0 % while time is still spent means the accounting misses what runs: modulation, gates, embeddings).
@@ -65,7 +67,88 @@ def sd3():
     return model, inputs, lambda t: torch.tensor([t * 1000])
 
 
-FAMILIES = {"flux": flux, "dit": dit, "sd3": sd3}
+def pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8,
+                                     num_layers=12, sample_size=64, patch_size=2, caption_channels=512,
+                                     cross_attention_dim=512, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
+                                     norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+                                     activation_fn="gelu-approximate").eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 64, 64, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, inputs, lambda t: torch.tensor([t * 1000])
+
+
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=64, in_channels=16,
+                                  out_channels=16, text_dim=512, freq_dim=256, ffn_dim=2048, num_layers=12,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=256).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 4, 32, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g))
+    return model, inputs, lambda t: torch.tensor([t * 1000])
+
+
+def cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16,
+                                        time_embed_dim=512, text_embed_dim=512, num_layers=12, sample_width=32,
+                                        sample_height=32, sample_frames=13, patch_size=2, max_text_seq_length=128).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, 32, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g))
+    return model, inputs, lambda t: torch.tensor([int(t * 999)])
+
+
+def ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=8, attention_head_dim=64, cross_attention_dim=512,
+                                       num_layers=12, caption_channels=512).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4 * 16 * 16, 128, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g),
+                  encoder_attention_mask=torch.ones(1, 128), num_frames=4, height=16, width=16)
+    return model, inputs, lambda t: torch.tensor([t * 1000])
+
+
+def qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=12,
+                                        attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
+                                        axes_dims_rope=(16, 24, 24)).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 32 * 32, 64, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g),
+                  encoder_hidden_states_mask=torch.ones(1, 128, dtype=torch.long), img_shapes=[(1, 32, 32)])
+    return model, inputs, lambda t: torch.tensor([t])
+
+
+def hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=8, attention_head_dim=64,
+                                           num_layers=4, num_single_layers=8, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, text_embed_dim=512, pooled_projection_dim=256,
+                                           rope_axes_dim=(16, 24, 24)).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 4, 32, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 128, 512, generator=g),
+                  encoder_attention_mask=torch.ones(1, 128), pooled_projections=torch.randn(1, 256, generator=g),
+                  guidance=torch.tensor([3500.0]))
+    return model, inputs, lambda t: torch.tensor([t * 1000])
+
+
+FAMILIES = {"flux": flux, "dit": dit, "sd3": sd3, "pixart": pixart, "wan": wan, "cogvideox": cogvideox, "ltx": ltx,
+            "qwen-image": qwen_image, "hunyuan-video": hunyuan_video}
 
 
 def measure(name: str, repeats: int) -> dict:

@@ -18,11 +18,14 @@ from dit_accel.core.blocks import (
     BlockContract,
     BlockList,
     MergedOutput,
+    ResidualOutput,
     SubLayer,
     TokenGrid,
     TransformerSpec,
     register_transformer,
 )
+
+from dit_accel.pipelines import residual_blocks
 
 CFGConvention = Literal["batched-cond-first", "batched-uncond-first", "separate-cond-first"]
 
@@ -151,6 +154,7 @@ BASIC_BLOCK = BlockContract(  # DiT (ada_norm_zero gates) and PixArt (adaLN-sing
         _attn("attn2", "cross"),
         _mlp("ff", gate="gate_mlp"),
     ),
+    residual=ResidualOutput(residual_blocks.basic_block),
 )
 
 SD3_BLOCK = BlockContract(
@@ -163,6 +167,7 @@ SD3_BLOCK = BlockContract(
         _mlp("ff", gate="norm1.gate_mlp"),
         _mlp("ff_context", gate="norm1_context.c_gate_mlp", stream="text"),
     ),
+    residual=ResidualOutput(residual_blocks.joint_block),
 )
 
 FLUX_DOUBLE_BLOCK = BlockContract(
@@ -173,6 +178,7 @@ FLUX_DOUBLE_BLOCK = BlockContract(
         _mlp("ff", gate="norm1.gate_mlp"),
         _mlp("ff_context", gate="norm1_context.c_gate_mlp", stream="text"),
     ),
+    residual=ResidualOutput(residual_blocks.flux_double_block),
 )
 
 def _single_stream_from_merged(text_first: bool):
@@ -212,6 +218,7 @@ WAN_BLOCK = BlockContract(
         _attn("attn2", "cross"),
         _mlp("ffn", gate="scale_shift_table c_gate_msa"),
     ),
+    residual=ResidualOutput(residual_blocks.wan_block),
 )
 
 HUNYUAN_DOUBLE_BLOCK = BlockContract(
@@ -222,6 +229,7 @@ HUNYUAN_DOUBLE_BLOCK = BlockContract(
         _mlp("ff", gate="norm1.gate_mlp"),
         _mlp("ff_context", gate="norm1_context.c_gate_mlp", stream="text"),
     ),
+    residual=ResidualOutput(residual_blocks.hunyuan_double_block),
 )
 
 HUNYUAN_SINGLE_BLOCK = BlockContract(
@@ -241,6 +249,7 @@ COGVIDEOX_BLOCK = BlockContract(
         _attn("attn1", "joint", gate="norm1 gate / enc_gate"),
         _mlp("ff", gate="norm2 gate / enc_gate", stream="joint"),
     ),
+    residual=ResidualOutput(residual_blocks.cogvideox_block),
 )
 
 LTX_BLOCK = BlockContract(
@@ -251,6 +260,7 @@ LTX_BLOCK = BlockContract(
         _attn("attn2", "cross"),
         _mlp("ff", gate="scale_shift_table gate_mlp"),
     ),
+    residual=ResidualOutput(residual_blocks.ltx_block),
 )
 
 QWEN_BLOCK = BlockContract(
@@ -261,6 +271,7 @@ QWEN_BLOCK = BlockContract(
         _mlp("img_mlp", gate="img_mod gate2"),
         _mlp("txt_mlp", gate="txt_mod gate2", stream="text"),
     ),
+    residual=ResidualOutput(residual_blocks.qwen_image_block),
 )
 
 

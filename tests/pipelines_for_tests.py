@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dit_accel.pipelines import tiny
@@ -30,3 +32,20 @@ def output_of(name: str, output) -> torch.Tensor:
 
 def is_batched_cfg(name: str) -> bool:
     return name == "zoo:dit" if name in ZOO else tiny.is_batched_cfg(name)
+
+
+@contextlib.contextmanager
+def residual_fast_paths(handle, wrap):
+    """Replace every ``ResidualOutput.apply`` of ``handle``'s blocks by ``wrap(apply)`` for the ``with`` body (the
+    contracts are shared module constants: restored afterwards). ``wrap=lambda apply: lambda *a: None`` makes every
+    block run with its sub-layers served one by one."""
+    contracts = {id(c): c for acc in handle.transformers for _, _, _, c in acc.spec.blocks(acc.transformer)
+                 if c.residual is not None}
+    original = {key: c.residual.apply for key, c in contracts.items()}
+    for key, contract in contracts.items():
+        object.__setattr__(contract.residual, "apply", wrap(original[key]))
+    try:
+        yield bool(contracts)
+    finally:
+        for key, contract in contracts.items():
+            object.__setattr__(contract.residual, "apply", original[key])

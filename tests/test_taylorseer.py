@@ -95,7 +95,10 @@ def record_sublayer_outputs(handle, pipe, family, steps: int, distance: str = "t
                     seen[(name, c.slot)].append((c.step, float(c.step) if distance == "step" else c.timestep, output))
 
                 hooks.append(module.register_forward_hook(record))
-    generate(pipe, family, steps=steps)
+    # Sub-layers run here even when served: blocks would otherwise skip them whole (ResidualOutput, checked
+    # against this path in test_block_fast_paths.py).
+    with pipes.residual_fast_paths(handle, lambda apply: lambda *args: None):
+        generate(pipe, family, steps=steps)
     for hook in hooks:
         hook.remove()
     return seen

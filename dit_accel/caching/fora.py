@@ -45,7 +45,7 @@ class ForaConfig(PluginConfig):
 
 @register_plugin(ForaConfig)
 class ForaPlugin(IntervalSubLayerPlugin):
-    serves_merged = True  # single-stream blocks are served at their proj_out (see core.blocks.MergedOutput)
+    serves_blocks = True  # whole blocks served: at proj_out (MergedOutput) or residual (ResidualOutput)
 
     def serve(self, context: CallContext, name: str):
         if not self.cached_step(context):

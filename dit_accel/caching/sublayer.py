@@ -53,7 +53,13 @@ def flatten_output(value: Any) -> tuple[list[torch.Tensor], Callable[[list[torch
 
 
 class SubLayerPolicy(Protocol):
-    """What a caching plugin decides for one sub-layer call."""
+    """What a caching plugin decides for one sub-layer call.
+
+    A policy whose served outputs never depend on the sub-layer's inputs (a cache or a forecast, not ToCa's
+    token-wise recomputation) sets ``serves_blocks = True``: blocks whose sub-layers it serves are then served
+    whole (:class:`MergedBlockHook`, :class:`ResidualBlockHook`), and ``serve`` must be free of side effects,
+    since a block may ask for every sub-layer before deciding.
+    """
 
     def serve(self, context: CallContext, name: str) -> tuple[Any, str] | None:
         """``(output, "reused" | "forecast")`` to skip the sub-layer, or ``None`` to compute it."""
@@ -120,6 +126,35 @@ class MergedBlockHook(ModelHook):
         return self.contract.merged.apply(module, _arguments(module, args, kwargs), output)
 
 
+class ResidualBlockHook(ModelHook):
+    """A block whose output follows from served sub-layer outputs (:class:`~dit_accel.core.blocks.ResidualOutput`):
+    when the policy serves every sub-layer of this call, the block returns ``contract.residual.apply(...)`` without
+    running its norms and modulations; otherwise (or where ``apply`` does not cover the block) it runs, and the
+    sub-layer hooks serve or compute each sub-layer as usual."""
+
+    def __init__(self, names: list[tuple[str, str]], contract, policy: SubLayerPolicy, store: "SubLayerStore") -> None:
+        super().__init__()
+        self.names, self.contract, self.policy, self.store = names, contract, policy, store
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        context = self.store.target.tracker.current
+        if context is not None:
+            served = {}
+            for name, attribute in self.names:
+                result = self.policy.serve(context, name)
+                if result is None:
+                    break
+                served[attribute] = result
+            else:
+                output = self.contract.residual.apply(module, _arguments(module, args, kwargs),
+                                                      {attribute: value for attribute, (value, _) in served.items()})
+                if output is not None:
+                    for name, attribute in self.names:
+                        self.store.target.stats.record(context, name, served[attribute][1])
+                    return output
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
 class MergedCaptureHook(ModelHook):
     """On the projection of a merged block: hands each computed output to the policy."""
 
@@ -138,7 +173,7 @@ class MergedCaptureHook(ModelHook):
 def _merged_key(block: torch.nn.Module, contract, prefix: str, layers, policy) -> str | None:
     """``<block>.<projection>`` when the block's whole output can be served at its projection by this policy."""
     merged = contract.merged
-    if merged is None or not getattr(policy, "serves_merged", False):
+    if merged is None or not getattr(policy, "serves_blocks", False):
         return None
     norm = getattr(block, "norm", None)
     present = [s for s in contract.sublayers if getattr(block, s.name, None) is not None]
@@ -173,6 +208,7 @@ class SubLayerStore:
                 self._modules += [block, projection]
                 names += block_names
                 continue
+            hooked = []
             for sublayer in contract.sublayers:
                 module = getattr(block, sublayer.name, None)
                 name = f"{list_attr}.{index}.{sublayer.name}"
@@ -180,7 +216,13 @@ class SubLayerStore:
                     continue
                 attach(module, SubLayerHook(name, policy, self), self.hook_name)
                 self._modules.append(module)
-                names.append(name)
+                hooked.append((name, sublayer.name))
+            present = [s for s in contract.sublayers if getattr(block, s.name, None) is not None]
+            if (contract.residual is not None and getattr(policy, "serves_blocks", False) and hooked
+                    and len(hooked) == len(present)):
+                attach(block, ResidualBlockHook(hooked, contract, policy, self), self.hook_name)
+                self._modules.append(block)
+            names += [name for name, _ in hooked]
         return names
 
     def get(self, name: str, slot: int) -> Any:

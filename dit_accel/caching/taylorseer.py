@@ -147,7 +147,7 @@ class TaylorSeerConfig(PluginConfig):
 
 @register_plugin(TaylorSeerConfig)
 class TaylorSeerPlugin(IntervalSubLayerPlugin):
-    serves_merged = True  # single-stream blocks are served at their proj_out (see core.blocks.MergedOutput)
+    serves_blocks = True  # whole blocks served: at proj_out (MergedOutput) or residual (ResidualOutput)
 
     def install(self) -> None:
         super().install()

@@ -62,6 +62,21 @@ class MergedOutput:
 
 
 @dataclass(frozen=True)
+class ResidualOutput:
+    """A block that adds each sub-layer's (gated) output to its residual stream in turn (DiT/PixArt, SD3, Wan).
+    When a cache serves every sub-layer of a call, the block's output is its input plus the served outputs under
+    the gates of this call, so a reused step skips the norms and modulations that only feed the sub-layers too.
+
+    Args:
+        apply: ``apply(block, arguments, served) -> block output``, ``served`` mapping each present sub-layer's
+            attribute name to its served output, ``arguments`` the block's forward arguments by name; it returns
+            ``None`` for a configuration it does not cover (the block then runs as usual).
+    """
+
+    apply: Callable[[torch.nn.Module, dict, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
 class BlockContract:
     """The call and return contract of one block class.
 
@@ -75,6 +90,8 @@ class BlockContract:
         sublayers: the attention and MLP sub-layers, in execution order.
         merged: set where the sub-layers' outputs merge in one projection before the gate (see
             :class:`MergedOutput`).
+        residual: set where the block's output follows from served sub-layer outputs (see
+            :class:`ResidualOutput`).
     """
 
     block_class: str
@@ -84,6 +101,7 @@ class BlockContract:
     hidden_arg: str = "hidden_states"
     encoder_arg: str | None = "encoder_hidden_states"
     merged: MergedOutput | None = None
+    residual: ResidualOutput | None = None
 
     def split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(hidden, encoder)`` from whatever the block returned."""
