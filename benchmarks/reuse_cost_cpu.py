@@ -6,9 +6,9 @@ Bare transformers at >= 1024 image tokens, random init: Flux (4 dual + 8 single 
 128 text tokens: the configuration of issue 13), DiT (12 blocks, 8 x 64, 32x32 tokens), SD3 (8 joint blocks,
 8 x 64, 1024 + 128 tokens), PixArt (12 blocks, 8 x 64, 32x32 tokens, 128 caption tokens), Wan, CogVideoX and LTX-Video
 (12 blocks, 8 x 64, 4 x 16 x 16 = 1024 video tokens, 128 text tokens), Qwen-Image (12 blocks, 8 x 64, 32x32 tokens,
-128 text tokens) and HunyuanVideo (4 dual + 8 single blocks, 8 x 64, 1024 video + 128 text tokens). Each repeat times one dense call (no acceleration) and one reused call (``fora`` with an
-interval longer than the run, inside a declared generation, after its computed first step), alternately; the
-ratio is of medians. The goal is <= 5 % of a dense call; the stats' FLOPs of a reused call are printed beside it
+128 text tokens) and HunyuanVideo (4 dual + 8 single blocks, 8 x 64, 1024 video + 128 text tokens). Each repeat times one dense call (no acceleration), one reused call (``fora`` with an
+interval longer than the run, inside a declared generation, after its computed first step) and one forecast call
+(``taylorseer``, order 1, after its full steps), alternately; the ratios are of medians. The goal is <= 5 % of a dense call; the stats' FLOPs of a reused call are printed beside it
 (0 % while time is still spent means the accounting misses what runs: modulation, gates, embeddings).
 """
 
@@ -153,8 +153,9 @@ FAMILIES = {"flux": flux, "dit": dit, "sd3": sd3, "pixart": pixart, "wan": wan, 
 
 def measure(name: str, repeats: int) -> dict:
     model, inputs, timestep = FAMILIES[name]()
-    dense_model = copy.deepcopy(model)  # the same weights, never accelerated: timed alternately with the other
-    steps = repeats + 3  # < 50: after step 0 every call is reused
+    dense_model = copy.deepcopy(model)  # the same weights, never accelerated: timed alternately with the others
+    forecast_model = copy.deepcopy(model)
+    steps = repeats + 5  # < 50: after the first full steps every call is reused (forecast)
 
     def call(transformer, t: float) -> float:
         start = time.perf_counter()
@@ -163,24 +164,35 @@ def measure(name: str, repeats: int) -> dict:
         return time.perf_counter() - start
 
     for _ in range(2):
-        call(dense_model, 1.0), call(model, 1.0)  # warm-up
+        call(dense_model, 1.0), call(model, 1.0), call(forecast_model, 1.0)  # warm-up
     handle = accelerate_dit(model, "fora", interval=50, first_steps=0, last_steps=0)
-    dense_times, reused_times = [], []
-    with handle.generation(num_steps=steps):
-        call(model, 1.0)  # step 0 computes and fills the cache
-        for i in range(1, repeats + 2):
+    forecaster = accelerate_dit(forecast_model, "taylorseer", interval=50, order=1, first_steps=2, last_steps=0)
+    dense_times, reused_times, forecast_times = [], [], []
+    with handle.generation(num_steps=steps), forecaster.generation(num_steps=steps):
+        for i in range(3):  # fora: step 0 fills the cache; taylorseer: its full steps (two, then one to check)
+            call(model, 1.0 - i / steps), call(forecast_model, 1.0 - i / steps)
+        forecast_before = forecaster.stats.totals()["forecast"]
+        for i in range(3, repeats + 4):
             t = 1.0 - i / steps
             reused_times.append(call(model, t))
+            forecast_times.append(call(forecast_model, t))
             dense_times.append(call(dense_model, t))
         totals = handle.stats.totals()
         fraction = handle.stats.flops_fraction
-    remove_acceleration(model)
+        forecasts = forecaster.stats.totals()["forecast"] - forecast_before
+        expected = (repeats + 1) * len(forecaster.stats.sublayers)
+    remove_acceleration(model), remove_acceleration(forecast_model)
+    calls_each = repeats + 1
+    if forecasts != expected:
+        raise RuntimeError(f"{name}: {forecasts} forecast sub-layer calls of {expected}: not every timed call forecast")
     dense, reused = statistics.median(dense_times[1:]), statistics.median(reused_times[1:])
-    calls = repeats + 2
-    # The run's FLOPs fraction with one computed call (step 0) of ``calls``: what a reused call costs by the stats.
+    forecast = statistics.median(forecast_times[1:])
+    calls = calls_each + 3
+    # The fora run's FLOPs fraction with one computed call (step 0) of ``calls``: what a reused call costs by the stats.
     per_reused = (fraction * calls - 1) / (calls - 1)
     return {"family": name, "dense_ms": round(dense * 1e3, 2), "reused_ms": round(reused * 1e3, 2),
-            "ratio": round(reused / dense, 4), "flops_fraction_of_reused_call": round(per_reused, 4),
+            "ratio": round(reused / dense, 4), "forecast_ms": round(forecast * 1e3, 2),
+            "forecast_ratio": round(forecast / dense, 4), "flops_fraction_of_reused_call": round(per_reused, 4),
             "reused_sublayer_calls": totals["reused"], "repeats": repeats}
 
 
@@ -196,10 +208,12 @@ def main() -> None:
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     lines = ["# Cost of a reused step (CPU)", "", f"`python benchmarks/reuse_cost_cpu.py --threads {args.threads} "
              f"--repeats {args.repeats}` on {machine}. A call where `fora` serves every sub-layer, against a dense "
-             "call of the same transformer, medians of interleaved calls. Goal: <= 5 %.", "",
-             "| family | dense ms | reused ms | reused / dense | FLOPs of a reused call (accounting) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['dense_ms']} | {r['reused_ms']} | {r['ratio']:.1%} | {r['flops_fraction_of_reused_call']:.1%} |"
-              for r in rows]
+             "call of the same transformer, and a `taylorseer` (order 1) forecast call, medians of interleaved calls. "
+             "Goal: <= 5 %.", "",
+             "| family | dense ms | reused ms | reused / dense | forecast ms | forecast / dense | FLOPs of a reused call "
+             "(accounting) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['dense_ms']} | {r['reused_ms']} | {r['ratio']:.1%} | {r['forecast_ms']} | "
+              f"{r['forecast_ratio']:.1%} | {r['flops_fraction_of_reused_call']:.1%} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reuse-cost-cpu.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     (args.out / "reuse-cost-cpu.md").write_text("\n".join(lines) + "\n")
