@@ -141,10 +141,11 @@ def reuse_cost_section() -> str:
         return ""
     data = json.loads(path.read_text())
     rows = [[r["family"], format_number(r["dense_ms"]), format_number(r["reused_ms"]), f"{r['ratio']:.1%}",
-             f"{r['flops_fraction_of_reused_call']:.1%}"] for r in data["rows"]]
+             format_number(r["forecast_ms"]), f"{r['forecast_ratio']:.1%}", f"{r['flops_fraction_of_reused_call']:.1%}"]
+            for r in data["rows"]]
     return "\n\n".join(["### Cost of a reused step (bare transformers, CPU)", _method(RESULTS / "reuse-cost-cpu.md"),
-                         _table(["family", "dense ms", "reused ms", "reused / dense",
-                                 "FLOPs of a reused call (accounting)"], rows)])
+                         _table(["family", "dense ms", "reused ms", "reused / dense", "forecast ms",
+                                 "forecast / dense", "FLOPs of a reused call (accounting)"], rows)])
 
 
 def custom_loop_section() -> str:
