@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def parts(out: Path, smoke: bool, minutes: float) -> list[tuple[str, list[str], float]]:
+def parts(smoke: bool, minutes: float) -> list[tuple[str, list[str], float]]:
     """(name, argv, time limit in seconds); every part also stops at the suite's deadline (``minutes``)."""
     if smoke:
         return [("kernels", ["--device", "cpu", "--seqs", "128", "--dims", "64", "--width", "128"], 300),
@@ -70,7 +70,7 @@ def main() -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     deadline = time.time() + args.minutes * 60
     record = {"environment": environment(), "parts": []}
-    for name, argv, limit in parts(args.out, args.smoke, args.minutes):
+    for name, argv, limit in parts(args.smoke, args.minutes):
         left = deadline - time.time() if not args.smoke else limit
         limit = min(limit, left)
         if limit < 20:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -150,7 +151,7 @@ def model_calls(m, device: str, deadline: float = math.inf) -> dict[str, dict]:
                 # Pass 0 warms up (Triton compiled, magcache calibrated), pass 1 times the call, pass 2 lists its
                 # kernels: each pass is a new generation, so the call at ``profiled_index`` does the same work.
                 for pass_ in range(3):
-                    context = handle.generation(num_steps=steps) if handle else _null()
+                    context = handle.generation(num_steps=steps) if handle else contextlib.nullcontext()
                     with context:
                         for i in range(steps):
                             call = lambda i=i: m.velocity(m.x0, sigma_of(i, steps), True)  # noqa: E731
@@ -177,14 +178,6 @@ def model_calls(m, device: str, deadline: float = math.inf) -> dict[str, dict]:
                               ("window-residual", {"first_steps": 1}), ("toca", {})):
         run(recipe, recipe, overrides, 3, 1)
     return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _summary(r: dict) -> str:

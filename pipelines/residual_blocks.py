@@ -16,13 +16,6 @@ from typing import Any
 import torch
 
 
-def _ada_norm_zero_chunks(norm: torch.nn.Module, timestep, class_labels, dtype, emb=None) -> tuple[torch.Tensor, ...]:
-    """The six modulation vectors of an ``AdaLayerNormZero`` (what its forward computes before the norm)."""
-    if norm.emb is not None:
-        emb = norm.emb(timestep, class_labels, hidden_dtype=dtype)
-    return norm.linear(norm.silu(emb)).chunk(6, dim=1)
-
-
 def _zero_chunks(norm: torch.nn.Module, temb: torch.Tensor, count: int = 6) -> tuple[torch.Tensor, ...]:
     """The modulation vectors of an ``AdaLayerNormZero``-style norm given its embedding (``emb=temb``)."""
     return norm.linear(norm.silu(temb)).chunk(count, dim=1)
@@ -37,8 +30,8 @@ def basic_block(block: torch.nn.Module, arguments: dict, served: dict[str, Any])
     hidden = arguments["hidden_states"]
     timestep = arguments.get("timestep")
     if block.norm_type == "ada_norm_zero":
-        _, _, gate_msa, _, _, gate_mlp = _ada_norm_zero_chunks(block.norm1, timestep, arguments.get("class_labels"),
-                                                               hidden.dtype)
+        emb = block.norm1.emb(timestep, arguments.get("class_labels"), hidden_dtype=hidden.dtype)
+        _, _, gate_msa, _, _, gate_mlp = _zero_chunks(block.norm1, emb)
         attn_output = gate_msa.unsqueeze(1) * served["attn1"]
     else:
         _, _, gate_msa, _, _, gate_mlp = (block.scale_shift_table[None]

@@ -63,7 +63,8 @@ class MergedOutput:
 
 @dataclass(frozen=True)
 class ResidualOutput:
-    """A block that adds each sub-layer's (gated) output to its residual stream in turn (DiT/PixArt, SD3, Wan).
+    """A block that adds each sub-layer's (gated) output to its residual stream in turn (every dual-stream and
+    residual block: DiT/PixArt, SD3, Flux, Wan, CogVideoX, LTX-Video, Qwen-Image, HunyuanVideo).
     When a cache serves every sub-layer of a call, the block's output is its input plus the served outputs under
     the gates of this call, so a reused step skips the norms and modulations that only feed the sub-layers too.
 
