@@ -62,7 +62,9 @@ class _TrackerHook(ModelHook):
         context = tracker.enter(module, args, kwargs, context.name if context is not None else None)
         self.accelerated.stats.on_call(context)
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.accelerated.stats.end_call()
+            return output
         except BaseException:
             tracker.reset(reason="error")
             raise

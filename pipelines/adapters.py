@@ -291,21 +291,21 @@ def _register(family, cls, lists, read_grid, read_text=read_text_length, text_po
 
 _register("dit", "DiTTransformer2DModel", [("transformer_blocks", BASIC_BLOCK)], read_grid_image, no_text,
           notes="class-conditional; CFG batched, cond half first")
-_register("pixart", "PixArtTransformer2DModel", [("transformer_blocks", BASIC_BLOCK)], read_grid_image, no_text,
+_register("pixart", "PixArtTransformer2DModel", [("transformer_blocks", BASIC_BLOCK)], read_grid_image,
           notes="PixArt-alpha and -sigma; text through cross attention; CFG batched")
 _register("sd3", "SD3Transformer2DModel", [("transformer_blocks", SD3_BLOCK)], read_grid_image,
           text_position="last", notes="SD3 and SD3.5 (MMDiT); image tokens first in joint attention")
 _register("flux", "FluxTransformer2DModel",
           [("transformer_blocks", FLUX_DOUBLE_BLOCK), ("single_transformer_blocks", FLUX_SINGLE_BLOCK)],
           read_grid_from_ids, text_position="first", notes="FLUX.1; text tokens first; true CFG as separate calls")
-_register("wan", "WanTransformer3DModel", [("blocks", WAN_BLOCK)], read_grid_video_cfhw, no_text,
+_register("wan", "WanTransformer3DModel", [("blocks", WAN_BLOCK)], read_grid_video_cfhw,
           notes="Wan 2.1/2.2; text through cross attention; CFG as separate calls")
 _register("hunyuan-video", "HunyuanVideoTransformer3DModel",
           [("transformer_blocks", HUNYUAN_DOUBLE_BLOCK), ("single_transformer_blocks", HUNYUAN_SINGLE_BLOCK)],
           read_grid_video_cfhw, text_position="last", notes="image tokens first in joint attention")
 _register("cogvideox", "CogVideoXTransformer3DModel", [("transformer_blocks", COGVIDEOX_BLOCK)],
           read_grid_video_fchw, text_position="first", notes="text tokens first in joint attention")
-_register("ltx", "LTXVideoTransformer3DModel", [("transformer_blocks", LTX_BLOCK)], read_grid_ltx, no_text,
+_register("ltx", "LTXVideoTransformer3DModel", [("transformer_blocks", LTX_BLOCK)], read_grid_ltx,
           notes="text through cross attention")
 _register("qwen-image", "QwenImageTransformer2DModel", [("transformer_blocks", QWEN_BLOCK)], read_grid_qwen,
           text_position="first", notes="text tokens first in joint attention")

@@ -130,7 +130,11 @@ def test_calibrates_then_skips_on_every_family(family):
     assert torch.isfinite(second).all() and not torch.equal(second, first)
     # Computed 0, 3, 5; skipped 1, 2 (reuse the step-0 residual) and 4 (the line through steps 0 and 3).
     stats = handle.stats
-    assert stats.flops_fraction == pytest.approx(0.5)
+    sublayers = stats.sublayers.values()
+    assert sum(s.flops for s in sublayers) == pytest.approx(0.5 * sum(s.dense_flops for s in sublayers))
+    # Skipped calls still run the embeddings and final layers, not the skipped blocks' modulation.
+    assert stats.blocks_skipped == 3 * slots * len(plugin.range.blocks)
+    assert 0.5 < stats.flops_fraction < 0.5 + stats.outside_dense_flops / stats.dense_flops
     for name in plugin.range.sublayers:
         assert (stats.sublayers[name].reused, stats.sublayers[name].forecast) == (2 * slots, slots)
     for slot in range(slots):

@@ -135,10 +135,12 @@ class BlockRange:
         self.call: _Call | None = None
         self._modules = []
         self.sublayers = []
+        self.blocks: list[str] = []
         for position, (list_attr, index, block, contract) in enumerate(blocks):
             if start <= position < end:
                 attach(block, _RangeHook(self, contract, position == start, position == end - 1), hook_name)
                 self._modules.append(block)
+                self.blocks.append(f"{list_attr}.{index}")
                 self.sublayers += [f"{list_attr}.{index}.{s.name}" for s in contract.sublayers
                                    if getattr(block, s.name, None) is not None]
 
@@ -173,6 +175,8 @@ class BlockRange:
             computed = rows.numel() / call.skip_rows.numel()
             for name in self.sublayers:
                 self.target.stats.record(context, name, "partial", computed_fraction=computed)
+            for block in self.blocks:
+                self.target.stats.record_block(context, block, fraction=1.0 - computed)
         else:
             new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
         self.residuals[context.slot] = new
@@ -202,6 +206,8 @@ class BlockRange:
         event = "forecast" if state is not None and len(state[0]) > 1 else "reused"
         for name in self.sublayers:
             self.target.stats.record(context, name, event)
+        for block in self.blocks:
+            self.target.stats.record_block(context, block)
 
     def nbytes(self) -> int:
         return tensor_bytes(list(self.residuals.values())) + tensor_bytes(

@@ -190,7 +190,8 @@ class TransformerSpec:
         transformer_class: the class name.
         block_lists: block list attributes in execution order.
         read_grid: reads the token grid from a transformer call ``(module, args, kwargs)``.
-        read_text_length: reads the number of text tokens that joint attention sees.
+        read_text_length: reads the number of text tokens of a call: in the sequence of joint attention, or the
+            keys of cross attention (0 where the model takes no text).
         text_position: where joint attention puts text tokens (``"first"`` for Flux, ``"last"`` for SD3).
         timestep_arg: the keyword holding the timestep (the tracker reads it).
         hidden_arg: the keyword holding the latent input (its shape/dtype/device identify a generation).

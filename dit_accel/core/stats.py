@@ -6,12 +6,20 @@ recomputed). FLOPs are estimated from shapes: the Linear layers of each sub-laye
 transforms (where a block merges its sub-layers in one projection, Flux's single-stream ``proj_out``, each
 sub-layer also owns the projection's columns that read its output), plus ``4 * B * heads * Sq * Sk * head_dim``
 for the attention core.
+
+Every other Linear and convolution of the model (patch and text embeddings, timestep embedders, the blocks'
+modulation linears, the final norm and projection) is counted as work *outside the sub-layers*: measured once per
+call signature on the first call that has it (forward hooks count what actually ran), then charged to every call of
+that signature. A plugin that skips whole blocks (magcache, fbcache, Δ-DiT) reports them with
+:meth:`StatsRecorder.record_block`, which refunds the skipped blocks' share. So a call whose sub-layers are all
+reused still costs its embeddings, gates and final projection, as it does on the hardware.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +60,9 @@ class GenerationStats:
     calls_by_signature: dict[tuple, int] = field(default_factory=dict)
     dense_flops_by_signature: dict[tuple, dict[str, float]] = field(default_factory=dict)
     events: dict[str, SubLayerStats] = field(default_factory=dict)
+    outside_flops_by_signature: dict[tuple, float] = field(default_factory=dict)
+    outside_saved_flops: float = 0.0
+    blocks_skipped: int = 0
 
     @property
     def sublayers(self) -> dict[str, SubLayerStats]:
@@ -70,12 +81,24 @@ class GenerationStats:
         return table
 
     @property
+    def outside_dense_flops(self) -> float:
+        """FLOPs of the Linear/conv layers outside the sub-layers (embeddings, modulation, final layers) in a dense
+        run of these calls."""
+        return sum(count * self.outside_flops_by_signature.get(key, 0.0)
+                   for key, count in self.calls_by_signature.items())
+
+    @property
+    def outside_flops(self) -> float:
+        """What those layers really cost: the dense figure less the blocks that plugins skipped whole."""
+        return self.outside_dense_flops - self.outside_saved_flops
+
+    @property
     def dense_flops(self) -> float:
-        return sum(s.dense_flops for s in self.sublayers.values())
+        return sum(s.dense_flops for s in self.sublayers.values()) + self.outside_dense_flops
 
     @property
     def flops(self) -> float:
-        return sum(s.flops for s in self.sublayers.values())
+        return sum(s.flops for s in self.sublayers.values()) + self.outside_flops
 
     @property
     def flops_fraction(self) -> float:
@@ -111,6 +134,19 @@ def _output_width(module: torch.nn.Module) -> int:
     return int(linears[-1].out_features) if linears else 0
 
 
+_COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _ran_flops(module: torch.nn.Module, output: Any) -> float:
+    """FLOPs a Linear or convolution just spent, read from its output's shape."""
+    if not isinstance(output, torch.Tensor):
+        return 0.0
+    if isinstance(module, torch.nn.Linear):
+        return 2.0 * module.in_features * output.numel()
+    kernel = math.prod(module.kernel_size)
+    return 2.0 * output.numel() * (module.in_channels // module.groups) * kernel
+
+
 def _is_text_projection(name: str, kind: str | None) -> bool:
     if "add_" in name:  # add_q_proj / add_k_proj / add_v_proj / to_add_out: the text stream of joint attention
         return True
@@ -122,12 +158,18 @@ class StatsRecorder:
 
     def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec) -> None:
         self._layers: list[tuple[str, SubLayer, dict[str, int], int]] = []
+        inside: set[int] = set()  # ids of the modules the sub-layer estimate already covers
+        blocks: list[tuple[str, torch.nn.Module]] = []
         for list_attr, index, block, contract in spec.blocks(transformer):
             merge = getattr(block, contract.merged.module, None) if contract.merged is not None else None
+            if merge is not None:
+                inside.add(id(merge))
+            blocks.append((f"{list_attr}.{index}", block))
             for sublayer in contract.sublayers:
                 module = getattr(block, sublayer.name, None)
                 if module is None:
                     continue
+                inside.update(id(m) for m in module.modules())
                 to_q = getattr(module, "to_q", None) if sublayer.role == "attention" else None
                 inner_dim = int(to_q.out_features) if isinstance(to_q, torch.nn.Linear) else 0  # heads * head_dim
                 linears = _linear_flops_per_row(module)
@@ -136,6 +178,19 @@ class StatsRecorder:
                     width = inner_dim or _output_width(module)
                     linears[f"<{contract.merged.module}>"] = 2 * width * merge.out_features
                 self._layers.append((f"{list_attr}.{index}.{sublayer.name}", sublayer, linears, inner_dim))
+        # Linear/conv layers outside the sub-layers, by block prefix ("" for those outside every block).
+        self._outside: list[tuple[str, torch.nn.Module]] = []
+        in_blocks: set[int] = set()
+        for prefix, block in blocks:
+            for m in block.modules():
+                in_blocks.add(id(m))
+                if isinstance(m, _COUNTED) and id(m) not in inside:
+                    self._outside.append((prefix, m))
+        self._outside += [("", m) for m in transformer.modules() if isinstance(m, _COUNTED) and id(m) not in in_blocks]
+        self._outside_cache: dict[tuple, dict[str, float]] = {}  # per signature: FLOPs by block prefix ("": model)
+        self._measuring: tuple[dict[str, float], list] | None = None
+        self._call_key: tuple | None = None
+        self._skipped_blocks: list[tuple[str, float]] = []
         self.current: GenerationStats | None = None
         self.last: GenerationStats | None = None
         self._flops_cache: dict[tuple, dict[str, float]] = {}
@@ -150,6 +205,9 @@ class StatsRecorder:
 
     def discard(self) -> None:
         """Drop the running generation (it raised)."""
+        self._stop_measuring()
+        self._call_key = None
+        self._skipped_blocks.clear()
         self.current = None
 
     def on_call(self, context: CallContext) -> None:
@@ -164,6 +222,52 @@ class StatsRecorder:
         if key not in current.dense_flops_by_signature:
             current.dense_flops_by_signature[key] = self._dense_flops(context)
         current.calls_by_signature[key] = current.calls_by_signature.get(key, 0) + 1
+        self._call_key = key
+        self._skipped_blocks.clear()
+        if key not in self._outside_cache and self._measuring is None:
+            counts: dict[str, float] = {}
+
+            def count(prefix: str, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+                counts[prefix] = counts.get(prefix, 0.0) + _ran_flops(module, output)
+
+            handles = [m.register_forward_hook(lambda mod, i, o, p=prefix: count(p, mod, i, o))
+                       for prefix, m in self._outside]
+            self._measuring = (counts, handles)
+
+    def end_call(self) -> None:
+        """The transformer call returned: charge its work outside the sub-layers, less the blocks skipped whole."""
+        key, self._call_key = self._call_key, None
+        if key is None or self.current is None:
+            return
+        if self._measuring is not None:
+            counts = self._stop_measuring()
+            for prefix, _ in self._skipped_blocks:  # skipped while measuring: fall back to one row per sample
+                counts[prefix] = sum(2.0 * m.in_features * m.out_features * key[0] for p, m in self._outside
+                                     if p == prefix and isinstance(m, torch.nn.Linear))
+            self._outside_cache[key] = counts
+        per_block = self._outside_cache.get(key)
+        if per_block is None:
+            return
+        self.current.outside_flops_by_signature[key] = sum(per_block.values())
+        for prefix, fraction in self._skipped_blocks:
+            self.current.outside_saved_flops += fraction * per_block.get(prefix, 0.0)
+            self.current.blocks_skipped += fraction == 1.0
+        self._skipped_blocks.clear()
+
+    def _stop_measuring(self) -> dict[str, float]:
+        if self._measuring is None:
+            return {}
+        counts, handles = self._measuring
+        for handle in handles:
+            handle.remove()
+        self._measuring = None
+        return counts
+
+    def record_block(self, context: CallContext, block: str, fraction: float = 1.0) -> None:
+        """A plugin skipped block ``block`` (``transformer_blocks.3``) whole in this call, or ``fraction`` of its
+        rows: its Linear layers outside the sub-layers (modulation, embeddings) did not run for them."""
+        if self.current is not None and self._call_key is not None:
+            self._skipped_blocks.append((block, fraction))
 
     def record(self, context: CallContext, sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
         """A plugin did not compute ``sublayer`` densely in this call.
@@ -200,9 +304,12 @@ class StatsRecorder:
         result, cores = {}, {}
         for name, sublayer, linears, inner_dim in self._layers:
             own_rows = rows["joint" if sublayer.kind == "joint" else sublayer.stream]
+            text_rows = [_is_text_projection(linear_name, sublayer.kind) for linear_name in linears]
+            if sublayer.kind == "joint" and any(text_rows):
+                own_rows = rows["image"]  # dual-stream joint attention: each stream projects its own tokens
             total = 0.0
-            for linear_name, per_row in linears.items():
-                total += per_row * (rows["text"] if _is_text_projection(linear_name, sublayer.kind) else own_rows)
+            for (linear_name, per_row), is_text in zip(linears.items(), text_rows):
+                total += per_row * (rows["text"] if is_text else own_rows)
             core = 0.0
             if inner_dim:
                 q_len = image + text if sublayer.kind == "joint" else image
@@ -235,6 +342,8 @@ def format_summary(stats: GenerationStats | None, *, recipe: str, model: str) ->
         f"estimated FLOPs: {fraction:.1%} of dense ({speedup:.2f}x), cache memory {stats.cache_bytes / 2**20:.1f} MiB; "
         f"sub-layer calls computed {totals['computed']}, reused {totals['reused']}, forecast {totals['forecast']}, "
         f"partial {totals['partial']}",
+        f"outside the sub-layers (embeddings, modulation, final layers): {stats.outside_dense_flops / dense:.1%} of "
+        f"dense FLOPs, {stats.blocks_skipped} block calls skipped whole" if (dense := stats.dense_flops) else "",
         "",
     ]
     header = f"{'block':<30} {'sub-layer':<12} {'computed':>8} {'reused':>7} {'forecast':>8} {'partial':>7} {'FLOPs':>7}"
