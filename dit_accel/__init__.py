@@ -7,13 +7,14 @@
     remove_acceleration(pipe)
 """
 
-from dit_accel.api import AccelerationHandle, accelerate_dit, get_handle, remove_acceleration
+from dit_accel.api import AccelerationHandle, IdlePluginWarning, accelerate_dit, get_handle, remove_acceleration
 from dit_accel.recipe import PluginConfig, Recipe, list_recipes, load_recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelerationHandle",
+    "IdlePluginWarning",
     "PluginConfig",
     "Recipe",
     "accelerate_dit",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ from dit_accel.recipe import Recipe, conflict_message, load_recipe, steps_disjoi
 
 TRACKER_HOOK = "dit_accel.tracker"
 _HANDLE_ATTR = "_dit_accel_handle"
+
+
+class IdlePluginWarning(UserWarning):
+    """A plugin computed every call of a generation dense (too few steps, a threshold never met, no CFG to share):
+    once per plugin and reason; ``handle.summary()`` repeats it."""
 
 
 class _NoState(BaseState):
@@ -80,18 +86,22 @@ class _AcceleratedTransformer:
     """Everything installed on one transformer."""
 
     def __init__(self, transformer: torch.nn.Module, recipe: Recipe, pipe: Any = None) -> None:
-        from dit_accel.pipelines.adapters import CFG_CONVENTIONS
+        from dit_accel.pipelines.adapters import cfg_convention_for
 
         self.transformer = transformer
         self.spec = spec_for(transformer)
         self.plugins: list[Plugin] = []
+        self.idle: dict[str, str] = {}  # plugin name -> why it did nothing in the last generation
+        self.last_actions: dict[str, int] = {}  # plugin name -> what it did in the last generation
+        self._warned_idle: set[tuple[str, str]] = set()
+        self._adapters = _adapter_signature(transformer)
         self._tracker_hook: _TrackerHook | None = None
         self.attention: AttentionInterceptor | None = None
         null_class = getattr(transformer.config, "num_embeds_ada_norm", None) if self.spec.family == "dit" else None
         self.tracker = StepTracker(
             self.spec,
             on_reset=self._on_reset,
-            cfg_convention=CFG_CONVENTIONS.get(type(pipe).__name__) if pipe is not None else None,
+            cfg_convention=cfg_convention_for(pipe, self.spec) if pipe is not None else None,
             guidance_probe=(lambda: _guidance_of(pipe)) if pipe is not None else None,
             null_class_label=null_class,
         )
@@ -101,6 +111,12 @@ class _AcceleratedTransformer:
             target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats)
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
+                if getattr(plugin_for(config), "skips_block_ranges", False) and getattr(pipe, "controlnet", None) is not None:
+                    raise ValueError(
+                        f"{config.type_name} skips whole ranges of blocks and reuses their residual, but "
+                        f"{type(pipe).__name__} adds ControlNet residuals between the blocks at every step (they would "
+                        "be counted twice); use a sub-layer cache (fora, taylorseer, toca), which recomputes each "
+                        "block's input with the current step's ControlNet residuals")
                 plugin = plugin_for(config)(config, target)
                 try:
                     plugin.install()
@@ -127,12 +143,38 @@ class _AcceleratedTransformer:
                     raise ValueError(conflict_message(a, b, where=f" on {shared[0]}"))
 
     def _on_reset(self, reason: str) -> None:
+        adapters = _adapter_signature(self.transformer)
+        if adapters != self._adapters:  # a LoRA adapter was loaded, swapped, re-weighted, fused or unloaded
+            self._adapters = adapters
+            self.stats.rebuild()
+            for plugin in self.plugins:
+                plugin.model_changed()
+        current = self.stats.current
         if reason == "error":
             self.stats.discard()
         else:
+            if current is not None and current.transformer_calls:
+                self._report_idle(current.steps)
             self.stats.finish()
         for plugin in self.plugins:
             plugin.reset()
+            plugin.actions = 0
+
+    def _report_idle(self, steps: int) -> None:
+        """After a generation: which plugins did nothing, and why (warned once per plugin and reason)."""
+        self.idle = {}
+        self.last_actions = {plugin.name: plugin.actions for plugin in self.plugins}
+        for plugin in self.plugins:
+            if plugin.actions:
+                continue
+            reason = plugin.idle_reason(steps)
+            if reason is None:
+                continue
+            self.idle[plugin.name] = reason
+            if (plugin.name, reason) not in self._warned_idle and not plugin.idle_already_said():
+                self._warned_idle.add((plugin.name, reason))
+                warnings.warn(f"dit_accel {plugin.name} did nothing in this generation: {reason}", IdlePluginWarning,
+                              stacklevel=2)
 
     def cache_bytes(self) -> int:
         return sum(plugin.cache_bytes() for plugin in self.plugins)
@@ -207,8 +249,10 @@ class AccelerationHandle:
         """A text table of the last generation: per block and sub-layer, computed / reused / forecast counts and
         the estimated FLOPs relative to the dense run."""
         parts = []
-        for label, stats in self.stats_by_transformer().items():
-            parts.append(format_summary(stats, recipe=self.recipe.name, model=label))
+        for acc, (label, stats) in zip(self.transformers, self.stats_by_transformer().items()):
+            text = format_summary(stats, recipe=self.recipe.name, model=label)
+            text += "".join(f"\nplugin {name!r} did nothing in the last generation: {why}" for name, why in acc.idle.items())
+            parts.append(text)
         return "\n\n".join(parts) if parts else f"dit_accel: recipe {self.recipe.name!r} has been removed"
 
     def compile(self, **options: Any) -> "AccelerationHandle":
@@ -352,6 +396,17 @@ def accelerate_dit(pipe_or_transformer: Any, recipe: "str | Path | Recipe" = "no
 _CFG_FLAG = "_dit_accel_cfg"
 
 
+def _adapter_signature(transformer: torch.nn.Module) -> tuple:
+    """Which PEFT adapters are active where, at which scales, and whether merged: what a hot swap changes."""
+    found = []
+    for name, module in transformer.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "active_adapters"):
+            found.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
+                          tuple(getattr(module, "merged_adapters", ())), bool(getattr(module, "disable_adapters", False))))
+    return tuple(found)
+
+
 def _guidance_of(pipe: Any) -> bool | None:
     """Whether the pipeline's current call runs classifier-free guidance, if it can be told: what it last passed
     to ``encode_prompt`` (PixArt, SD3, CogVideoX, LTX, ...), else its ``do_classifier_free_guidance`` property."""
@@ -363,6 +418,22 @@ def _guidance_of(pipe: Any) -> bool | None:
     except (AttributeError, TypeError):  # properties that read call-time attributes before the first call
         return None
     return value if isinstance(value, bool) else None
+
+
+def expert_segment(pipe: Any, transformer: torch.nn.Module, timesteps: Any) -> Any:
+    """The timesteps ``transformer`` denoises: all of them, or for a two-expert pipeline (Wan 2.2 A14B:
+    ``transformer_2`` and ``boundary_ratio``) its own segment (the first expert takes ``t >= boundary_ratio *
+    num_train_timesteps``, the second the rest), so that every plugin's schedule (warm-up, last steps, magcache's
+    curve) is relative to the expert's own steps."""
+    boundary_ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    second = getattr(pipe, "transformer_2", None)
+    if timesteps is None or boundary_ratio is None or second is None or getattr(pipe, "transformer", None) is None:
+        return timesteps
+    boundary = boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    values = [float(t) for t in timesteps]
+    if transformer is second:
+        return [t for t in values if t < boundary] or None
+    return [t for t in values if t >= boundary] or None
 
 
 def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
@@ -382,14 +453,14 @@ def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
 
     def on_set_timesteps(owner, result, *args, **kwargs) -> None:
         for acc in handle.transformers:
-            acc.tracker.begin_generation(getattr(owner, "timesteps", None))
+            acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, getattr(owner, "timesteps", None)))
 
     def on_set_begin_index(owner, result, begin_index: int = 0, *args, **kwargs) -> None:
         # img2img pipelines start part-way into the schedule.
         timesteps = getattr(owner, "timesteps", None)
         if timesteps is not None:
             for acc in handle.transformers:
-                acc.tracker.begin_generation(timesteps[int(begin_index):])
+                acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, timesteps[int(begin_index):]))
 
     def on_end(owner, result, *args, **kwargs) -> None:
         for acc in handle.transformers:

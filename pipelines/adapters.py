@@ -275,6 +275,29 @@ QWEN_BLOCK = BlockContract(
 )
 
 
+# Every diffusers pipeline of a family runs CFG the same way (the variants copy the base pipeline's loop).
+FAMILY_CFG_CONVENTIONS: dict[str, CFGConvention] = {
+    "dit": "batched-cond-first",
+    "pixart": "batched-uncond-first",
+    "sd3": "batched-uncond-first",
+    "cogvideox": "batched-uncond-first",
+    "ltx": "batched-uncond-first",
+    "flux": "separate-cond-first",
+    "wan": "separate-cond-first",
+    "qwen-image": "separate-cond-first",
+    "hunyuan-video": "separate-cond-first",
+}
+
+
+def cfg_convention_for(pipe, spec: TransformerSpec) -> CFGConvention | None:
+    """The CFG convention of ``pipe`` driving a transformer of ``spec``: its class (or a base class) in
+    :data:`CFG_CONVENTIONS`, else its transformer family's (``spec.cfg_convention``)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in CFG_CONVENTIONS:
+            return CFG_CONVENTIONS[cls.__name__]
+    return spec.cfg_convention
+
+
 def _register(family, cls, lists, read_grid, read_text=read_text_length, text_position=None, notes=""):
     register_transformer(
         TransformerSpec(
@@ -285,6 +308,7 @@ def _register(family, cls, lists, read_grid, read_text=read_text_length, text_po
             read_text_length=read_text,
             text_position=text_position,
             notes=notes,
+            cfg_convention=FAMILY_CFG_CONVENTIONS[family],
         )
     )
 

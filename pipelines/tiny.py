@@ -316,6 +316,11 @@ def _t5_encoder(d_model: int = 32, vocab_size: int = 256) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
+def autoencoder_kl(latent_channels: int = 4, *, flow: bool = False) -> torch.nn.Module:
+    """The tiny VAE of the pipelines here (``flow``: with the flow-matching pipelines' scaling and shift)."""
+    return _autoencoder_kl(latent_channels, **(_FLOW_VAE_OVERRIDES if flow else {}))
+
+
 def _autoencoder_kl(latent_channels: int = 4, **overrides: Any) -> torch.nn.Module:
     """A 2-down-block ``AutoencoderKL``: ``vae_scale_factor`` 2, so 32 px images give 16x16 latents."""
     from diffusers import AutoencoderKL

@@ -91,6 +91,19 @@ class ImageAttentionPlugin(Plugin):
     def remove(self) -> None:
         self.target.attention.unroute(self)
 
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        if (config.start > 0 or config.end < 1) and not any(
+                config.start <= step / steps < config.end for step in range(steps)):
+            return f"its window start={config.start}, end={config.end} holds no step of {steps}; widen it"
+        if self.fallbacks:
+            return "its layers fell back to dense attention: " + "; ".join(sorted(self.fallbacks))
+        return ("every query kept every key at this resolution (the token grid is no larger than its tiles or "
+                "window); it saves work at larger resolutions or with smaller tiles")
+
+    def idle_already_said(self) -> bool:
+        return bool(self.fallbacks)  # each fallback reason was warned when it first happened
+
     def _active(self, context: CallContext | None) -> bool:
         if not self.target.in_scope(self.config, context):
             return False

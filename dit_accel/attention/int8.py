@@ -93,6 +93,7 @@ class Int8Plugin(ImageAttentionPlugin):
             self._fallback(reason, call)
             return call.dense(query, key, value)
         config = self.config
+        self.acted()
         settings = dict(scale=call.options.get("scale"), block_q=config.block_q, block_k=config.block_k,
                         smooth_k=config.smooth_k, pv_bf16=config.pv_bf16)
         if keep is None:

@@ -10,6 +10,7 @@ computing. Projections, norms and gates still run per branch; only the attention
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ class CFGSharePlugin(Plugin):
 
     def install(self) -> None:
         self.stored: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
+        self.reset()
         self.target.route_attention(self, self._attend)
 
     def _active(self, context: CallContext | None) -> bool:
@@ -66,20 +68,29 @@ class CFGSharePlugin(Plugin):
 
     def _attend(self, query, key, value, call: AttentionCall) -> torch.Tensor:
         context = call.context
+        roles = [] if context is None else [branch.role for branch in context.branches]
+        self._saw_uncond = self._saw_uncond or "uncond" in roles
         if not self._active(context):
             return call.dense(query, key, value)
-        roles = [branch.role for branch in context.branches]
-        if None in roles:
-            raise RuntimeError(
-                f"cfg-share cannot tell the conditional from the unconditional branch of this call (roles {roles}); "
-                "it needs a pipeline whose CFG convention dit_accel knows (see dit_accel.pipelines.adapters)"
-            )
+        if None in roles:  # never an exception mid-generation: say so once, compute dense
+            if not self._unknown_roles:
+                warnings.warn("dit_accel cfg-share cannot tell the conditional from the unconditional rows of this "
+                              f"pipeline's calls (roles {roles}): it computes them dense; declare how the loop runs "
+                              "CFG with handle.begin(cfg=...) or handle.generation(cfg=...)", UserWarning, stacklevel=2)
+            self._unknown_roles = True
+            return call.dense(query, key, value)
         if len(roles) > 1 and "uncond" in roles and "cond" in roles:
             return self._batched(query, key, value, call, roles)
         layer_key = (call.layer.name, call.index)
         if roles[0] == "cond" or "uncond" not in roles:
             out = call.dense(query, key, value)
-            self.stored[layer_key] = (context.step, out)
+            if self._saw_uncond or self._first_cond_step in (None, context.step):
+                # Kept for the unconditional call of this step; after a whole step with no such call (no CFG in
+                # this generation) nothing is stored any more.
+                self._first_cond_step = context.step if self._first_cond_step is None else self._first_cond_step
+                self.stored[layer_key] = (context.step, out)
+            else:
+                self.stored.clear()
             return out
         stored = self.stored.get(layer_key)
         expected = (*query.shape[:-1], value.shape[-1])
@@ -111,8 +122,23 @@ class CFGSharePlugin(Plugin):
         core = stats.core_fraction(call.context, call.layer.name)
         stats.record(call.context, call.layer.name, "partial", computed_fraction=1.0 - core * fraction_of_rows)
 
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        if self._unknown_roles:
+            return ("it could not tell the conditional from the unconditional rows of the calls; declare how the "
+                    "loop runs CFG with handle.begin(cfg=...)")
+        if not self._saw_uncond:
+            return ("no call of this generation ran classifier-free guidance (guidance off, a guidance-distilled "
+                    "model, or true_cfg_scale <= 1): there is no unconditional branch to share with")
+        if not any(sharing_window(step, steps, config.start, config.end) for step in range(steps)):
+            return f"its window start={config.start}, end={config.end} holds no step of {steps}; widen it"
+        return super().idle_reason(steps)
+
     def reset(self) -> None:
         self.stored.clear()
+        self._saw_uncond = False
+        self._unknown_roles = False
+        self._first_cond_step: int | None = None
 
     def remove(self) -> None:
         self.target.attention.unroute(self)

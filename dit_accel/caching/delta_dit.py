@@ -80,6 +80,7 @@ class _GroupPolicy:
 @register_plugin(DeltaDiTConfig)
 class DeltaDiTPlugin(Plugin):
     kind = "schedule"
+    skips_block_ranges = True  # refused where ControlNet adds residuals between blocks
 
     def install(self) -> None:
         if self.config.layers is not None:
@@ -94,6 +95,14 @@ class DeltaDiTPlugin(Plugin):
         self.front = BlockRange(self.target, "dit_accel.delta_dit.front", _GroupPolicy(self, "front"), 0, cached)
         self.rear = BlockRange(self.target, "dit_accel.delta_dit.rear", _GroupPolicy(self, "rear"),
                                total - cached, total)
+
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        if all(computes_at(s, steps, config.interval, config.first_steps, config.last_steps) for s in range(steps)):
+            return (f"in a {steps}-step generation every step is a full step (interval={config.interval}, "
+                    f"first_steps={config.first_steps}, last_steps={config.last_steps}); lower first_steps and "
+                    "last_steps, or run more steps")
+        return super().idle_reason(steps)
 
     def reset(self) -> None:
         self.front.clear()

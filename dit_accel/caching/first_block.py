@@ -104,6 +104,7 @@ class _HeadInput(ModelHook):
 @register_plugin(FirstBlockCacheConfig)
 class FirstBlockCachePlugin(Plugin):
     kind = "schedule"
+    skips_block_ranges = True  # refused where ControlNet adds residuals between blocks
 
     def install(self) -> None:
         if self.config.layers is not None:
@@ -165,6 +166,15 @@ class FirstBlockCachePlugin(Plugin):
         else:
             mask = rows.view(-1, *([1] * (previous.ndim - 1)))
             self.previous[context.slot] = torch.where(mask, self._pending, previous)
+
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        changes = [c for _, _, row in self.changes for c in row if c == c]
+        if not changes:
+            return (f"no step of {steps} was a candidate (warmup_steps={config.warmup_steps}, "
+                    f"last_steps={config.last_steps}); lower them or run more steps")
+        return (f"the first blocks' relative change never fell below threshold={config.threshold} (smallest seen: "
+                f"{min(changes):.3g}); a threshold above that would let it skip")
 
     def reset(self) -> None:
         self.changes: list[tuple[int, int, list[float]]] = []  # (step, slot, relative change per row), for stats

@@ -193,6 +193,7 @@ class MagCachePlugin(Plugin):
     candidate steps of the running generation, ``last_decisions`` those of the previous one."""
 
     kind = "schedule"
+    skips_block_ranges = True  # refused where ControlNet adds residuals between blocks
 
     def install(self) -> None:
         if self.config.layers is not None:
@@ -282,6 +283,20 @@ class MagCachePlugin(Plugin):
                             UserWarning)
         self.curves[steps] = {role: tuple(resample_ratios(curve, steps)) for role, curve in calibration["curves"].items()}
         return True
+
+    def model_changed(self) -> None:
+        """Calibrated curves belong to the weights they were measured on: recalibrate after an adapter swap."""
+        self.curves.clear()
+        self._identity = None
+        self._warned = {key for key in self._warned if key[0] != "calibrate"}  # say so again when it recalibrates
+
+    def idle_reason(self, steps: int) -> str | None:
+        if self._mode in ("calibrate", "dense"):
+            return None  # a calibration run or an unknown schedule: it warned when the generation began
+        config = self.config
+        return (f"its error budget threshold={config.threshold} was never within reach in {steps} steps "
+                f"(retention={config.retention}, max_skips={config.max_skips}); raise threshold (magcache-fast: 0.1, "
+                "magcache-max: 0.24) or lower retention")
 
     def calibration(self, steps: int) -> dict:
         """The calibrated curves for ``steps`` as a calibration table (see ``caching.calibration``)."""

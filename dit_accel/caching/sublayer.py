@@ -279,6 +279,17 @@ class IntervalSubLayerPlugin(Plugin):
         return self.target.in_scope(config, context) and not computes_at(
             context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
 
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        lo, hi = config.steps if config.steps is not None else (0, steps)
+        if not any(not computes_at(s, steps, config.interval, config.first_steps, config.last_steps)
+                   for s in range(max(lo, 0), min(hi, steps))):
+            return (f"in a {steps}-step generation every step is a full step (interval={config.interval}, "
+                    f"first_steps={config.first_steps}, last_steps={config.last_steps}"
+                    + (f", steps={config.steps}" if config.steps is not None else "")
+                    + "); lower first_steps (e.g. first_steps=1) and last_steps, or run more steps")
+        return super().idle_reason(steps)
+
     def reset(self) -> None:
         self.store.clear()
 

@@ -196,6 +196,9 @@ class TransformerSpec:
         timestep_arg: the keyword holding the timestep (the tracker reads it).
         hidden_arg: the keyword holding the latent input (its shape/dtype/device identify a generation).
         notes: one line for the supported-pipelines table.
+        cfg_convention: how this family's diffusers pipelines run classifier-free guidance, whatever the variant
+            (img2img, inpaint, ControlNet, Kontext, ...): ``"batched-uncond-first"``, ``"batched-cond-first"`` or
+            ``"separate-cond-first"``; labels branches of pipelines the table of known classes does not name.
 
     Attention modules outside the listed block lists (text refiners, for example) are never hooked.
     """
@@ -209,6 +212,7 @@ class TransformerSpec:
     timestep_arg: str = "timestep"
     hidden_arg: str = "hidden_states"
     notes: str = ""
+    cfg_convention: str | None = None
 
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[str, int, torch.nn.Module, BlockContract]]:
         """All blocks in execution order as ``(list_attr, index, block, contract)``."""

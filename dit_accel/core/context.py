@@ -3,8 +3,10 @@
 Pipelines do not tell the transformer which step or which CFG branch a call belongs to (DiT, PixArt and SD3 set no
 ``cache_context`` at all), so the tracker works it out from the calls themselves:
 
-* a new timestep value means a new step; the same timestep again means the next *slot* of the same step (the
-  unconditional call of Flux true-CFG, Wan, Qwen-Image, HunyuanVideo);
+* a new timestep value means a new step; the same timestep again *on the same latent* means the next *slot* of the
+  same step (the unconditional call of Flux true-CFG, Wan, Qwen-Image, HunyuanVideo), while the same timestep on a
+  new latent is the next model evaluation (second-order samplers such as Heun evaluate each timestep twice); so a
+  "step" is one model evaluation, and ``num_steps`` is the length of the scheduler's ``timesteps`` (Heun: 2N - 1);
 * each sample row of a call is its own branch, so the two halves of a batched-CFG call (DiT, PixArt, SD3) never
   share state: a branch is ``(slot, row)``;
 * a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (the pipeline wrapper reports it),
@@ -132,6 +134,8 @@ class StepTracker:
         self._slot_names: dict[str, int] = {}
         self._grid_cache: dict[tuple, TokenGrid | None] = {}
         self._started = False
+        self._last_hidden: torch.Tensor | None = None  # the previous call's latent: a CFG branch shares it
+        self._names_this_step: set[str] = set()
 
     def reset(self, reason: str = "end") -> None:
         """Drop the timeline and all plugin state (the next call starts a new generation)."""
@@ -179,15 +183,30 @@ class StepTracker:
 
         if self._started and signature != self._signature:
             self.reset(reason="change")  # shape, batch, dtype or device changed: a different generation
+        # The same timestep again is another CFG branch of the step only if the latent is the same too: second-order
+        # samplers (Heun, KDPM2) evaluate the model twice at one timestep on two different latents, and a named
+        # branch seen twice in one step starts the next evaluation.
+        same_step = (self._started and value == self._last_timestep and self._same_latent(hidden)
+                     and not (context_name is not None and context_name in self._names_this_step))
         if not self._started:
             self._start(signature)
             self._slot = self._slot_for(context_name, default=0)
-        elif context_name is not None and context_name in self._slot_names and value == self._last_timestep:
+        elif same_step and context_name is not None and context_name in self._slot_names:
             self._slot = self._slot_names[context_name]
-        elif value == self._last_timestep:
+        elif same_step:
             self._slot += 1
             if context_name is not None:
                 self._slot_names.setdefault(context_name, self._slot)
+        elif value == self._last_timestep:  # a new model evaluation at the same timestep
+            if self._num_steps is not None and self._step + 1 >= self._num_steps:
+                num_steps = self._num_steps
+                self.reset(reason="change")
+                self._num_steps = num_steps
+                self._start(signature)
+            else:
+                self._step += 1
+            self._names_this_step = set()
+            self._slot = self._slot_for(context_name, default=0)
         else:
             direction = value - self._last_timestep
             reversed_direction = self._direction != 0.0 and (direction > 0) != (self._direction > 0)
@@ -200,8 +219,12 @@ class StepTracker:
             else:
                 self._direction = direction
                 self._step += 1
+            self._names_this_step = set()
             self._slot = self._slot_for(context_name, default=0)
         self._last_timestep = value
+        self._last_hidden = hidden
+        if context_name is not None:
+            self._names_this_step.add(context_name)
 
         grid_key = (signature, _shape_key(kwargs))
         if grid_key not in self._grid_cache:
@@ -228,7 +251,16 @@ class StepTracker:
 
     def _start(self, signature: tuple) -> None:
         self._started, self._signature, self._step = True, signature, 0
+        self._names_this_step = set()
         self.generation += 1
+
+    def _same_latent(self, hidden: torch.Tensor) -> bool:
+        last = self._last_hidden
+        if last is None or last.shape != hidden.shape:
+            return False
+        if last is hidden or (last.data_ptr() == hidden.data_ptr() and last.stride() == hidden.stride()):
+            return True
+        return bool(torch.equal(last, hidden))
 
     def exit(self) -> None:
         self.current = None
@@ -253,6 +285,9 @@ class StepTracker:
         if self._null_class_label is not None and isinstance(class_labels, torch.Tensor) and class_labels.numel() == batch:
             # DiT: the unconditional rows carry the null class label.
             return "uncond" if int(class_labels[row]) == self._null_class_label else "cond"
+        if batch % 2 and slot in (0, 1):
+            # An odd batch cannot hold both halves: the pipeline calls the branches separately (or runs no CFG).
+            return "cond" if slot == 0 else "uncond"
         guided = True if self._declared_cfg else self._guidance_probe() if self._guidance_probe is not None else None
         if not guided or batch % 2:
             return "cond" if guided is False else None

@@ -8,6 +8,7 @@ hook in :meth:`Plugin.remove`.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from dataclasses import dataclass
@@ -66,14 +67,50 @@ def matches_layers(patterns: tuple[str, ...] | None, name: str) -> bool:
     return any(fnmatch.fnmatchcase(candidate, pattern) for pattern in patterns for candidate in prefixes)
 
 
+class _CountingStats:
+    """The transformer's :class:`StatsRecorder` as one plugin sees it: every ``record``/``record_block`` also
+    counts as an action of that plugin (how a generation in which it did nothing is told apart)."""
+
+    def __init__(self, recorder: StatsRecorder, plugin: "Plugin") -> None:
+        self._recorder, self._plugin = recorder, plugin
+
+    def record(self, *args, **kwargs) -> None:
+        self._plugin.actions += 1
+        self._recorder.record(*args, **kwargs)
+
+    def record_block(self, *args, **kwargs) -> None:
+        self._plugin.actions += 1
+        self._recorder.record_block(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._recorder, name)
+
+
 class Plugin:
-    """Base class of all plugins. Subclasses set ``kind`` and override the three lifecycle methods."""
+    """Base class of all plugins. Subclasses set ``kind`` and override the three lifecycle methods.
+
+    ``actions`` counts what the plugin did differently from the dense run in the running generation (stats events
+    it reported, or :meth:`acted` calls of plugins that save no FLOPs, like 8-bit attention); after a generation in
+    which it stayed 0 the handle asks :meth:`idle_reason` why, says so in ``handle.summary()`` and warns once.
+    """
 
     kind: str = "schedule"
+    actions: int = 0
 
     def __init__(self, config: "PluginConfig", target: InstallTarget) -> None:
         self.config = config
-        self.target = target
+        self.target = dataclasses.replace(target, stats=_CountingStats(target.stats, self))
+
+    def acted(self) -> None:
+        """Count one action that reports no stats event (a kernel that ran instead of the dense one)."""
+        self.actions += 1
+
+    def idle_reason(self, steps: int) -> str | None:
+        """Why a ``steps``-step generation ran every call dense under this plugin, naming the setting that would let
+        it act; ``None`` when the plugin already said so itself (a calibration run). Subclasses refine it."""
+        scope = f" (steps={self.config.steps})" if getattr(self.config, "steps", None) is not None else ""
+        return (f"it found nothing to skip in a {steps}-step generation{scope}; check that its settings fit this "
+                "schedule and resolution")
 
     @property
     def name(self) -> str:
@@ -91,6 +128,14 @@ class Plugin:
             f"set_timesteps was seen: a custom loop?), so {consequence}; declare "
             "the loop with `with handle.generation(num_steps=N):` (or handle.begin(num_steps=N))",
             UserWarning, stacklevel=4)
+
+    def idle_already_said(self) -> bool:
+        """Whether the plugin already warned why it ran dense (its reason then goes to the summary only)."""
+        return False
+
+    def model_changed(self) -> None:
+        """The model's weights changed between generations (a LoRA adapter loaded, swapped or fused): drop anything
+        kept across generations that depends on them."""
 
     def install(self) -> None:
         """Register hooks / attention routes on ``self.target``."""

@@ -157,13 +157,25 @@ class StatsRecorder:
     """Collects :class:`GenerationStats` for one transformer; ``last`` is the most recent finished generation."""
 
     def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec) -> None:
+        self._transformer, self._spec = transformer, spec
+        self.current: GenerationStats | None = None
+        self.last: GenerationStats | None = None
+        self._measuring: tuple[dict[str, float], list] | None = None
+        self._call_key: tuple | None = None
+        self._skipped_blocks: list[tuple[str, float]] = []
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Read the model's layers again (an adapter was loaded, swapped or fused since): FLOPs per call are
+        re-estimated from the next call on."""
+        transformer, spec = self._transformer, self._spec
         self._layers: list[tuple[str, SubLayer, dict[str, int], int]] = []
         inside: set[int] = set()  # ids of the modules the sub-layer estimate already covers
         blocks: list[tuple[str, torch.nn.Module]] = []
         for list_attr, index, block, contract in spec.blocks(transformer):
             merge = getattr(block, contract.merged.module, None) if contract.merged is not None else None
             if merge is not None:
-                inside.add(id(merge))
+                inside.update(id(m) for m in merge.modules())
             blocks.append((f"{list_attr}.{index}", block))
             for sublayer in contract.sublayers:
                 module = getattr(block, sublayer.name, None)
@@ -171,12 +183,14 @@ class StatsRecorder:
                     continue
                 inside.update(id(m) for m in module.modules())
                 to_q = getattr(module, "to_q", None) if sublayer.role == "attention" else None
-                inner_dim = int(to_q.out_features) if isinstance(to_q, torch.nn.Linear) else 0  # heads * head_dim
+                inner_dim = int(getattr(to_q, "out_features", 0) or 0)  # heads * head_dim (LoRA wrappers too)
                 linears = _linear_flops_per_row(module)
-                if isinstance(merge, torch.nn.Linear):
-                    # The merging projection's columns that read this sub-layer's output count as its work.
+                if getattr(merge, "in_features", None):  # a Linear, or an adapter's (LoRA) wrapper of one
+                    # The merging projection's share that reads this sub-layer's output counts as its work: its
+                    # columns, and as much of an adapter's matmuls.
                     width = inner_dim or _output_width(module)
-                    linears[f"<{contract.merged.module}>"] = 2 * width * merge.out_features
+                    merged = sum(_linear_flops_per_row(merge).values())
+                    linears[f"<{contract.merged.module}>"] = merged * width / merge.in_features
                 self._layers.append((f"{list_attr}.{index}.{sublayer.name}", sublayer, linears, inner_dim))
         # Linear/conv layers outside the sub-layers, by block prefix ("" for those outside every block).
         self._outside: list[tuple[str, torch.nn.Module]] = []
@@ -188,11 +202,6 @@ class StatsRecorder:
                     self._outside.append((prefix, m))
         self._outside += [("", m) for m in transformer.modules() if isinstance(m, _COUNTED) and id(m) not in in_blocks]
         self._outside_cache: dict[tuple, dict[str, float]] = {}  # per signature: FLOPs by block prefix ("": model)
-        self._measuring: tuple[dict[str, float], list] | None = None
-        self._call_key: tuple | None = None
-        self._skipped_blocks: list[tuple[str, float]] = []
-        self.current: GenerationStats | None = None
-        self.last: GenerationStats | None = None
         self._flops_cache: dict[tuple, dict[str, float]] = {}
         self._core_cache: dict[tuple, dict[str, float]] = {}
         self.sublayer_names: list[str] = [name for name, *_ in self._layers]
