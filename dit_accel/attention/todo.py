@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
+from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin, dense_image_attention
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_bool, check_choice, check_range, register_config
@@ -108,9 +108,10 @@ class ToDoConfig(ImageAttentionConfig):
 class ToDoPlugin(ImageAttentionPlugin):
     def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
         factor = self.config.factor
-        if factor > grid.height or factor > grid.width:
-            raise ValueError(f"todo factor {factor} exceeds the {grid.height}x{grid.width} token grid of "
-                             f"{layer.name}; use a factor of at most {min(grid.height, grid.width)}")
+        if factor > grid.height or factor > grid.width:  # a resolution too small for the recipe: never a crash
+            self._fallback(f"todo factor {factor} exceeds the {grid.height}x{grid.width} token grid; a factor of at "
+                           f"most {min(grid.height, grid.width)} would act", call)
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = downsampled_attention(query, key, value, grid, factor, mode=self.config.mode,
                                     mass_correction=self.config.mass_correction, text_key=text_key,
                                     text_value=text_value, scale=call.options.get("scale"))
