@@ -133,6 +133,12 @@ def read_text_length(transformer, args, kwargs) -> int:
     return 0 if encoder is None else int(encoder.shape[1])
 
 
+def read_image_context_length(transformer, args, kwargs) -> int:
+    """Wan 2.1 I2V/FLF2V: CLIP image tokens, prepended to the text as keys of the cross attention."""
+    image = kwargs.get("encoder_hidden_states_image")
+    return 0 if image is None else int(image.shape[1])
+
+
 def no_text(transformer, args, kwargs) -> int:
     return 0
 
@@ -298,7 +304,8 @@ def cfg_convention_for(pipe, spec: TransformerSpec) -> CFGConvention | None:
     return spec.cfg_convention
 
 
-def _register(family, cls, lists, read_grid, read_text=read_text_length, text_position=None, notes=""):
+def _register(family, cls, lists, read_grid, read_text=read_text_length, text_position=None, notes="",
+              read_image_context=None):
     register_transformer(
         TransformerSpec(
             family=family,
@@ -309,6 +316,7 @@ def _register(family, cls, lists, read_grid, read_text=read_text_length, text_po
             text_position=text_position,
             notes=notes,
             cfg_convention=FAMILY_CFG_CONVENTIONS[family],
+            read_image_context_length=read_image_context,
         )
     )
 
@@ -323,7 +331,8 @@ _register("flux", "FluxTransformer2DModel",
           [("transformer_blocks", FLUX_DOUBLE_BLOCK), ("single_transformer_blocks", FLUX_SINGLE_BLOCK)],
           read_grid_from_ids, text_position="first", notes="FLUX.1; text tokens first; true CFG as separate calls")
 _register("wan", "WanTransformer3DModel", [("blocks", WAN_BLOCK)], read_grid_video_cfhw,
-          notes="Wan 2.1/2.2; text through cross attention; CFG as separate calls")
+          notes="Wan 2.1/2.2 (T2V, I2V); text (and I2V image tokens) through cross attention; CFG as separate calls",
+          read_image_context=read_image_context_length)
 _register("hunyuan-video", "HunyuanVideoTransformer3DModel",
           [("transformer_blocks", HUNYUAN_DOUBLE_BLOCK), ("single_transformer_blocks", HUNYUAN_SINGLE_BLOCK)],
           read_grid_video_cfhw, text_position="last", notes="image tokens first in joint attention")

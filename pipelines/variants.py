@@ -1,10 +1,12 @@
 """Tiny offline versions of the pipelines users run besides text-to-image, and of the samplers they pick.
 
 Each variant is a diffusers pipeline class built from the components of a tiny pipeline (:mod:`tiny`), so every
-family's variant runs the same transformer its tests already know: Flux img2img / inpaint / Kontext / Fill / ControlNet, SD3
-img2img / inpaint, PixArt with prompt lists and several images per prompt, Wan 2.2 with two experts. Samplers swap
-the scheduler of a tiny pipeline for another one of the same prediction type (Heun, DPM-Solver 2M / 2S / SDE, UniPC,
-Euler ancestral, LCM; flow matching: Heun and custom sigmas).
+family's variant runs the same transformer its tests already know: Flux img2img / inpaint / Kontext / Fill / ControlNet
+and Redux (prompt embeddings made from an image by ``FluxPriorReduxPipeline``, text and image tokens concatenated),
+SD3 img2img / inpaint / ControlNet, PixArt with prompt lists and several images per prompt, Wan 2.2 with two experts,
+Wan 2.1 image-to-video (CLIP image tokens in the cross attention, condition latents concatenated to the input).
+Samplers swap the scheduler of a tiny pipeline for another one of the same prediction type (Heun, DPM-Solver 2M / 2S /
+SDE, UniPC, Euler ancestral, LCM; flow matching: Heun and custom sigmas).
 
     pipe = variants.build("flux-img2img")
     pipe(**variants.call_kwargs("flux-img2img", steps=6))
@@ -27,10 +29,13 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "flux-kontext": ("flux", "FluxKontextPipeline"),
     "flux-fill": ("flux", "FluxFillPipeline"),
     "flux-controlnet": ("flux", "FluxControlNetPipeline"),
+    "flux-redux": ("flux", "FluxPipeline"),
     "sd3-img2img": ("sd3", "StableDiffusion3Img2ImgPipeline"),
     "sd3-inpaint": ("sd3", "StableDiffusion3InpaintPipeline"),
+    "sd3-controlnet": ("sd3", "StableDiffusion3ControlNetPipeline"),
     "pixart-prompt-list": ("pixart-sigma", "PixArtSigmaPipeline"),
     "wan-two-experts": ("wan", "WanPipeline"),
+    "wan-i2v": ("wan", "WanImageToVideoPipeline"),
 }
 
 # sampler -> (scheduler class, config overrides); the first group is for epsilon models (DiT), the second for flow
@@ -66,6 +71,10 @@ def build(name: str, *, seed: int = 0) -> DiffusionPipeline:
         components["controlnet"] = _flux_controlnet(base, seed)
     if name == "sd3-inpaint":  # diffusers' SD3 inpainting accepts only 16 (or 33) latent channels
         components.update(_sd3_sixteen_channels(base, seed))
+    if name == "sd3-controlnet":
+        components["controlnet"] = _sd3_controlnet(base, seed)
+    if name == "wan-i2v":
+        components.update(_wan_i2v_components(base, seed))
     if name == "wan-two-experts":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
@@ -122,6 +131,85 @@ def _flux_controlnet(base: DiffusionPipeline, seed: int) -> torch.nn.Module:
             axes_dims_rope=list(config.axes_dims_rope)).eval()
 
 
+def _sd3_controlnet(base: DiffusionPipeline, seed: int) -> torch.nn.Module:
+    """A one-block SD3 ControlNet matching the tiny SD3 transformer (its residuals feed the blocks)."""
+    from diffusers.models import SD3ControlNetModel
+
+    config = base.transformer.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        return SD3ControlNetModel(
+            sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
+            num_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads, joint_attention_dim=config.joint_attention_dim,
+            caption_projection_dim=config.caption_projection_dim,
+            pooled_projection_dim=config.pooled_projection_dim, out_channels=config.out_channels).eval()
+
+
+def _wan_i2v_components(base: DiffusionPipeline, seed: int) -> dict[str, Any]:
+    """Wan 2.1 I2V: a transformer reading 16 noise + 4 mask + 16 condition channels and CLIP image tokens (its
+    cross attention adds image keys/values), a tiny CLIP vision encoder and its image processor."""
+    from diffusers import WanTransformer3DModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    config = {k: v for k, v in base.transformer.config.items() if not k.startswith("_")}
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config.update(in_channels=36, image_dim=vision.hidden_size, added_kv_proj_dim=inner)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
+        transformer = WanTransformer3DModel.from_config(config).eval()
+        encoder = CLIPVisionModel(vision).eval()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"transformer": transformer, "image_encoder": encoder, "image_processor": processor}
+
+
+def _redux_embeddings(seed: int) -> dict[str, torch.Tensor]:
+    """Prompt embeddings as Flux Redux makes them: ``FluxPriorReduxPipeline`` (tiny SigLIP encoder and Redux
+    projection) appends image tokens to the T5 tokens of the tiny Flux text encoders; the negative embeddings have
+    the same length, as users build them for true CFG."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    base = tiny.build("flux", seed=seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 5)
+        prior = FluxPriorReduxPipeline(
+            image_encoder=SiglipVisionModel(vision).eval(),
+            feature_extractor=SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+            image_embedder=ReduxImageEncoder(redux_dim=vision.hidden_size,
+                                             txt_in_features=base.transformer.config.joint_attention_dim).eval(),
+            text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+    with torch.no_grad():
+        cond = prior(image=_pil_image(seed), prompt="a photo of a cat", return_dict=False)
+        uncond = prior(image=_pil_image(seed), prompt="", prompt_embeds_scale=0.0, return_dict=False)
+    return {"prompt_embeds": cond[0], "pooled_prompt_embeds": cond[1],
+            "negative_prompt_embeds": uncond[0], "negative_pooled_prompt_embeds": uncond[1]}
+
+
+def _wan_prompt_embeddings(seed: int) -> dict[str, torch.Tensor]:
+    """The tiny Wan text encoder's embeddings at 512 tokens: Wan 2.1 I2V's cross attention splits image from text
+    tokens assuming 512 text tokens (and diffusers' I2V prompt cleaning needs ``ftfy``, which T2V does not)."""
+    base = tiny.build("wan", seed=seed)
+    with torch.no_grad():
+        cond, uncond = base.encode_prompt("a photo of a cat", negative_prompt="blurry", max_sequence_length=512,
+                                          do_classifier_free_guidance=True, device=torch.device("cpu"))
+    return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+
+
+def _pil_image(seed: int):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed + 7)
+    pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
 def call_kwargs(name: str, *, steps: int = 4, seed: int = 0) -> dict[str, Any]:
     """Keyword arguments for one small generation with variant ``name`` (CFG on wherever the variant has it)."""
     if name not in VARIANTS:
@@ -143,6 +231,16 @@ def call_kwargs(name: str, *, steps: int = 4, seed: int = 0) -> dict[str, Any]:
     elif name == "flux-fill":
         kwargs.update(image=image, mask_image=mask)
         kwargs.pop("negative_prompt"), kwargs.pop("true_cfg_scale")  # Fill runs no true CFG
+    elif name == "sd3-controlnet":
+        kwargs.update(control_image=image, controlnet_conditioning_scale=0.8)
+    elif name == "flux-redux":
+        for key in ("prompt", "negative_prompt", "max_sequence_length"):
+            kwargs.pop(key)
+        kwargs.update(_redux_embeddings(seed))
+    elif name == "wan-i2v":
+        for key in ("prompt", "negative_prompt", "max_sequence_length"):
+            kwargs.pop(key)
+        kwargs.update(image=_pil_image(seed), **_wan_prompt_embeddings(seed))
     elif name == "pixart-prompt-list":
         kwargs.update(prompt=["a photo of a cat", "a red car"], negative_prompt=["blurry", "dark"],
                       num_images_per_prompt=2)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pipelines_for_tests as pipes
 from dit_accel import IdlePluginWarning
-from dit_accel import accelerate_dit, load_recipe
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.attention.base import split_text
 from dit_accel.attention.curve import curve_order
 from dit_accel.attention.hilbert import HilbertConfig, HilbertPlugin, hilbert_attention
@@ -313,10 +313,16 @@ def test_bad_configurations():
         curve_tile_attention(*qkv(length=50)[:3], tile=64, radius=1)
     with pytest.raises(ValueError, match="must fit"):
         window_plan(TokenGrid(1, 4, 4), (5, 2), 1, (0, 0), True)
+    # A tile larger than this call's sequence (a resolution too small for the setting): dense, warned once, and
+    # the summary says why the plugin did nothing.
     pipe = pipes.build("sd3")
-    accelerate_dit(pipe, "hilbert", tile_size=4096, start=0.0)
-    with pytest.raises(ValueError, match="larger than the sequence"):
-        generate(pipe, "sd3", steps=2)
+    reference = generate(pipe, "sd3", steps=2)
+    handle = accelerate_dit(pipe, "hilbert", tile_size=4096, start=0.0)
+    with pytest.warns(UserWarning, match="tile_size 4096 is larger than the sequence of 256 image tokens"):
+        out = generate(pipe, "sd3", steps=2)
+    torch.testing.assert_close(out, reference)
+    assert "larger than the sequence" in handle.transformers[0].idle["hilbert"]
+    remove_acceleration(pipe)
     # A grid too small for the factor (a resolution, not a setting, is at fault): dense, with one warning.
     plugin, call = _plugin_call(ToDoPlugin, ToDoConfig(factor=8), TokenLayout("self", TokenGrid(1, 4, 4)))
     q, k, v = qkv(length=16)[:3]

@@ -94,3 +94,27 @@ def test_skipped_blocks_refund_their_modulation(monkeypatch):
     stats = handle.stats
     assert stats.blocks_skipped > 0 and stats.outside_saved_flops > 0
     assert 0 < stats.outside_flops < stats.outside_dense_flops
+
+
+VARIANT_CASES = [
+    ("wan-i2v", "none", {}),  # image tokens in the cross attention: added key/value projections, a second core
+    ("wan-i2v", "fora", {"interval": 3, "first_steps": 1, "last_steps": 0}),
+    ("flux-redux", "fora", {"interval": 3, "first_steps": 1, "last_steps": 0}),  # text + image prompt tokens
+]
+
+
+@pytest.mark.parametrize("name, recipe, settings", VARIANT_CASES, ids=[f"{n}-{r}" for n, r, _ in VARIANT_CASES])
+def test_stats_flops_equal_what_ran_on_variants(name, recipe, settings, monkeypatch):
+    from dit_accel.pipelines import variants
+
+    pipe = variants.build(name)
+    kwargs = variants.call_kwargs(name, steps=5)
+    handle = accelerate_dit(pipe, recipe, **settings)
+    counter = FlopCounter(pipe.transformer, monkeypatch)
+    try:
+        pipe(**kwargs)
+        flops = handle.stats.flops
+    finally:
+        counter.close()
+        remove_acceleration(pipe)
+    assert flops == pytest.approx(counter.total, rel=1e-9)

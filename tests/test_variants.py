@@ -1,7 +1,7 @@
-"""Every recipe family on the pipeline variants users run (img2img, inpaint, Kontext, Fill, prompt lists, two
-experts), in the spirit of diffusers' tester mixins: it runs, the output is finite, a caching recipe skips work where
-its settings allow, cfg-share shares wherever CFG runs (and says it did nothing where none runs), and removal
-restores bit-identical outputs."""
+"""Every recipe family on the pipeline variants users run (img2img, inpaint, Kontext, Fill, ControlNet, Redux prompt
+embeddings, prompt lists, two experts, image-to-video), in the spirit of diffusers' tester mixins: it runs, the
+output is finite, a caching recipe skips work where its settings allow, cfg-share shares wherever CFG runs (and says
+it did nothing where none runs), and removal restores bit-identical outputs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ RECIPES = {
 }
 NO_CFG = {"flux-fill"}  # Fill runs no true CFG
 # ControlNet adds residuals between blocks: block-range caches refuse it at accelerate_dit time.
-REFUSED = {("flux-controlnet", "magcache"), ("flux-controlnet", "fbcache")}
+REFUSED = {(v, r) for v in ("flux-controlnet", "sd3-controlnet") for r in ("magcache", "fbcache")}
 CASES = [pytest.param(v, r, id=f"{v}-{r}") for v in variants.VARIANTS for r in RECIPES]
 
 _PIPES: dict[str, tuple] = {}

@@ -97,12 +97,7 @@ class CurveTilePlugin(ImageAttentionPlugin):
         self._tilings: dict = {}
 
     def tile_size(self, grid: TokenGrid) -> int:
-        size = self.config.tile_size or auto_tile_size(grid, self.auto_tiles)
-        if size > grid.num_tokens:
-            raise ValueError(f"{self.name} tile_size {size} is larger than the sequence: this call has "
-                             f"{grid.num_tokens} image tokens ({grid.frames}x{grid.height}x{grid.width}); use at most "
-                             f"{grid.num_tokens} (or 0 for automatic)")
-        return size
+        return self.config.tile_size or auto_tile_size(grid, self.auto_tiles)
 
     def order(self, grid: TokenGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._orders.get((grid, device))
@@ -128,6 +123,11 @@ class CurveTilePlugin(ImageAttentionPlugin):
     def local_attention(self, query, key, value, text_key, text_value, grid, layer, call, *, pooled: bool,
                         shift: bool) -> tuple[torch.Tensor, float]:
         shifted = shift and self.depth[layer.name] % 2 == 1
+        if self.tile_size(grid) > grid.num_tokens:  # a resolution too small for the setting: never a crash
+            self._fallback(f"{self.name} tile_size {self.tile_size(grid)} is larger than the sequence of "
+                           f"{grid.num_tokens} image tokens ({grid.frames}x{grid.height}x{grid.width}); at most "
+                           f"{grid.num_tokens} (or 0 for automatic) would act", call)
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         size, offset, pool, density = self.tiling(grid, shifted, pooled)
         if density >= 1.0 and (not pooled or pool == 1):  # the tiles cover every key exactly: plain SDPA is cheaper
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0

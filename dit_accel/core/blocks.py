@@ -199,6 +199,8 @@ class TransformerSpec:
         cfg_convention: how this family's diffusers pipelines run classifier-free guidance, whatever the variant
             (img2img, inpaint, ControlNet, Kontext, ...): ``"batched-uncond-first"``, ``"batched-cond-first"`` or
             ``"separate-cond-first"``; labels branches of pipelines the table of known classes does not name.
+        read_image_context_length: reads the number of image tokens the cross attention attends besides the text
+            (Wan 2.1 image-to-video's CLIP tokens, projected by ``add_k_proj``/``add_v_proj``); 0 when ``None``.
 
     Attention modules outside the listed block lists (text refiners, for example) are never hooked.
     """
@@ -213,6 +215,7 @@ class TransformerSpec:
     hidden_arg: str = "hidden_states"
     notes: str = ""
     cfg_convention: str | None = None
+    read_image_context_length: TextLengthReader | None = None
 
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[str, int, torch.nn.Module, BlockContract]]:
         """All blocks in execution order as ``(list_attr, index, block, contract)``."""

@@ -60,6 +60,7 @@ class CallContext:
     num_text_tokens: int
     branches: tuple[BranchId, ...]
     context_name: str | None = None
+    num_image_context_tokens: int = 0
 
     @property
     def is_first_step(self) -> bool:
@@ -246,6 +247,8 @@ class StepTracker:
             num_text_tokens=spec.read_text_length(module, args, kwargs),
             branches=branches,
             context_name=context_name,
+            num_image_context_tokens=(spec.read_image_context_length(module, args, kwargs)
+                                      if spec.read_image_context_length is not None else 0),
         )
         return self.current
 

@@ -153,6 +153,11 @@ def _is_text_projection(name: str, kind: str | None) -> bool:
     return kind == "cross" and name.split(".")[0] in ("to_k", "to_v")
 
 
+def _signature(context: CallContext) -> tuple:
+    """What a call's dense FLOPs depend on."""
+    return context.batch_size, context.grid, context.num_text_tokens, context.num_image_context_tokens
+
+
 class StatsRecorder:
     """Collects :class:`GenerationStats` for one transformer; ``last`` is the most recent finished generation."""
 
@@ -227,7 +232,7 @@ class StatsRecorder:
         current = self.current
         current.transformer_calls += 1
         current.steps = max(current.steps, context.step + 1)
-        key = (context.batch_size, context.grid, context.num_text_tokens)
+        key = _signature(context)
         if key not in current.dense_flops_by_signature:
             current.dense_flops_by_signature[key] = self._dense_flops(context)
         current.calls_by_signature[key] = current.calls_by_signature.get(key, 0) + 1
@@ -302,13 +307,14 @@ class StatsRecorder:
             self.current.cache_bytes = max(self.current.cache_bytes, int(nbytes))
 
     def _dense_flops(self, context: CallContext) -> dict[str, float]:
-        key = (context.batch_size, context.grid, context.num_text_tokens)
+        key = _signature(context)
         cached = self._flops_cache.get(key)
         if cached is not None:
             return cached
         batch = context.batch_size
         image = context.grid.num_tokens if context.grid is not None else 0
         text = context.num_text_tokens
+        image_context = context.num_image_context_tokens
         rows = {"image": batch * image, "text": batch * text, "joint": batch * (image + text)}
         result, cores = {}, {}
         for name, sublayer, linears, inner_dim in self._layers:
@@ -318,11 +324,14 @@ class StatsRecorder:
                 own_rows = rows["image"]  # dual-stream joint attention: each stream projects its own tokens
             total = 0.0
             for (linear_name, per_row), is_text in zip(linears.items(), text_rows):
-                total += per_row * (rows["text"] if is_text else own_rows)
+                if sublayer.kind == "cross" and "add_" in linear_name:  # image-context keys/values (Wan I2V)
+                    total += per_row * batch * image_context
+                else:
+                    total += per_row * (rows["text"] if is_text else own_rows)
             core = 0.0
             if inner_dim:
                 q_len = image + text if sublayer.kind == "joint" else image
-                k_len = text if sublayer.kind == "cross" else q_len
+                k_len = text + image_context if sublayer.kind == "cross" else q_len
                 core = 4.0 * batch * q_len * k_len * inner_dim  # QK^T and PV, summed over heads
             result[name] = total + core
             cores[name] = core / (total + core) if total + core else 0.0
@@ -334,7 +343,7 @@ class StatsRecorder:
         """The share of an attention sub-layer's FLOPs spent in the attention core (QK^T, PV) at this call's
         shapes; attention plugins report savings of the core as a ``partial`` event with this."""
         self._dense_flops(context)
-        return self._core_cache[(context.batch_size, context.grid, context.num_text_tokens)][sublayer]
+        return self._core_cache[_signature(context)][sublayer]
 
 
 
