@@ -88,13 +88,16 @@ def test_models_generate_deterministically_and_on_class(name, evaluator):
     pipe = zoo.load(name)
     labels = [c for c in range(10) for _ in range(4)]
 
-    def run(seed: int, classes: list[int]) -> torch.Tensor:
-        return pipe(class_labels=classes, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    def run(seed: int, classes: list[int], steps: int = 25) -> torch.Tensor:
+        return pipe(class_labels=classes, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="pt").images
 
-    first, again, other = run(0, labels), run(0, labels), run(1, labels[:4])  # another seed: a few samples suffice
-    assert first.shape == (40, 3, 32, 32) and torch.equal(first, again) and not torch.equal(first[:4], other)
-    # A floor well above chance (0.1), not the 0.90 goal: the CPU-trained models measure 0.62 / 0.47 (zoo.md).
-    assert evaluator.class_consistency(first, labels) >= 0.25
+    few = labels[::5]  # determinism on a few samples (a batch is deterministic whatever its size)
+    first, again, other = run(0, few), run(0, few), run(1, few)
+    assert first.shape == (8, 3, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
+    # A floor well above chance (0.1), not the 0.90 goal: the CPU-trained models measure 0.62 / 0.47 at their default
+    # steps (zoo.md); 25 steps keep the suite short.
+    assert evaluator.class_consistency(run(0, labels), labels) >= 0.25
 
 
 def test_bad_zoo_inputs():
