@@ -14,6 +14,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "dit_accel.caching.cfg_share",
     "dit_accel.caching.toca",
     "dit_accel.caching.magcache",
+    "dit_accel.caching.speca",
     "dit_accel.attention.todo",
     "dit_accel.attention.proxy",
     "dit_accel.attention.hilbert",

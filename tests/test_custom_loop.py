@@ -20,9 +20,10 @@ CACHING = {
     "delta-dit": {},
     "fbcache": {"threshold": 10.0, "warmup_steps": 1},
     "magcache": {"threshold": 10.0, "retention": 0.1},
+    "speca": {"threshold": 100.0},
     "cfg-share": {},
 }
-WITH_LAST_STEPS = ("fora", "taylorseer", "toca", "delta-dit", "fbcache", "magcache")
+WITH_LAST_STEPS = ("fora", "taylorseer", "toca", "delta-dit", "fbcache", "magcache", "speca")
 
 
 def dit_transformer():

@@ -97,3 +97,87 @@ def test_foca_reuses_with_one_full_value_and_restarts_on_a_new_shape():
     assert torch.equal(value, torch.ones(2))
     restarted = foca_update(foca_update(state, torch.ones(2), 1.0), torch.zeros(3), 2.0)
     assert restarted.previous_full is None and restarted.full.shape == (3,)
+
+
+def test_forecaster_objects_match_the_pure_functions():
+    from dit_accel.caching.forecasters import make_forecaster
+
+    f = make_forecaster("foca", 1, horizon=1.0)  # the horizon is one full-step gap: 2 positions here
+    state = f.update(f.update(None, _line(0.0), 0.0), _line(2.0), 2.0)
+    assert f.points(state) == 2 and len(f.tensors(state)) == 2  # the recursion shares the full values' tensors
+    values = []
+    for position in (3.0, 4.0, 5.0):
+        value, state = f.predict(state, position)
+        values.append(value.item())
+    assert values == pytest.approx([_line(3.0).item(), _line(4.0).item(), _line(4.0).item()])
+    h = make_forecaster("hermite", 2, sigma=0.5)
+    state = h.update(h.update(h.update(None, _line(0.0), 0.0), _line(1.0), 1.0), _line(2.0), 2.0)
+    assert h.predict(state, 3.0)[0].item() == pytest.approx(hermite_forecast(state, 3.0, 0.5).item())
+    reuse = make_forecaster("hermite", 0)
+    assert type(reuse).__name__ == "Forecaster" and reuse.update(None, _line(1.0), 1.0) == ([1.0], [_line(1.0)])
+    with pytest.raises(ValueError, match="unknown forecaster 'ab2'; allowed: taylor, hermite, foca"):
+        make_forecaster("ab2", 1)
+
+
+# -- the forecaster choice in the plugins -----------------------------------------------------------------------------
+def _generate(pipe, name: str, **kwargs):
+    import pipelines_for_tests as pipes
+
+    with torch.no_grad():
+        return pipes.output_of(name, pipe(**pipes.call_kwargs(name, **kwargs)))
+
+
+def _run(name: str, recipe: str, **settings):
+    import pipelines_for_tests as pipes
+    from dit_accel import accelerate_dit, remove_acceleration
+
+    pipe = pipes.build(name)
+    reference = _generate(pipe, name, steps=8)
+    handle = accelerate_dit(pipe, recipe, **settings)
+    try:
+        _generate(pipe, name, steps=8)  # magcache: the first generation calibrates
+        output = _generate(pipe, name, steps=8)
+        events = handle.stats.totals()
+    finally:
+        remove_acceleration(pipe)
+    assert torch.equal(_generate(pipe, name, steps=8), reference)  # removal is bit-identical
+    return output, events
+
+
+SCHEDULE = {"interval": 3, "first_steps": 2, "last_steps": 0, "verify": False}
+
+
+def test_hermite_at_inverse_sqrt_two_order_one_is_taylorseer_in_the_plugin():
+    taylor, _ = _run("flux", "taylorseer", **SCHEDULE)
+    hermite, _ = _run("flux", "taylorseer", forecaster="hermite", sigma=1 / math.sqrt(2), **SCHEDULE)
+    damped, _ = _run("flux", "taylorseer", forecaster="hermite", sigma=0.5, **SCHEDULE)
+    torch.testing.assert_close(hermite, taylor, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(damped, taylor, rtol=1e-5, atol=1e-5)  # sigma 0.5 halves the slope
+
+
+@pytest.mark.parametrize("recipe, settings", [
+    ("taylorseer", SCHEDULE),
+    ("magcache", {"threshold": 100.0, "max_skips": 2, "retention": 0.0, "last_steps": 1}),
+    ("fbcache", {"threshold": 10.0, "warmup_steps": 2, "last_steps": 0, "forecast_order": 1, "max_consecutive": 2}),
+])
+@pytest.mark.parametrize("forecaster", ["hermite", "foca"])
+def test_every_forecasting_plugin_takes_every_forecaster(recipe, settings, forecaster):
+    """The forecaster is one choice across plugins: each one forecasts (not reuses) with it, and the result
+    differs from the Taylor forecaster's on the same schedule."""
+    taylor, _ = _run("dit", recipe, **settings)
+    output, events = _run("dit", recipe, forecaster=forecaster, **settings)
+    assert torch.isfinite(output).all() and events["forecast"] > 0
+    assert not torch.equal(output, taylor)
+
+
+def test_forecaster_settings_are_validated():
+    from dit_accel.caching.magcache import MagCacheConfig
+    from dit_accel.caching.taylorseer import TaylorSeerConfig
+
+    with pytest.raises(ValueError, match="forecaster = 'bdf'.*allowed: 'taylor', 'hermite', 'foca'"):
+        TaylorSeerConfig(forecaster="bdf")
+    with pytest.raises(ValueError, match="foca forecaster is first order"):
+        TaylorSeerConfig(forecaster="foca", order=2)
+    with pytest.raises(ValueError, match=r"MagCacheConfig\.sigma"):
+        MagCacheConfig(forecaster="hermite", sigma=0.0)
+    assert TaylorSeerConfig(forecaster="foca", order=0).order == 0  # order 0 reuses whatever the forecaster

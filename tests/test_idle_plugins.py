@@ -75,6 +75,7 @@ def test_magcache_calibration_run_is_not_reported_twice():
 @pytest.mark.parametrize("recipe, settings, expected", [
     ("fora", {"first_steps": 3, "last_steps": 1, "interval": 2}, "first_steps=3"),
     ("toca", {"first_steps": 4}, "first_steps=4"),
+    ("speca", {"first_steps": 3, "last_steps": 1}, "first_steps=3"),
 ])
 def test_interval_schedules_name_their_warm_up(recipe, settings, expected):
     pipe = pipes.build("dit")

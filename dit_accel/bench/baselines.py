@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-BASELINES = ("diffusers:fbcache", "diffusers:taylorseer", "diffusers:magcache", "cache-dit:dbcache",
-             "cache-dit:dbcache+taylorseer")
+BASELINES = ("diffusers:fbcache", "diffusers:taylorseer", "diffusers:magcache", "diffusers:fastercache",
+             "diffusers:pab", "cache-dit:dbcache", "cache-dit:dbcache+taylorseer")
 
 
 class BaselineUnavailable(RuntimeError):
@@ -127,7 +127,78 @@ def _apply_diffusers(name: str, pipe: Any, *, num_steps: int, setting: dict, cal
         ratios = setting.pop("mag_ratios", None) or calibrate_magcache(pipe, calibration, num_steps)
         apply_mag_cache(transformer, MagCacheConfig(mag_ratios=ratios, num_inference_steps=num_steps, **setting))
         return AppliedBaseline(name, _runner(pipe), _remover(pipe, (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)))
+    if name in ("diffusers:fastercache", "diffusers:pab"):
+        return _apply_attention_broadcast(name, pipe, setting)
     raise ValueError(f"unknown diffusers baseline {name!r}")
+
+
+# The layout of each family's transformer output, as FasterCache names it (None: tokens, which it cannot split).
+_OUTPUT_LAYOUTS = {"dit": "BCHW", "pixart": "BCHW", "sd3": "BCHW", "wan": "BCFHW", "hunyuan-video": "BCFHW",
+                   "cogvideox": "BFCHW"}
+
+
+# Families whose transformer takes the timestep divided by 1000 (the hooks' ranges are on the 0-1000 scale).
+_TIMESTEP_SCALES = {"flux": 1000.0, "qwen-image": 1000.0}
+
+
+class _TimestepProbe:
+    """The timestep of the transformer's current call, for hooks that ask for it through a callback (FasterCache,
+    PAB); our zoo pipelines and custom loops set no ``pipe.current_timestep``, so it is read from the call."""
+
+    def __init__(self, transformer: torch.nn.Module, scale: float = 1.0) -> None:
+        self.value, self.scale = 1000.0, scale
+        self.handle = transformer.register_forward_pre_hook(self._read, with_kwargs=True)
+
+    def _read(self, module, args, kwargs) -> None:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(timestep, torch.Tensor):
+            self.value = self.scale * float(timestep.flatten()[0])
+        elif timestep is not None:
+            self.value = self.scale * float(timestep)
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def _apply_attention_broadcast(name: str, pipe: Any, setting: dict) -> AppliedBaseline:
+    """diffusers' FasterCache (attention reuse plus, on batched CFG, the unconditional half rebuilt from the cond
+    half and a cached frequency-weighted difference) or Pyramid Attention Broadcast (attention reuse)."""
+    from diffusers import (FasterCacheConfig, PyramidAttentionBroadcastConfig, apply_faster_cache,
+                           apply_pyramid_attention_broadcast)
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    from dit_accel.core.blocks import spec_for
+    from dit_accel.pipelines.adapters import cfg_convention_for
+
+    transformer = pipe.transformer
+    spec = spec_for(transformer)
+    probe = _TimestepProbe(transformer, _TIMESTEP_SCALES.get(spec.family, 1.0))
+    if name == "diffusers:pab":
+        apply_pyramid_attention_broadcast(
+            transformer, PyramidAttentionBroadcastConfig(current_timestep_callback=probe, **setting))
+        hooks = (_PYRAMID_ATTENTION_BROADCAST_HOOK,)
+    else:
+        setting = dict(setting)
+        convention = cfg_convention_for(pipe, spec)
+        layout = _OUTPUT_LAYOUTS.get(spec.family)
+        if convention is None or not convention.startswith("batched") or layout is None:
+            # FasterCache halves a batched CFG call of image/video outputs; elsewhere only its attention reuse
+            # applies (separate CFG calls, token outputs).
+            setting.setdefault("is_guidance_distilled", True)
+        identifiers = ["hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+                       "encoder_attention_mask", "class_labels", "added_cond_kwargs", "pooled_projections"]
+        apply_faster_cache(transformer, FasterCacheConfig(
+            current_timestep_callback=probe, tensor_format=setting.pop("tensor_format", layout or "BCHW"),
+            _unconditional_conditional_input_kwargs_identifiers=identifiers, **setting))
+        hooks = (_FASTER_CACHE_DENOISER_HOOK, _FASTER_CACHE_BLOCK_HOOK)
+    remove_hooks = _remover(pipe, hooks)
+
+    def remove() -> None:
+        remove_hooks()
+        probe.handle.remove()
+
+    return AppliedBaseline(name, _runner(pipe), remove)
 
 
 def _apply_cache_dit(name: str, pipe: Any, *, num_steps: int, setting: dict) -> AppliedBaseline:

@@ -54,6 +54,8 @@ DEFAULT_BASELINE_SETTINGS: dict[str, dict[str, Any]] = {
     "diffusers:taylorseer": {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3,
                              "cache_identifiers": TAYLORSEER_IDENTIFIERS},
     "diffusers:magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
+    "diffusers:fastercache": {"spatial_attention_block_skip_range": 2},
+    "diffusers:pab": {"spatial_attention_block_skip_range": 2},
     "cache-dit:dbcache": {"residual_diff_threshold": 0.08, "max_warmup_steps": 2},
     "cache-dit:dbcache+taylorseer": {"residual_diff_threshold": 0.16, "max_warmup_steps": 2},
 }
@@ -144,8 +146,10 @@ def _baseline_fields(name: str) -> list[str] | None:
         import diffusers
 
         cls = {"fbcache": diffusers.FirstBlockCacheConfig, "taylorseer": diffusers.TaylorSeerCacheConfig,
-               "magcache": diffusers.MagCacheConfig}[name.split(":")[1]]
-        excluded = {"taylor_factors_dtype", "num_inference_steps", "calibrate"}
+               "magcache": diffusers.MagCacheConfig, "fastercache": diffusers.FasterCacheConfig,
+               "pab": diffusers.PyramidAttentionBroadcastConfig}[name.split(":")[1]]
+        excluded = {"taylor_factors_dtype", "num_inference_steps", "calibrate", "current_timestep_callback",
+                    "_unconditional_conditional_input_kwargs_identifiers"}
     else:
         try:
             from cache_dit import DBCacheConfig as cls

@@ -46,6 +46,7 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "magcache": ("threshold", [0.03, 0.06, 0.1, 0.16, 0.24, 0.35, 0.5]),
     "todo": ("factor", [2, 3, 4]),
     "cfg-share": ("start", [0.8, 0.6, 0.4, 0.2, 0.0]),
+    "speca": ("threshold", [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]),  # higher accepts more drafts
 }
 # plugin type -> (field, values): searched as an outer loop around the speed knob (each value gets its own search)
 SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {

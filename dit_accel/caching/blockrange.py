@@ -23,7 +23,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from dit_accel.caching.sublayer import tensor_bytes
-from dit_accel.caching.taylorseer import taylor_forecast, update_differences
+from dit_accel.caching.forecasters import Forecaster
 from dit_accel.core.blocks import BlockContract
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
@@ -130,16 +130,17 @@ class BlockRange:
     """One skippable range of blocks of one transformer."""
 
     def __init__(self, target: InstallTarget, hook_name: str, policy: RangePolicy, start: int, end: int,
-                 forecast_order: int = 0) -> None:
+                 forecast_order: int = 0, forecaster: Forecaster | None = None) -> None:
         blocks = target.spec.blocks(target.transformer)
         if not 0 <= start < end <= len(blocks):
             raise ValueError(f"block range [{start}, {end}) is outside the model's {len(blocks)} blocks")
         self.target, self.hook_name, self.policy = target, hook_name, policy
         self.first_index, self.stop_index = start, end
         self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        # With forecast_order > 0 the skipped residual is forecast (Newton polynomial over the timesteps of the last
-        # computed steps, as in TaylorSeer) instead of reused.
+        # With forecast_order > 0 the skipped residual is forecast over the timesteps of the last computed steps
+        # (Newton polynomial as in TaylorSeer, or the forecaster given) instead of reused.
         self.forecast_order = forecast_order
+        self.forecaster = forecaster if forecaster is not None else Forecaster(forecast_order)
         self.history: dict[int, tuple[Any, Any]] = {}
         self.call: _Call | None = None
         self._modules = []
@@ -193,8 +194,8 @@ class BlockRange:
             # Rows that skipped keep an older residual: a polynomial through mixed rows would be wrong, restart it.
             previous = None if mixed else self.history.get(context.slot)
             self.history[context.slot] = tuple(
-                None if r is None else update_differences(None if previous is None else previous[i], r,
-                                                          context.timestep, self.forecast_order)
+                None if r is None else self.forecaster.update(None if previous is None else previous[i], r,
+                                                              context.timestep)
                 for i, r in enumerate(new)
             )
         self.policy.computed(context, ~call.skip_rows)
@@ -206,13 +207,16 @@ class BlockRange:
         history = self.history.get(context.slot) if self.forecast_order else None
         if history is None:
             return self.residuals[context.slot]
-        return tuple(None if state is None else taylor_forecast(state, context.timestep) for state in history)
+        predictions = [None if state is None else self.forecaster.predict(state, context.timestep)
+                       for state in history]
+        self.history[context.slot] = tuple(None if p is None else p[1] for p in predictions)  # FoCa's recursion
+        return tuple(None if p is None else p[0] for p in predictions)
 
     def record_skip(self, context: CallContext) -> None:
         """A skipped call counts as ``forecast`` once the forecast has two points to extrapolate, else ``reused``."""
         history = self.history.get(context.slot) if self.forecast_order else None
         state = None if history is None else next((s for s in history if s is not None), None)
-        event = "forecast" if state is not None and len(state[0]) > 1 else "reused"
+        event = "forecast" if state is not None and self.forecaster.points(state) > 1 else "reused"
         for name in self.sublayers:
             self.target.stats.record(context, name, event)
         for block in self.blocks:
@@ -220,7 +224,7 @@ class BlockRange:
 
     def nbytes(self) -> int:
         return tensor_bytes(list(self.residuals.values())) + tensor_bytes(
-            [state[1] for pair in self.history.values() for state in pair if state is not None])
+            [self.forecaster.tensors(state) for pair in self.history.values() for state in pair if state is not None])
 
     def clear(self) -> None:
         self.residuals.clear()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from diffusers.hooks import ModelHook
 
 from dit_accel.caching.blockrange import BlockRange, block_streams
+from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
@@ -70,6 +71,8 @@ class FirstBlockCacheConfig(PluginConfig):
             cap. Allowed: 0-1000.
         forecast_order (`int`, defaults to `0`): 0 reuses the cached residual; 1-2 forecasts it with a polynomial
             through the last computed steps' residuals (over timesteps), TaylorSeer-style. Allowed: 0-4.
+        forecaster, sigma, horizon: the forecast's kind (``"taylor"``, ``"hermite"``, ``"foca"``) and its settings,
+            as in ``magcache`` (see :mod:`dit_accel.caching.forecasters`).
     """
 
     kind = "schedule"
@@ -79,6 +82,9 @@ class FirstBlockCacheConfig(PluginConfig):
     last_steps: int = 1
     max_consecutive: int = 3
     forecast_order: int = 0
+    forecaster: str = "taylor"
+    sigma: float = 0.5
+    horizon: float = 1.0
 
     def validate(self) -> None:
         check_range(self, "threshold", 0.0, 10.0)
@@ -87,6 +93,7 @@ class FirstBlockCacheConfig(PluginConfig):
         check_range(self, "last_steps", 0, 1000, integer=True)
         check_range(self, "max_consecutive", 0, 1000, integer=True)
         check_range(self, "forecast_order", 0, 4, integer=True)
+        check_forecaster(self, "forecast_order")
 
 
 class _HeadInput(ModelHook):
@@ -120,7 +127,7 @@ class FirstBlockCachePlugin(Plugin):
         self._head_block = blocks[0][2]
         attach(self._head_block, _HeadInput(self, blocks[0][3]), "dit_accel.fbcache.head")
         self.range = BlockRange(self.target, "dit_accel.fbcache", self, count, len(blocks),
-                                forecast_order=self.config.forecast_order)
+                                forecast_order=self.config.forecast_order, forecaster=config_forecaster(self.config))
         self.reset()
 
     def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:

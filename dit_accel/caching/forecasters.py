@@ -24,10 +24,44 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_accel.caching.taylorseer import taylor_forecast, update_differences
-
 FORECASTERS = ("taylor", "hermite", "foca")
 NewtonState = tuple[list[float], list[torch.Tensor]]
+
+
+def update_differences(previous: tuple[list[float], list[torch.Tensor]] | None, value: torch.Tensor,
+                       position: float, order: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Add a full computation ``value`` at ``position`` to the divided differences of the previous full steps.
+
+    The state is ``(positions, differences)`` with ``positions = [x0, x1, ...]`` (newest first) and
+    ``differences[i] = F[x0, ..., xi]``; it keeps at most ``order + 1`` points, one more per full step.
+    """
+    if previous is None:
+        return [position], [value]
+    old_positions, old_differences = previous
+    differences = [value]
+    for i in range(min(order, len(old_differences))):
+        differences.append((differences[i] - old_differences[i]) / (position - old_positions[i]))
+    return ([position] + old_positions)[: len(differences)], differences
+
+
+def taylor_forecast(state: tuple[list[float], list[torch.Tensor]], position: float) -> torch.Tensor:
+    """The Newton polynomial of the state at ``position``: ``sum_i F[x0..xi] * prod_{j<i} (position - xj)``."""
+    return _newton_sum(state, position, None)
+
+
+def _newton_sum(state: tuple[list[float], list[torch.Tensor]], position: float,
+                scale: torch.Tensor | None) -> torch.Tensor:
+    """``F[x0] + scale * extrapolation``, one fused multiply-add per order: a forecast reads each cached tensor
+    once and writes one result, with no intermediate full-size products."""
+    positions, differences = state
+    result, weight = differences[0], 1.0
+    for i in range(1, len(differences)):
+        weight *= position - positions[i - 1]
+        if scale is None:
+            result = torch.add(result, differences[i], alpha=weight)
+        else:
+            result = torch.addcmul(result, differences[i], scale * weight)
+    return result
 
 
 def hermite_coefficients(order: int, distance: float, sigma: float) -> list[float]:
@@ -106,5 +140,93 @@ def foca_forecast(state: FoCaState, position: float, horizon: float) -> tuple[to
     return value, advanced
 
 
-__all__ = ["FORECASTERS", "FoCaState", "foca_forecast", "foca_update", "hermite_coefficients", "hermite_forecast",
-           "taylor_forecast", "update_differences"]
+class Forecaster:
+    """One forecaster choice over opaque, immutable states: :meth:`update` at a full step, :meth:`predict` between
+    (it returns the advanced state: FoCa's recursion moves by one value per prediction, so call it once per stream
+    and step)."""
+
+    name = "taylor"
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+
+    def update(self, state, value: torch.Tensor, position: float):
+        return update_differences(state, value, position, self.order)
+
+    def predict(self, state, position: float) -> tuple[torch.Tensor, object]:
+        return taylor_forecast(state, position), state
+
+    def points(self, state) -> int:
+        """Full values the state extrapolates from (1: the prediction is plain reuse)."""
+        return len(state[1])
+
+    def tensors(self, state) -> list[torch.Tensor]:
+        return list(state[1])
+
+
+class HermiteForecaster(Forecaster):
+    name = "hermite"
+
+    def __init__(self, order: int, sigma: float) -> None:
+        super().__init__(order)
+        self.sigma = sigma
+
+    def predict(self, state, position: float) -> tuple[torch.Tensor, object]:
+        return hermite_forecast(state, position, self.sigma), state
+
+
+class FoCaForecaster(Forecaster):
+    """``horizon`` is in units of the newest full-step gap (1: at most one gap past the anchor; with full steps
+    every 3 steps that is FoCa's 3 steps)."""
+
+    name = "foca"
+
+    def __init__(self, horizon: float) -> None:
+        super().__init__(1)
+        self.horizon = horizon
+
+    def update(self, state, value: torch.Tensor, position: float):
+        return foca_update(state, value, position)
+
+    def predict(self, state, position: float) -> tuple[torch.Tensor, object]:
+        gap = abs(state.full_position - state.previous_full_position) if state.previous_full is not None else 0.0
+        return foca_forecast(state, position, self.horizon * gap)
+
+    def points(self, state) -> int:
+        return 1 if state.previous_full is None else 2
+
+    def tensors(self, state) -> list[torch.Tensor]:
+        unique = {id(t): t for t in (state.full, state.previous_full, state.recent, state.older) if t is not None}
+        return list(unique.values())
+
+
+def make_forecaster(kind: str, order: int, *, sigma: float = 0.5, horizon: float = 1.0) -> Forecaster:
+    """The forecaster ``kind`` (one of :data:`FORECASTERS`); ``order`` 0 always reuses, whatever the kind."""
+    if kind not in FORECASTERS:
+        raise ValueError(f"unknown forecaster {kind!r}; allowed: {', '.join(FORECASTERS)}")
+    if order == 0 or kind == "taylor":
+        return Forecaster(order)
+    return HermiteForecaster(order, sigma) if kind == "hermite" else FoCaForecaster(horizon)
+
+
+def config_forecaster(config, order_field: str = "forecast_order") -> Forecaster:
+    """The forecaster a plugin config's ``forecaster``/``sigma``/``horizon`` fields and its order field describe."""
+    return make_forecaster(config.forecaster, getattr(config, order_field), sigma=config.sigma,
+                           horizon=config.horizon)
+
+
+def check_forecaster(config, order_field: str) -> None:
+    """Validate a config's ``forecaster``/``sigma``/``horizon`` fields (shared by every plugin that forecasts)."""
+    from dit_accel.recipe import check_choice, check_range
+
+    check_choice(config, "forecaster", FORECASTERS)
+    check_range(config, "sigma", 0.01, 4.0)
+    check_range(config, "horizon", 0.1, 100.0)
+    if config.forecaster == "foca" and getattr(config, order_field) > 1:
+        raise ValueError(f"{type(config).__name__}.{order_field} = {getattr(config, order_field)}: the foca "
+                         "forecaster is first order (it reads two full values); use 0 (reuse) or 1")
+
+
+__all__ = ["FORECASTERS", "FoCaForecaster", "FoCaState", "Forecaster", "HermiteForecaster", "check_forecaster",
+           "config_forecaster", "foca_forecast", "foca_update", "hermite_coefficients", "hermite_forecast",
+           "make_forecaster", "taylor_forecast", "update_differences"]

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dit_accel.caching.blockrange import BlockRange
+from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.caching.calibration import CALIBRATION_FORMAT, load_calibration, model_identity, validate_calibration
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin, register_plugin
@@ -129,6 +130,13 @@ class MagCacheConfig(PluginConfig):
         forecast_order (`int`, defaults to `1`): 0 reuses the residual of the last computed step (MagCache);
             1 forecasts it linearly over the timesteps of the last two computed steps; 2-4 higher-order Newton
             forecasts. Allowed: 0-4.
+        forecaster (`str`, defaults to `"taylor"`): how a forecast is made from the computed steps (see
+            :mod:`dit_accel.caching.forecasters`): ``"taylor"`` (Newton polynomial of the order), ``"hermite"``
+            (HiCache's scaled Hermite forecast), ``"foca"`` (FoCa's predictor-corrector, first order).
+        sigma (`float`, defaults to `0.5`): the Hermite forecaster's scale (HiCache's default; 1/sqrt(2) gives
+            probabilists' Hermite, linear extrapolation at order 1). Allowed: 0.01-4.
+        horizon (`float`, defaults to `1.0`): the FoCa forecaster's horizon in full-step gaps: beyond it the forecast
+            holds its value. Allowed: 0.1-100.
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per
             branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
@@ -151,6 +159,9 @@ class MagCacheConfig(PluginConfig):
     retention: float = 0.2
     last_steps: int = 1
     forecast_order: int = 1
+    forecaster: str = "taylor"
+    sigma: float = 0.5
+    horizon: float = 1.0
     ratios: tuple[float, ...] = ()
     recalibrate: bool = True
 
@@ -160,6 +171,7 @@ class MagCacheConfig(PluginConfig):
         check_range(self, "retention", 0.0, 1.0)
         check_range(self, "last_steps", 0, 1000, integer=True)
         check_range(self, "forecast_order", 0, 4, integer=True)
+        check_forecaster(self, "forecast_order")
         check_bool(self, "recalibrate")
         ratios = self.ratios
         if isinstance(ratios, (str, Path)):
@@ -209,7 +221,7 @@ class MagCachePlugin(Plugin):
         self._magnitudes: dict[int, dict[int, torch.Tensor]] = {}
         self._keys: dict[int, tuple[str, ...]] = {}
         self.range = BlockRange(self.target, "dit_accel.magcache", self, 0, len(blocks),
-                               forecast_order=self.config.forecast_order)
+                               forecast_order=self.config.forecast_order, forecaster=config_forecaster(self.config))
         self.reset()
 
     @property

@@ -26,48 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
+from dit_accel.caching.forecasters import (
+    _newton_sum,
+    check_forecaster,
+    config_forecaster,
+    taylor_forecast,
+    update_differences,
+)
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin, flatten_output
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def update_differences(previous: tuple[list[float], list[torch.Tensor]] | None, value: torch.Tensor,
-                       position: float, order: int) -> tuple[list[float], list[torch.Tensor]]:
-    """Add a full computation ``value`` at ``position`` to the divided differences of the previous full steps.
-
-    The state is ``(positions, differences)`` with ``positions = [x0, x1, ...]`` (newest first) and
-    ``differences[i] = F[x0, ..., xi]``; it keeps at most ``order + 1`` points, one more per full step.
-    """
-    if previous is None:
-        return [position], [value]
-    old_positions, old_differences = previous
-    differences = [value]
-    for i in range(min(order, len(old_differences))):
-        differences.append((differences[i] - old_differences[i]) / (position - old_positions[i]))
-    return ([position] + old_positions)[: len(differences)], differences
-
-
-def taylor_forecast(state: tuple[list[float], list[torch.Tensor]], position: float) -> torch.Tensor:
-    """The Newton polynomial of the state at ``position``: ``sum_i F[x0..xi] * prod_{j<i} (position - xj)``."""
-    return _newton_sum(state, position, None)
-
-
-def _newton_sum(state: tuple[list[float], list[torch.Tensor]], position: float,
-                scale: torch.Tensor | None) -> torch.Tensor:
-    """``F[x0] + scale * extrapolation``, one fused multiply-add per order: a forecast reads each cached tensor
-    once and writes one result, with no intermediate full-size products."""
-    positions, differences = state
-    result, weight = differences[0], 1.0
-    for i in range(1, len(differences)):
-        weight *= position - positions[i - 1]
-        if scale is None:
-            result = torch.add(result, differences[i], alpha=weight)
-        else:
-            result = torch.addcmul(result, differences[i], scale * weight)
-    return result
 
 
 def extrapolation(state: tuple[list[float], list[torch.Tensor]], position: float) -> torch.Tensor:
@@ -138,6 +109,12 @@ class TaylorSeerConfig(PluginConfig):
             computed at the latest full step (see the module docstring). The `taylorseer` recipe on zoo:dit went from
             29.8 to 41.5 dB PSNR in ``ditaccel bench`` (benchmarks/results/bench-zoo-dit); ``False`` is plain
             TaylorSeer, identical to diffusers' TaylorSeer at orders 0 and 1 on the same schedule and cache points.
+            Applies to the ``"taylor"`` forecaster.
+        forecaster (`str`, defaults to `"taylor"`): ``"taylor"`` (Newton polynomial of ``order``), ``"hermite"``
+            (HiCache's scaled Hermite forecast over the same differences), ``"foca"`` (FoCa's predictor-corrector,
+            order 1); see :mod:`dit_accel.caching.forecasters`.
+        sigma (`float`, defaults to `0.5`): the Hermite forecaster's scale (HiCache's default). Allowed: 0.01-4.
+        horizon (`float`, defaults to `1.0`): the FoCa forecaster's horizon, in full-step gaps. Allowed: 0.1-100.
     """
 
     kind = "schedule"
@@ -148,6 +125,9 @@ class TaylorSeerConfig(PluginConfig):
     distance: str = "timestep"
     factor_dtype: str = "float32"
     verify: bool = True
+    forecaster: str = "taylor"
+    sigma: float = 0.5
+    horizon: float = 1.0
 
     def validate(self) -> None:
         check_range(self, "interval", 1, 50, integer=True)
@@ -157,6 +137,7 @@ class TaylorSeerConfig(PluginConfig):
         check_choice(self, "distance", ("timestep", "step"))
         check_choice(self, "factor_dtype", tuple(_DTYPES))
         check_bool(self, "verify")
+        check_forecaster(self, "order")
 
 
 @register_plugin(TaylorSeerConfig)
@@ -166,6 +147,8 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
     def install(self) -> None:
         super().install()
         self._dtype = _DTYPES[self.config.factor_dtype]
+        self._forecaster = config_forecaster(self.config, "order")
+        self._newton = self.config.forecaster == "taylor" or self.config.order == 0
 
     def _position(self, context: CallContext) -> float:
         return float(context.step) if self.config.distance == "step" else context.timestep
@@ -178,8 +161,14 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
             return None
         states, gains, dtypes, rebuild = entry
         position = self._position(context)
-        leaves = [verified_forecast(state, gain, position).to(dtype) for state, gain, dtype in zip(states, gains, dtypes)]
-        return rebuild(leaves), ("reused" if all(len(state[1]) == 1 for state in states) else "forecast")
+        event = "reused" if all(self._forecaster.points(state) == 1 for state in states) else "forecast"
+        if self._newton:
+            leaves = [verified_forecast(state, gain, position).to(dtype)
+                      for state, gain, dtype in zip(states, gains, dtypes)]
+            return rebuild(leaves), event
+        predictions = [self._forecaster.predict(state, position) for state in states]
+        self.store.put(name, context.slot, ([p[1] for p in predictions], gains, dtypes, rebuild))  # FoCa recursion
+        return rebuild([p[0].to(dtype) for p, dtype in zip(predictions, dtypes)]), event
 
     def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         position = self._position(context)
@@ -189,8 +178,9 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         values = [leaf.detach().to(self._dtype) for leaf in leaves]
         gains = [
             forecast_gain(old, value, position)
-            if self.config.verify and old is not None and len(old[1]) > 1 and old[1][0].shape == value.shape else None
+            if self._newton and self.config.verify and old is not None and len(old[1]) > 1
+            and old[1][0].shape == value.shape else None
             for old, value in zip(previous, values)
         ]
-        states = [update_differences(old, value, position, self.config.order) for old, value in zip(previous, values)]
+        states = [self._forecaster.update(old, value, position) for old, value in zip(previous, values)]
         self.store.put(name, context.slot, (states, gains, [leaf.dtype for leaf in leaves], rebuild))

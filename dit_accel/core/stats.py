@@ -63,6 +63,7 @@ class GenerationStats:
     outside_flops_by_signature: dict[tuple, float] = field(default_factory=dict)
     outside_saved_flops: float = 0.0
     blocks_skipped: int = 0
+    notes: dict[str, float] = field(default_factory=dict)  # plugin figures (speca.acceptance, ...)
 
     @property
     def sublayers(self) -> dict[str, SubLayerStats]:
@@ -362,6 +363,7 @@ def format_summary(stats: GenerationStats | None, *, recipe: str, model: str) ->
         f"partial {totals['partial']}",
         f"outside the sub-layers (embeddings, modulation, final layers): {stats.outside_dense_flops / dense:.1%} of "
         f"dense FLOPs, {stats.blocks_skipped} block calls skipped whole" if (dense := stats.dense_flops) else "",
+        ", ".join(f"{key} {value:.3g}" for key, value in stats.notes.items()),
         "",
     ]
     header = f"{'block':<30} {'sub-layer':<12} {'computed':>8} {'reused':>7} {'forecast':>8} {'partial':>7} {'FLOPs':>7}"
