@@ -47,11 +47,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--models", nargs="*", default=["dit", "mmdit"], choices=["dit", "mmdit"])
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the other models in an existing forecasters-cpu.json")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     rows = []
-    for model in ("dit", "mmdit"):
+    existing = args.out / "forecasters-cpu.json"
+    if args.append and existing.is_file():
+        rows = [r for r in json.loads(existing.read_text()) if r["model"].split(":")[1] not in args.models]
+    for model in args.models:
         pipe = zoo.load(model)
         batches = [[(2 * i) % 10, (2 * i + 1) % 10] for i in range(math.ceil(args.samples / 2))]
 
@@ -81,7 +87,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "forecasters-cpu.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Forecasters and SpeCa on the zoo models' calibration seeds (CPU)", "",
-             f"`python benchmarks/forecasters_cpu.py --samples {args.samples} --steps {args.steps}`; "
+             f"`python benchmarks/forecasters_cpu.py --samples {args.samples} --steps {args.steps}` (one model at a "
+             "time with `--models M --append` gives the same rows); "
              f"{platform.machine()}, torch {torch.__version__}; seeds {SEED}+ (no reported benchmark uses them); "
              "FLOPs fraction is dit_accel's estimate (mean over the samples), PSNR against dense on the same seeds. "
              "No wall time: this chooses defaults, it does not report speed.", "",
