@@ -123,8 +123,9 @@ class CurveTilePlugin(ImageAttentionPlugin):
     def local_attention(self, query, key, value, text_key, text_value, grid, layer, call, *, pooled: bool,
                         shift: bool) -> tuple[torch.Tensor, float]:
         shifted = shift and self.depth[layer.name] % 2 == 1
-        if self.tile_size(grid) > grid.num_tokens:  # a resolution too small for the setting: never a crash
-            self._fallback(f"{self.name} tile_size {self.tile_size(grid)} is larger than the sequence of "
+        tile = self.tile_size(grid)
+        if tile > grid.num_tokens:  # a resolution too small for the setting: never a crash
+            self._fallback(f"{self.name} tile_size {tile} is larger than the sequence of "
                            f"{grid.num_tokens} image tokens ({grid.frames}x{grid.height}x{grid.width}); at most "
                            f"{grid.num_tokens} (or 0 for automatic) would act", call)
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
