@@ -3,7 +3,7 @@
 For each zoo model: the dense run, every dit_accel caching recipe at its aggressiveness levels, and diffusers'
 First-Block-Cache / TaylorSeer / MagCache and cache-dit's DBCache (with and without its TaylorSeer calibrator)
 wherever they apply. Reported per configuration: wall speedup (end-to-end and transformer-only, medians of
-``--repeats`` timing runs), FLOPs speedup (dit_accel's estimate; anchors report none), PSNR/SSIM against the dense
+the ratios of ``--repeats`` interleaved pairs of timing runs), FLOPs speedup (dit_accel's estimate; anchors report none), PSNR/SSIM against the dense
 output of the same seeds, fd to real data and class consistency. Writes ``caching-cpu.md``, ``.json`` and a
 speedup-vs-PSNR plot.
 
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from dit_accel.bench.runner import pair_speedup
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
 from dit_accel.bench.metrics import psnr, ssim
 from dit_accel.bench.report import format_number
 from dit_accel.bench.runner import needs_calibration
-from dit_accel.bench.timing import TransformerTimer, summarize
+from dit_accel.bench.timing import TransformerTimer
 from dit_accel.pipelines import zoo
 
 RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "toca", "toca-fast",
@@ -80,7 +81,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(seed)).images
 
         def side_by_side(enable, disable, run=lambda generate: generate()):
-            """Dense and configured runs interleaved (after one warm-up each); medians of each."""
+            """Dense and configured runs interleaved (after one warm-up each); medians of the pairs' ratios."""
             times = {"dense": ([], []), "config": ([], [])}
             for repeat in range(args.repeats + 1):
                 for variant in ("dense", "config"):
@@ -95,9 +96,7 @@ def main() -> None:
                         times[variant][1].append(timer.total)
                     if variant == "config":
                         disable()
-            dense_wall, dense_transformer = (summarize(t).median for t in times["dense"])
-            wall, transformer = (summarize(t).median for t in times["config"])
-            return dense_wall / wall, dense_transformer / transformer
+            return tuple(pair_speedup(d, c) for d, c in zip(times["dense"], times["config"]))
 
         dense = call(labels)
         rows = {"none": row(dense, dense, (1.0, 1.0), 1.0, evaluator, labels, real, kind="dense")}
@@ -215,9 +214,9 @@ def write_markdown(results: dict, path: Path) -> None:
         "# Caching recipes vs. anchors on the zoo models (CPU)",
         "",
         f"`python benchmarks/caching_cpu.py --samples {meta['samples']} --steps {meta['steps']} --repeats "
-        f"{meta['repeats']}`; {meta['machine']}, torch {meta['torch']}. Speedups are ratios of medians of "
-        f"{meta['repeats']} timed runs of {meta['timing_batch']} images, each configured run interleaved with a dense "
-        "run in the same process; quality on "
+        f"{meta['repeats']}`; {meta['machine']}, torch {meta['torch']}. Speedups are medians of the ratios of "
+        f"{meta['repeats']} pairs of timed runs of {meta['timing_batch']} images, each configured run interleaved with "
+        "a dense run in the same process; quality on "
         f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
         "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
         "report one)." + "".join(f" Rows added later by {entry}." for entry in meta.get("merged", [])),

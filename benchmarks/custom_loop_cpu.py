@@ -5,7 +5,7 @@ recipes declared with ``handle.generation`` against diffusers' hooks on the same
     python benchmarks/custom_loop_cpu.py -o benchmarks/results --samples 16 --repeats 3
 
 Quality: PSNR of the final samples against the dense loop's, same seeds. Speed: each configuration timed
-alternately with the dense loop (``repeats`` pairs after a warm-up pair), ratio of medians. magcache calibrates
+alternately with the dense loop (``repeats`` pairs after a warm-up pair), median of the pairs' ratios. magcache calibrates
 once on a seed that is never measured; diffusers' MagCache likewise (its own calibration mode).
 """
 
@@ -17,13 +17,13 @@ import copy
 import io
 import json
 import platform
-import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from dit_accel.bench.runner import pair_speedup
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.harness import TAYLORSEER_IDENTIFIERS
 from dit_accel.pipelines import zoo
@@ -155,7 +155,7 @@ def main() -> None:
 
 
 def side_by_side_pairs(dense_transformer, transformer, chunk, run, repeats: int) -> float:
-    """Dense and configured loops alternately (a warm-up pair first); ratio of median wall times."""
+    """Dense and configured loops alternately (a warm-up pair first); median of the pairs' time ratios."""
     dense_times, times = [], []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -166,7 +166,7 @@ def side_by_side_pairs(dense_transformer, transformer, chunk, run, repeats: int)
         if i:
             dense_times.append(dense)
             times.append(time.perf_counter() - start)
-    return statistics.median(dense_times) / statistics.median(times)
+    return pair_speedup(dense_times, times)
 
 
 def write(args, rows: list[dict]) -> None:

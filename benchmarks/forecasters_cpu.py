@@ -34,6 +34,10 @@ CONFIGS: list[tuple[str, dict]] = [
     ("speca", {"threshold": 0.15}),
     ("speca", {"threshold": 0.6}),
     ("speca", {"forecaster": "hermite"}),
+    ("freqca", {}),
+    ("freqca", {"interval": 3}),
+    ("freqca", {"forecaster": "taylor", "order": 1}),
+    ("freqca", {"interval": 3, "cutoff": 1.0}),
 ]
 SEED = 1000
 

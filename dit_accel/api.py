@@ -108,7 +108,7 @@ class _AcceleratedTransformer:
         self.stats = StatsRecorder(transformer, self.spec)
         try:
             self.attention = AttentionInterceptor(transformer, self.spec, self.tracker)
-            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats)
+            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins)
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 if getattr(plugin_for(config), "skips_block_ranges", False) and getattr(pipe, "controlnet", None) is not None:
@@ -125,6 +125,8 @@ class _AcceleratedTransformer:
                         plugin.remove()
                     raise
                 self.plugins.append(plugin)
+            for plugin in self.plugins:
+                plugin.check_companions(self.plugins)
             self._tracker_hook = _TrackerHook(self)
             attach(transformer, self._tracker_hook, TRACKER_HOOK)
         except BaseException:

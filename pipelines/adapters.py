@@ -304,6 +304,24 @@ def cfg_convention_for(pipe, spec: TransformerSpec) -> CFGConvention | None:
     return spec.cfg_convention
 
 
+# The forward arguments with one entry per sample row, by family (what a call on some rows cuts).
+ROW_ARGS: dict[str, tuple[str, ...]] = {
+    "dit": ("hidden_states", "timestep", "class_labels"),
+    "pixart": ("hidden_states", "encoder_hidden_states", "timestep", "added_cond_kwargs", "attention_mask",
+               "encoder_attention_mask"),
+    "sd3": ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+            "block_controlnet_hidden_states"),
+    "flux": ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+             "controlnet_block_samples", "controlnet_single_block_samples"),
+    "wan": ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"),
+    "hunyuan-video": ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections",
+                      "timestep", "guidance"),
+    "cogvideox": ("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond", "ofs"),
+    "ltx": ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "video_coords"),
+    "qwen-image": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance"),
+}
+
+
 def _register(family, cls, lists, read_grid, read_text=read_text_length, text_position=None, notes="",
               read_image_context=None):
     register_transformer(
@@ -317,6 +335,7 @@ def _register(family, cls, lists, read_grid, read_text=read_text_length, text_po
             notes=notes,
             cfg_convention=FAMILY_CFG_CONVENTIONS[family],
             read_image_context_length=read_image_context,
+            row_args=ROW_ARGS[family],
         )
     )
 

@@ -39,3 +39,22 @@ def test_anchor_settings_are_checked_by_the_harness():
     assert entries[-1].setting["spatial_attention_block_skip_range"] == 3
     with pytest.raises(ValueError, match="has no setting bogus"):
         plan(BenchConfig(model="zoo:dit", recipes=[], baselines=["diffusers:fastercache@bogus=1"]), STEPS)
+
+
+@pytest.mark.parametrize("name", ["cache-dit:dbcache+foca", "cache-dit:dbcache+dmd", "cache-dit:dbcache+scm"])
+def test_cache_dit_calibrators_and_step_mask_anchors(name):
+    pytest.importorskip("cache_dit")
+    from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS
+
+    pipe = zoo.load("mmdit")
+    dense = _generate(pipe)
+    applied = apply_baseline(name, pipe, num_steps=STEPS, setting=dict(DEFAULT_BASELINE_SETTINGS[name]),
+                             calibration=lambda: _generate(pipe))
+    try:
+        output = applied.run(lambda: _generate(pipe))
+    finally:
+        applied.remove()
+    assert torch.isfinite(output).all() and not torch.equal(output, dense)
+    assert torch.equal(_generate(pipe), dense)
+    with pytest.raises(Exception, match="does not run on DiTTransformer2DModel"):
+        apply_baseline(name, zoo.load("dit"), num_steps=STEPS, setting={}, calibration=lambda: None)

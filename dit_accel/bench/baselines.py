@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 BASELINES = ("diffusers:fbcache", "diffusers:taylorseer", "diffusers:magcache", "diffusers:fastercache",
-             "diffusers:pab", "cache-dit:dbcache", "cache-dit:dbcache+taylorseer")
+             "diffusers:pab", "cache-dit:dbcache", "cache-dit:dbcache+taylorseer", "cache-dit:dbcache+foca",
+             "cache-dit:dbcache+dmd", "cache-dit:dbcache+scm")
 
 
 class BaselineUnavailable(RuntimeError):
@@ -201,10 +202,23 @@ def _apply_attention_broadcast(name: str, pipe: Any, setting: dict) -> AppliedBa
     return AppliedBaseline(name, _runner(pipe), remove)
 
 
+def _cache_dit_calibrator(cache_dit: Any, kind: str) -> Any:
+    """cache-dit's calibrator config for ``cache-dit:dbcache+<kind>`` (``None`` for plain DBCache or a mask)."""
+    if kind == "taylorseer":
+        return cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+    if kind in ("foca", "dmd"):
+        config_class = getattr(cache_dit, "FoCaCalibratorConfig" if kind == "foca" else "DMDCalibratorConfig", None)
+        if config_class is None:
+            raise BaselineUnavailable(f"this cache-dit ({getattr(cache_dit, '__version__', '?')}) has no {kind} "
+                                      "calibrator (cache-dit 1.5.x does)")
+        return config_class()
+    return None
+
+
 def _apply_cache_dit(name: str, pipe: Any, *, num_steps: int, setting: dict) -> AppliedBaseline:
     try:
         import cache_dit
-        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
     except ImportError:
         raise BaselineUnavailable("cache-dit is not installed (pip install cache-dit)") from None
     transformer = pipe.transformer
@@ -218,7 +232,13 @@ def _apply_cache_dit(name: str, pipe: Any, *, num_steps: int, setting: dict) -> 
         # DiTTransformer2DModel reads transformer_blocks[0].norm1 in its forward, which cache-dit's block wrapper
         # hides (AttributeError); the other families are not wired up here.
         raise BaselineUnavailable(f"cache-dit's DBCache does not run on {family} here")
-    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if name.endswith("+taylorseer") else None
+    calibrator = _cache_dit_calibrator(cache_dit, name.partition("+")[2])
+    setting = dict(setting)
+    if name.endswith("+scm"):
+        # cache-dit's steps-computation mask: which steps compute (1) is fixed ahead ("medium" policy by default),
+        # the residual-difference threshold decides the rest.
+        policy = setting.pop("mask_policy", "medium")
+        setting["steps_computation_mask"] = cache_dit.steps_mask(total_steps=num_steps, mask_policy=policy)
     config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=num_steps, **setting)
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)

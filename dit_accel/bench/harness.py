@@ -58,6 +58,9 @@ DEFAULT_BASELINE_SETTINGS: dict[str, dict[str, Any]] = {
     "diffusers:pab": {"spatial_attention_block_skip_range": 2},
     "cache-dit:dbcache": {"residual_diff_threshold": 0.08, "max_warmup_steps": 2},
     "cache-dit:dbcache+taylorseer": {"residual_diff_threshold": 0.16, "max_warmup_steps": 2},
+    "cache-dit:dbcache+foca": {"residual_diff_threshold": 0.16, "max_warmup_steps": 2},
+    "cache-dit:dbcache+dmd": {"residual_diff_threshold": 0.16, "max_warmup_steps": 2},
+    "cache-dit:dbcache+scm": {"max_warmup_steps": 2, "mask_policy": "medium", "steps_computation_policy": "static"},
 }
 
 
@@ -158,7 +161,8 @@ def _baseline_fields(name: str) -> list[str] | None:
         excluded = {"Fn_compute_blocks", "Bn_compute_blocks", "num_inference_steps"}
     names = ([f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls)
              else list(inspect.signature(cls).parameters))
-    return [n for n in names if n not in excluded]
+    extra = ["mask_policy"] if name == "cache-dit:dbcache+scm" else []  # the steps mask's policy (baselines.py)
+    return [n for n in names if n not in excluded] + extra
 
 
 def _apply_overrides(recipe: Any, overrides: dict[str, Any], used: set[str]) -> Any:

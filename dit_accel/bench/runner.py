@@ -209,7 +209,8 @@ class Session:
     def side_by_side(self, repeats: int, enable: Callable[[], None], disable: Callable[[], None],
                      run: Callable = _plain) -> dict[str, Any]:
         """One dense warm-up, then ``repeats`` x (dense, configured), interleaved; the configuration is enabled
-        around each of its runs only. Peak memory is read over the configured runs."""
+        around each of its runs only. Speedups are medians of the pairs' ratios. Peak memory is read over the
+        configured runs."""
         self.timed()  # dense warm-up (the configured warm-up was its quality pass)
         dense, config, peak = ([], []), ([], []), 0
         for _ in range(repeats):
@@ -228,10 +229,21 @@ class Session:
         result = {"latency_s": timing_dict(config[0]), "transformer_s": timing_dict(config[1]),
                   "dense_latency_s": timing_dict(dense[0]), "dense_transformer_s": timing_dict(dense[1]),
                   "peak_memory_bytes": peak}
-        result["wall_speedup"] = result["dense_latency_s"]["median"] / result["latency_s"]["median"]
-        inner = result["transformer_s"]["median"]
-        result["transformer_speedup"] = result["dense_transformer_s"]["median"] / inner if inner > 0 else None
+        # The median of each pair's ratio, not the ratio of the two medians: a pair's dense and configured runs are
+        # adjacent in time, so a machine that slows down over the runs moves both (measured here: dense runs drifting
+        # 3.4 -> 4.9 s within one benchmark made the ratio of medians disagree with the absolute latencies).
+        result["wall_speedup"] = pair_speedup(dense[0], config[0])
+        result["transformer_speedup"] = pair_speedup(dense[1], config[1])
         return result
+
+
+def pair_speedup(dense: list[float], configured: list[float]) -> float | None:
+    """Median over interleaved pairs of ``dense / configured`` (``None`` if a configured run took no time)."""
+    if not dense or any(c <= 0 for c in configured):
+        return None
+    ratios = sorted(d / c for d, c in zip(dense, configured))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
 
 
 NOISY_IQR = 0.2  # an IQR above this fraction of the median: the machine was busy during the timed runs

@@ -47,6 +47,9 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "todo": ("factor", [2, 3, 4]),
     "cfg-share": ("start", [0.8, 0.6, 0.4, 0.2, 0.0]),
     "speca": ("threshold", [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]),  # higher accepts more drafts
+    "cfg-cache": ("interval", [2, 3, 4, 5, 8]),  # stacked (magcache+cfg-cache) the two grids combine
+    "clusca": ("interval", [3, 4, 5, 6]),
+    "freqca": ("interval", [3, 4, 6, 8]),
 }
 # plugin type -> (field, values): searched as an outer loop around the speed knob (each value gets its own search)
 SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {

@@ -28,6 +28,7 @@ from dit_accel.core.blocks import BlockContract
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import InstallTarget
+from dit_accel.core.rows import fill_rows, subset_rows, take_rows
 
 _PARAMETERS: dict[type, tuple[str, ...]] = {}
 
@@ -165,7 +166,8 @@ class BlockRange:
             self.call.context = context
             kept = self.call.rows.tolist()
             self.target.tracker.current = dataclasses.replace(
-                context, batch_size=len(kept), branches=tuple(context.branches[i] for i in kept))
+                context, batch_size=len(kept), branches=tuple(context.branches[i] for i in kept),
+                rows=subset_rows(context, kept), followers=None)
 
     def end(self, context: CallContext, output, contract: BlockContract):
         call = self.call
@@ -175,7 +177,7 @@ class BlockRange:
             context = call.context
             self.target.tracker.current = context
             rows = call.rows
-            old = self.residuals[context.slot]
+            old = tuple(take_rows(r, context) for r in self.residuals[context.slot])
             served = self.residual_for(context)
             new = (_scatter(old[0], rows, hidden - call.hidden.index_select(0, rows)),
                    None if encoder is None or call.encoder is None or old[1] is None
@@ -189,6 +191,15 @@ class BlockRange:
                 self.target.stats.record_block(context, block, fraction=1.0 - computed)
         else:
             new = (hidden - call.hidden, None if encoder is None or call.encoder is None else encoder - call.encoder)
+        if context.rows is not None:
+            self._store_rows(context, new, mixed)
+        else:
+            self._store(context, new, mixed)
+        self.policy.computed(context, ~call.skip_rows)
+        self.target.stats.set_cache_bytes(self.nbytes())
+        return contract.join_output(hidden, encoder)
+
+    def _store(self, context: CallContext, new: tuple, mixed: bool) -> None:
         self.residuals[context.slot] = new
         if self.forecast_order:
             # Rows that skipped keep an older residual: a polynomial through mixed rows would be wrong, restart it.
@@ -198,19 +209,37 @@ class BlockRange:
                                                               context.timestep)
                 for i, r in enumerate(new)
             )
-        self.policy.computed(context, ~call.skip_rows)
-        self.target.stats.set_cache_bytes(self.nbytes())
-        return contract.join_output(hidden, encoder)
+
+    def _store_rows(self, context: CallContext, new: tuple, mixed: bool) -> None:
+        """A call holding only some rows of its slot (cfg-cache's conditional rows): their residuals go into the
+        slot's; the other rows take what the cache would have served them at this timestep (the forecast), followers
+        moved by their partner's change (:func:`~dit_accel.core.rows.fill_rows`)."""
+        old = self.residuals.get(context.slot)
+        if old is None:
+            return  # nothing of the slot's other rows to keep: the next whole-batch call computes
+        history = self.history.get(context.slot) if self.forecast_order and not mixed else None
+        if history is not None:
+            # Predicted, not advanced: FoCa's recursion moves once per step, in residual_for.
+            filled = [None if state is None else self.forecaster.predict(state, context.timestep)[0]
+                      for state in history]
+        else:
+            filled = list(old)
+        merged = tuple(None if f is None or r is None else fill_rows(f, context, r) for f, r in zip(filled, new))
+        if any(m is None and r is not None for m, r in zip(merged, new)):
+            return
+        # The polynomial restarts at the merged point: a point whose follower rows were filled in, one step from the
+        # next computed point, would make their slope of the filled-in error (measured: -10 dB on zoo:dit).
+        self._store(context, merged, mixed=True)
 
     def residual_for(self, context: CallContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The residual a skipped call adds: the cached one, or its forecast at this call's timestep."""
         history = self.history.get(context.slot) if self.forecast_order else None
         if history is None:
-            return self.residuals[context.slot]
+            return tuple(take_rows(r, context) for r in self.residuals[context.slot])
         predictions = [None if state is None else self.forecaster.predict(state, context.timestep)
                        for state in history]
         self.history[context.slot] = tuple(None if p is None else p[1] for p in predictions)  # FoCa's recursion
-        return tuple(None if p is None else p[0] for p in predictions)
+        return tuple(None if p is None else take_rows(p[0], context) for p in predictions)
 
     def record_skip(self, context: CallContext) -> None:
         """A skipped call counts as ``forecast`` once the forecast has two points to extrapolate, else ``reused``."""

@@ -23,6 +23,7 @@ from diffusers.hooks import ModelHook
 from dit_accel.caching.blockrange import BlockRange, block_streams
 from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.core.context import CallContext
+from dit_accel.core.rows import put_rows, take_rows
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
@@ -136,7 +137,7 @@ class FirstBlockCachePlugin(Plugin):
         residual = hidden - self.head_input
         self._pending = residual
         never = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
-        previous = self.previous.get(context.slot)
+        previous = take_rows(self.previous.get(context.slot), context)
         if config.last_steps:
             self.warn_unknown_length(context, f"last_steps={config.last_steps} cannot keep the final steps computed")
         late = context.num_steps is not None and context.step >= context.num_steps - config.last_steps
@@ -158,21 +159,26 @@ class FirstBlockCachePlugin(Plugin):
         if partners is not None:
             skip &= skip[partners]
         self.changes.append((context.step, context.slot, (numerator / denominator.clamp_min(1e-12)).tolist()))
-        streak = self.streaks.get(context.slot)
+        full_streak = self.streaks.get(context.slot)
+        streak = take_rows(full_streak, context)
         if streak is None or streak.shape[0] != batch:
-            streak = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+            streak = full_streak = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         if config.max_consecutive:
             skip &= streak < config.max_consecutive
-        self.streaks[context.slot] = torch.where(skip, streak + 1, torch.zeros_like(streak))
+        streak = torch.where(skip, streak + 1, torch.zeros_like(streak))
+        self.streaks[context.slot] = put_rows(full_streak, context, streak) if full_streak.shape[0] != batch else streak
         return skip
 
     def computed(self, context: CallContext, rows: torch.Tensor) -> None:
-        previous = self.previous.get(context.slot)
+        full = self.previous.get(context.slot)
+        previous = take_rows(full, context)
         if previous is None or previous.shape != self._pending.shape:
-            self.previous[context.slot] = self._pending
+            update = self._pending
         else:
             mask = rows.view(-1, *([1] * (previous.ndim - 1)))
-            self.previous[context.slot] = torch.where(mask, self._pending, previous)
+            update = torch.where(mask, self._pending, previous)
+        merged = put_rows(full, context, update) if context.rows is not None else update
+        self.previous[context.slot] = update if merged is None else merged
 
     def idle_reason(self, steps: int) -> str | None:
         config = self.config

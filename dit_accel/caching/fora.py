@@ -53,5 +53,9 @@ class ForaPlugin(IntervalSubLayerPlugin):
         cached = self.store.get(name, context.slot)
         return None if cached is None else (cached, "reused")
 
+    def peek(self, context: CallContext, name: str):
+        """What a reused step would serve (the rows a cfg-cache call leaves out keep it)."""
+        return self.store.get(name, context.slot)
+
     def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         self.store.put(name, context.slot, output)

@@ -343,6 +343,9 @@ class MagCachePlugin(Plugin):
         state["acc"] = (torch.ones(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64),
                         torch.zeros(batch, dtype=torch.long))
 
+    def needs_whole_calls(self) -> bool:
+        return self._mode == "calibrate"
+
     # ----------------------------------------------------------------------------------- RangePolicy
     def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
         if context.generation != self._generation:
@@ -354,18 +357,37 @@ class MagCachePlugin(Plugin):
                 self._keys[context.slot] = tuple(branch_key(context, row) for row in range(batch))
             return never
         config, steps, step = self.config, context.num_steps, context.step
-        state = self._slot_state(context, batch, hidden.device)
+        full = self._state.get(context.slot)
+        if context.rows is not None and full is not None and max(context.rows) < full["gamma"].shape[0]:
+            # A call on some rows of the slot (cfg-cache): the accumulators of those rows and of their followers
+            # (which take their partner's fresh residual when it computes), written back after.
+            index = torch.tensor(context.rows + (context.followers or ()))
+            state = {"gamma": full["gamma"][index], "acc": tuple(a[index] for a in full["acc"]),
+                     "last": full.get("last")}
+        else:
+            index, state = None, self._slot_state(context, batch, hidden.device)
         first = max(retention_steps(config.retention, steps), 1)
+        # Steps this slot was not called at (cfg-cache rebuilt the unconditional call) still add their error.
+        last = state.get("last")
+        for missed in range(max(first, last + 1), min(step, steps)) if last is not None else ():
+            state["acc"] = tuple(accumulate(*state["acc"], state["gamma"][:, missed], config.threshold,
+                                            config.max_skips)[1:])
+        state["last"] = step
+        skip = False
         if not first <= step < steps - config.last_steps or not self.target.in_scope(config, context):
             self._restart(state)
-            return never
-        rows, *after = accumulate(*state["acc"], state["gamma"][:, step], config.threshold, config.max_skips)
-        skip = bool(rows.all()) and context.slot in self.range.residuals
-        if skip:
-            state["acc"] = tuple(after)
         else:
-            self._restart(state)
-        self.decisions.append((step, context.slot, rows.tolist(), skip))
+            rows, *after = accumulate(*state["acc"], state["gamma"][:, step], config.threshold, config.max_skips)
+            rows = rows[:batch]  # the call's own rows decide; followers go along
+            skip = bool(rows.all()) and context.slot in self.range.residuals
+            if skip:
+                state["acc"] = tuple(after)
+            else:
+                self._restart(state)
+            self.decisions.append((step, context.slot, rows.tolist(), skip))
+        if index is not None:
+            full["acc"] = tuple(a.index_copy(0, index, part) for a, part in zip(full["acc"], state["acc"]))
+            full["last"] = step
         return never if not skip else torch.ones(batch, dtype=torch.bool, device=hidden.device)
 
     def computed(self, context: CallContext, rows: torch.Tensor) -> None:

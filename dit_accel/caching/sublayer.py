@@ -19,6 +19,7 @@ from diffusers.hooks import ModelHook
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers
+from dit_accel.core.rows import fill_rows, take_rows
 
 
 def tensor_bytes(value: Any) -> int:
@@ -68,6 +69,36 @@ class SubLayerPolicy(Protocol):
         """See the output the sub-layer just computed (and its inputs)."""
 
 
+def rows_of(output: Any, context: CallContext) -> Any:
+    """A served per-slot output cut to the rows this call holds (see :mod:`dit_accel.core.rows`)."""
+    if context.rows is None:
+        return output
+    leaves, rebuild = flatten_output(output)
+    return rebuild([take_rows(leaf, context) for leaf in leaves])
+
+
+def update_policy(policy: SubLayerPolicy, context: CallContext, name: str, output: Any, args: tuple = (),
+                  kwargs: dict | None = None) -> None:
+    """Hand a computed output to the policy. A call holding only some rows of its slot (cfg-cache) is completed
+    with what the policy would serve the other rows now (its ``peek``; followers moved by their partner's change), so
+    the slot's state keeps every row; a policy without ``peek`` keeps its state as it was."""
+    if context.rows is None:
+        policy.update(context, name, output, args, kwargs)
+        return
+    peek = getattr(policy, "peek", None)
+    prior = None if peek is None else peek(context, name)
+    if prior is None:
+        return
+    prior_leaves, _ = flatten_output(prior)
+    leaves, rebuild = flatten_output(output)
+    if len(prior_leaves) != len(leaves):
+        return
+    merged = [fill_rows(p, context, leaf) for p, leaf in zip(prior_leaves, leaves)]
+    if any(m is None for m in merged):
+        return
+    policy.update(context, name, rebuild(merged))
+
+
 class SubLayerHook(ModelHook):
     """Serves or computes one sub-layer's output as its policy decides."""
 
@@ -85,14 +116,14 @@ class SubLayerHook(ModelHook):
         if served is not None:
             output, event = served
             self.store.target.stats.record(context, self.name, event)
-            return output
+            return rows_of(output, context)
         partial = getattr(self.policy, "partial", None)  # token-wise partial recomputation (ToCa)
-        if partial is not None:
+        if partial is not None and context.rows is None:
             output = partial(context, self.name, self.fn_ref.original_forward, args, kwargs)
             if output is not None:
                 return output
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.policy.update(context, self.name, output, args, kwargs)
+        update_policy(self.policy, context, self.name, output, args, kwargs)
         return output
 
 
@@ -123,7 +154,7 @@ class MergedBlockHook(ModelHook):
         output, event = served
         for name in self.names:
             self.store.target.stats.record(context, name, event)
-        return self.contract.merged.apply(module, _arguments(module, args, kwargs), output)
+        return self.contract.merged.apply(module, _arguments(module, args, kwargs), rows_of(output, context))
 
 
 class ResidualBlockHook(ModelHook):
@@ -147,7 +178,8 @@ class ResidualBlockHook(ModelHook):
                 served[attribute] = result
             else:
                 output = self.contract.residual.apply(module, _arguments(module, args, kwargs),
-                                                      {attribute: value for attribute, (value, _) in served.items()})
+                                                      {attribute: rows_of(value, context)
+                                                       for attribute, (value, _) in served.items()})
                 if output is not None:
                     for name, attribute in self.names:
                         self.store.target.stats.record(context, name, served[attribute][1])
@@ -166,7 +198,7 @@ class MergedCaptureHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         context = self.store.target.tracker.current
         if context is not None:
-            self.policy.update(context, self.key, output, args, kwargs)
+            update_policy(self.policy, context, self.key, output, args, kwargs)
         return output
 
 

@@ -170,11 +170,27 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         self.store.put(name, context.slot, ([p[1] for p in predictions], gains, dtypes, rebuild))  # FoCa recursion
         return rebuild([p[0].to(dtype) for p, dtype in zip(predictions, dtypes)]), event
 
+    def peek(self, context: CallContext, name: str):
+        """The forecast for this call whatever the schedule says, without advancing FoCa's recursion (the rows a
+        cfg-cache call leaves out take it, which keeps their polynomial's trend)."""
+        entry = self.store.get(name, context.slot)
+        if entry is None:
+            return None
+        states, gains, dtypes, rebuild = entry
+        position = self._position(context)
+        if self._newton:
+            return rebuild([verified_forecast(state, gain, position).to(dtype)
+                            for state, gain, dtype in zip(states, gains, dtypes)])
+        return rebuild([self._forecaster.predict(state, position)[0].to(dtype) for state, dtype in zip(states, dtypes)])
+
     def update(self, context: CallContext, name: str, output, args: tuple = (), kwargs: dict | None = None) -> None:
         position = self._position(context)
         leaves, rebuild = flatten_output(output)
         entry = self.store.get(name, context.slot)
         previous = entry[0] if entry is not None and len(entry[0]) == len(leaves) else [None] * len(leaves)
+        if context.rows is not None:
+            # Some rows were filled in (a cfg-cache call): restart the polynomial there, as BlockRange does.
+            previous = [None] * len(leaves)
         values = [leaf.detach().to(self._dtype) for leaf in leaves]
         gains = [
             forecast_gain(old, value, position)

@@ -201,6 +201,9 @@ class TransformerSpec:
             ``"separate-cond-first"``; labels branches of pipelines the table of known classes does not name.
         read_image_context_length: reads the number of image tokens the cross attention attends besides the text
             (Wan 2.1 image-to-video's CLIP tokens, projected by ``add_k_proj``/``add_v_proj``); 0 when ``None``.
+        row_args: the forward arguments that hold one entry per sample row (cut, with the tensors nested in them
+            whose first dimension is the batch, when a call runs on some rows only: cfg-cache's conditional rows);
+            ``None`` when unknown (such a call is then never cut).
 
     Attention modules outside the listed block lists (text refiners, for example) are never hooked.
     """
@@ -216,6 +219,7 @@ class TransformerSpec:
     notes: str = ""
     cfg_convention: str | None = None
     read_image_context_length: TextLengthReader | None = None
+    row_args: tuple[str, ...] | None = None
 
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[str, int, torch.nn.Module, BlockContract]]:
         """All blocks in execution order as ``(list_attr, index, block, contract)``."""

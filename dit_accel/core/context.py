@@ -61,6 +61,8 @@ class CallContext:
     branches: tuple[BranchId, ...]
     context_name: str | None = None
     num_image_context_tokens: int = 0
+    rows: tuple[int, ...] | None = None  # the slot rows this call holds, when it holds only some (see core/rows.py)
+    followers: tuple[int, ...] | None = None  # slot rows left out that follow ``rows`` position by position
 
     @property
     def is_first_step(self) -> bool:

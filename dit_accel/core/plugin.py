@@ -34,6 +34,7 @@ class InstallTarget:
     tracker: StepTracker
     attention: AttentionInterceptor
     stats: StatsRecorder
+    plugins: list = dataclasses.field(default_factory=list)  # every plugin installed on this transformer, in order
 
     def attention_layers(self, config: "PluginConfig") -> list[LayerId]:
         """The attention layers selected by ``config.layers`` (glob patterns over ``transformer_blocks.3.attn``
@@ -128,6 +129,17 @@ class Plugin:
             f"set_timesteps was seen: a custom loop?), so {consequence}; declare "
             "the loop with `with handle.generation(num_steps=N):` (or handle.begin(num_steps=N))",
             UserWarning, stacklevel=4)
+
+    # Whether the plugin's per-slot state follows a call that holds some rows of its slot (CallContext.rows).
+    supports_partial_rows: bool = True
+
+    def check_companions(self, plugins: list["Plugin"]) -> None:
+        """Raise ``ValueError`` if this plugin cannot run with the others installed on the same transformer."""
+
+    def needs_whole_calls(self) -> bool:
+        """Whether this generation's calls must hold every row of their slot (a calibration run); a plugin that
+        would run some rows only (cfg-cache) computes them all while any plugin says so."""
+        return False
 
     def idle_already_said(self) -> bool:
         """Whether the plugin already warned why it ran dense (its reason then goes to the summary only)."""

@@ -265,6 +265,9 @@ class StatsRecorder:
             return
         self.current.outside_flops_by_signature[key] = sum(per_block.values())
         for prefix, fraction in self._skipped_blocks:
+            if prefix == "*":  # rows of the whole call (record_rows_skipped)
+                self.current.outside_saved_flops += fraction * sum(per_block.values())
+                continue
             self.current.outside_saved_flops += fraction * per_block.get(prefix, 0.0)
             self.current.blocks_skipped += fraction == 1.0
         self._skipped_blocks.clear()
@@ -282,7 +285,26 @@ class StatsRecorder:
         """A plugin skipped block ``block`` (``transformer_blocks.3``) whole in this call, or ``fraction`` of its
         rows: its Linear layers outside the sub-layers (modulation, embeddings) did not run for them."""
         if self.current is not None and self._call_key is not None:
-            self._skipped_blocks.append((block, fraction))
+            # A call that holds only some rows of the accounted call (cfg-cache) skips only its own rows' share.
+            self._skipped_blocks.append((block, fraction * context.batch_size / self._call_key[0]))
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the running call measures the work outside the sub-layers (its rows must all compute)."""
+        return self._measuring is not None
+
+    def record_rows_skipped(self, context: CallContext, fraction: float) -> None:
+        """``fraction`` of this call's rows were not computed at all (cfg-cache rebuilt them): every sub-layer and
+        the work outside the sub-layers is refunded for them; a whole call (``fraction = 1``) counts as reused."""
+        if self.current is None:
+            return
+        for name in self.current.names:
+            if fraction >= 1.0:
+                self.record(context, name, "reused")
+            else:
+                self.record(context, name, "partial", computed_fraction=1.0 - fraction)
+        if self._call_key is not None:
+            self._skipped_blocks.append(("*", fraction))
 
     def record(self, context: CallContext, sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
         """A plugin did not compute ``sublayer`` densely in this call.

@@ -1,0 +1,395 @@
+"""CFG-Cache: skip the unconditional branch (after FasterCache, Lv et al., ICLR 2025, arXiv 2410.19355).
+
+Under classifier-free guidance every step evaluates the model twice, conditional and unconditional, and the
+difference of the two outputs drifts slowly over the schedule. On the steps of a window this plugin computes only
+the conditional output and rebuilds the unconditional one as ``cond + (uncond - cond)``, with the difference taken
+at the last step that computed both. With ``weighting = "frequency"`` the difference is split into a low and a high
+spatial-frequency band that are scaled apart, FasterCache's weighting: the low band grows early in the schedule, the
+high band late.
+
+* Separate CFG calls (Flux true CFG, Wan, Qwen-Image, HunyuanVideo, zoo:mmdit): the unconditional call returns the
+  rebuilt output without running the transformer.
+* Batched CFG (DiT, PixArt, SD3, CogVideoX, LTX, zoo:dit): the call runs on the conditional rows alone, every per-row
+  input cut as the family's block contract says (``TransformerSpec.row_args``), and the unconditional rows are put
+  back in the pipeline's order. Plugins with per-slot state see a call that holds some rows of its slot
+  (``CallContext.rows``) and keep the other rows' state (see :mod:`dit_accel.core.rows`).
+
+The rebuild itself, :func:`rebuild_uncond`, and the step rule, :func:`skips_uncond`, are pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from dit_accel.caching.blockrange import select_rows
+from dit_accel.core.context import CallContext
+from dit_accel.core.hooks import attach, detach
+from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
+
+HOOK_NAME = "dit_accel.cfg_cache"
+# FasterCache's weight ranges (diffusers' FasterCacheConfig: low band t in (99, 901), high band t < 301 of 1000),
+# as fractions of the schedule.
+LOW_BAND_WINDOW = (0.1, 0.9)
+HIGH_BAND_FROM = 0.7
+
+
+# ------------------------------------------------------------------------------------------------- the math
+def skips_uncond(step: int, num_steps: int | None, start: float, end: float, interval: int) -> bool:
+    """Whether ``step`` rebuilds the unconditional output: it lies in ``[start, end)`` of the schedule (fractions)
+    and is not one of the window's full steps, the first step of the window and every ``interval``-th after it."""
+    if num_steps is None or interval <= 1:
+        return False
+    first = math.ceil(start * num_steps)
+    if not first <= step < end * num_steps:
+        return False
+    return (step - first) % interval != 0
+
+
+def low_band_mask(height: int, width: int, cutoff: float, device=None) -> torch.Tensor:
+    """Boolean ``(height, width)`` mask of the low band of an unshifted 2-D FFT: frequencies within ``cutoff``
+    (a fraction of the Nyquist radius) of zero, on the normalised radius so non-square grids split alike."""
+    fy = torch.fft.fftfreq(height, device=device).abs() * 2.0  # 1.0 at Nyquist
+    fx = torch.fft.fftfreq(width, device=device).abs() * 2.0
+    return (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() <= cutoff
+
+
+def split_difference(difference: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The difference's spectrum over its last two dimensions, split into low and high band (complex, fp32)."""
+    spectrum = torch.fft.fft2(difference.float())
+    return spectrum * mask, spectrum * ~mask
+
+
+@dataclass
+class Bands:
+    """A difference split into low and high band spectra over its spatial grid; ``layout`` maps the spatial tensor
+    back to the output's layout."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    layout: Any = None
+
+    def combine(self, low_weight: float, high_weight: float) -> torch.Tensor:
+        """``Re(ifft2(low_weight * low + high_weight * high))`` in the output's layout."""
+        spatial = torch.fft.ifft2(self.low * low_weight + self.high * high_weight).real
+        return spatial if self.layout is None else self.layout(spatial)
+
+
+def rebuild_uncond(cond: torch.Tensor, difference: "torch.Tensor | Bands", low_weight: float = 1.0,
+                   high_weight: float = 1.0) -> torch.Tensor:
+    """The unconditional output: ``cond + difference``; a frequency-split difference is weighted per band first."""
+    if isinstance(difference, torch.Tensor):
+        return cond + difference
+    return cond + difference.combine(low_weight, high_weight).to(cond.dtype)
+
+
+def band_weights(step: int, num_steps: int, low_alpha: float, high_alpha: float) -> tuple[float, float]:
+    """This step's growth factors of the low and high band (FasterCache: compounding on every rebuilt step)."""
+    position = step / num_steps
+    low = low_alpha if LOW_BAND_WINDOW[0] <= position < LOW_BAND_WINDOW[1] else 1.0
+    high = high_alpha if position >= HIGH_BAND_FROM else 1.0
+    return low, high
+
+
+def to_grid(value: torch.Tensor, context: CallContext):
+    """``(spatial, layout)``: the value with its spatial grid as the last two dimensions, and the map back.
+    Image outputs ``(B, C, H, W)`` and video outputs ``(B, C, F, H, W)`` / ``(B, F, C, H, W)`` already are; token
+    outputs ``(B, N, C)`` go through the call's token grid; ``None`` if neither fits."""
+    if value.ndim >= 4:
+        return value, None
+    grid = context.grid
+    if value.ndim == 3 and grid is not None and value.shape[1] == grid.num_tokens:
+        batch, tokens, channels = value.shape
+        frames = grid.num_tokens // (grid.height * grid.width)
+        spatial = value.reshape(batch, frames, grid.height, grid.width, channels).permute(0, 4, 1, 2, 3)
+        return spatial, lambda x: x.permute(0, 2, 3, 4, 1).reshape(batch, tokens, channels)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the config
+@register_config("cfg-cache")
+@dataclass(frozen=True)
+class CFGCacheConfig(PluginConfig):
+    """Skip the unconditional branch on a window of steps, rebuilding it from the conditional output.
+
+    Args:
+        start (`float`, defaults to `0.2`): where the window opens, as a fraction of the schedule; the steps before
+            shape the layout and compute both branches. Allowed: 0-1; 0.1-0.4 recommended.
+        end (`float`, defaults to `1.0`): where it closes. Allowed: 0-1, greater than ``start``.
+        interval (`int`, defaults to `2`): in the window, both branches compute every ``interval`` steps (refreshing
+            the difference) and the steps between rebuild the unconditional output. 2 halves the unconditional work
+            of the window; 3-5 is FasterCache's range. Allowed: 2-50.
+        weighting (`str`, defaults to `"plain"`): ``"plain"`` adds the cached difference as it is;
+            ``"frequency"`` splits it into a low and a high spatial-frequency band (2-D FFT over the output's
+            spatial grid) and grows them apart, FasterCache's weighting (families whose output is a token sequence
+            use their token grid).
+        cutoff (`float`, defaults to `0.4`): radius of the low band as a fraction of the Nyquist radius
+            (``"frequency"`` only; FasterCache's disc of min(H, W)/5 about the centre is 0.4). Allowed: 0-1.4.
+        low_alpha (`float`, defaults to `1.1`): growth of the low band on each rebuilt step between 10 % and 90 % of
+            the schedule (``"frequency"`` only). Allowed: 0.5-2.
+        high_alpha (`float`, defaults to `1.1`): growth of the high band on each rebuilt step after 70 % of the
+            schedule (``"frequency"`` only). Allowed: 0.5-2.
+    """
+
+    kind = "guidance"
+    start: float = 0.2
+    end: float = 1.0
+    interval: int = 2
+    weighting: str = "plain"
+    cutoff: float = 0.4
+    low_alpha: float = 1.1
+    high_alpha: float = 1.1
+
+    def validate(self) -> None:
+        check_range(self, "start", 0.0, 1.0)
+        check_range(self, "end", 0.0, 1.0)
+        if self.end <= self.start:
+            raise ValueError(f"CFGCacheConfig.end = {self.end} must be greater than start = {self.start}")
+        check_range(self, "interval", 2, 50, integer=True)
+        check_choice(self, "weighting", ("plain", "frequency"))
+        check_range(self, "cutoff", 0.0, 1.4)
+        check_range(self, "low_alpha", 0.5, 2.0)
+        check_range(self, "high_alpha", 0.5, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------- the plugin
+def _sample(output: Any) -> torch.Tensor:
+    """The prediction tensor of a transformer output (a tensor, a tuple, or a diffusers output's first field)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return next(iter(output.values()))
+
+
+def _with_sample(output: Any, sample: torch.Tensor) -> Any:
+    """``output`` of the same structure with its prediction replaced."""
+    if isinstance(output, torch.Tensor):
+        return sample
+    if isinstance(output, (tuple, list)):
+        return type(output)((sample, *output[1:]))
+    first = next(iter(output.keys()))
+    return type(output)(**{**output, first: sample})
+
+
+@dataclass
+class _Difference:
+    step: int
+    value: Any  # a tensor, or (low, high) spectra with "frequency"
+    weights: tuple[float, float] = (1.0, 1.0)
+
+
+class _DenoiserHook(ModelHook):
+    """On the transformer, inside the step tracker: decides per call whether the unconditional work is skipped."""
+
+    def __init__(self, plugin: "CFGCachePlugin") -> None:
+        super().__init__()
+        self.plugin = plugin
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.plugin.forward(self.fn_ref.original_forward, module, args, kwargs)
+
+
+@register_plugin(CFGCacheConfig)
+class CFGCachePlugin(Plugin):
+    kind = "guidance"
+
+    def install(self) -> None:
+        self._cuts_rows = True
+        self._signature = inspect.signature(self.target.transformer.forward)
+        attach(self.target.transformer, _DenoiserHook(self), HOOK_NAME)
+        self.reset()
+
+    def check_companions(self, plugins: list[Plugin]) -> None:
+        refused = [p.name for p in plugins if not p.supports_partial_rows]
+        self._cuts_rows = not refused
+        if refused and self.target.spec.cfg_convention is not None and self.target.spec.cfg_convention.startswith(
+                "batched"):
+            raise ValueError(
+                f"cfg-cache runs batched-CFG calls of {self.target.spec.family} on their conditional rows alone, and "
+                f"{', '.join(refused)} keeps state that cannot follow such a call; stack cfg-cache with magcache, "
+                "fbcache, fora, taylorseer, speca, toca, delta-dit or the attention plugins instead")
+
+    # ------------------------------------------------------------------------------------------- decisions
+    def _skipping(self, context: CallContext) -> bool:
+        config = self.config
+        self.warn_unknown_length(context, "its window cannot be placed: the unconditional branch always computes")
+        if not self.target.in_scope(config, context) or self.target.stats.measuring:
+            return False
+        if any(plugin.needs_whole_calls() for plugin in self.target.plugins if plugin is not self):
+            self._deferred = True
+            return False  # a calibration run sees every call whole
+        return skips_uncond(context.step, context.num_steps, config.start, config.end, config.interval)
+
+    def _weights(self, context: CallContext, difference: _Difference) -> tuple[float, float]:
+        if self.config.weighting != "frequency":
+            return 1.0, 1.0
+        low, high = band_weights(context.step, context.num_steps, self.config.low_alpha, self.config.high_alpha)
+        difference.weights = (difference.weights[0] * low, difference.weights[1] * high)
+        return difference.weights
+
+    def forward(self, forward, module: torch.nn.Module, args: tuple, kwargs: dict):
+        context = self.target.tracker.current
+        if context is None:
+            return forward(*args, **kwargs)
+        roles = [branch.role for branch in context.branches]
+        self._saw_uncond = self._saw_uncond or "uncond" in roles
+        if None in roles:
+            if not self._unknown_roles:
+                warnings.warn("dit_accel cfg-cache cannot tell the conditional from the unconditional rows of this "
+                              f"pipeline's calls (roles {roles}): it computes them all; declare how the loop runs "
+                              "CFG with handle.begin(cfg=...) or handle.generation(cfg=...)", UserWarning, stacklevel=3)
+            self._unknown_roles = True
+            return forward(*args, **kwargs)
+        if "cond" in roles and "uncond" in roles:
+            self._batched_calls += 1
+            return self._batched(forward, module, args, kwargs, context, roles)
+        return self._separate(forward, args, kwargs, context, roles)
+
+    # --------------------------------------------------------------------------------- separate CFG calls
+    def _separate(self, forward, args: tuple, kwargs: dict, context: CallContext, roles: list[str]):
+        slot = context.slot
+        if "uncond" not in roles:  # the conditional call: kept for this step's unconditional call
+            output = forward(*args, **kwargs)
+            self._cond = (context.step, output)
+            return output
+        cond = self._cond if self._cond is not None and self._cond[0] == context.step else None
+        difference = self._differences.get(slot)
+        if cond is not None and difference is not None and self._skipping(context):
+            sample = _sample(cond[1])
+            if sample.shape == self._shapes.get(slot):
+                rebuilt = rebuild_uncond(sample, difference.value, *self._weights(context, difference))
+                self.target.stats.record_rows_skipped(context, 1.0)
+                self._rebuilt()
+                return _with_sample(cond[1], rebuilt)
+        output = forward(*args, **kwargs)
+        if cond is not None:
+            uncond = _sample(output)
+            if uncond.shape == _sample(cond[1]).shape:
+                self._store(slot, context, uncond - _sample(cond[1]))
+        return output
+
+    # --------------------------------------------------------------------------------------- batched CFG
+    def _batched(self, forward, module, args: tuple, kwargs: dict, context: CallContext, roles: list[str]):
+        cond = [i for i, role in enumerate(roles) if role == "cond"]
+        uncond = [i for i, role in enumerate(roles) if role == "uncond"]
+        row_args = self.target.spec.row_args
+        difference = self._differences.get(context.slot)
+        if (len(cond) == len(uncond) and row_args is not None and difference is not None and self._cuts_rows
+                and self._skipping(context)):
+            output = self._cond_rows_only(forward, args, kwargs, context, cond, uncond, row_args)
+            if output is not None:
+                sample = _sample(output)
+                if (len(cond),) + tuple(sample.shape[1:]) == self._shapes.get(context.slot):
+                    full = sample.new_empty((len(roles), *sample.shape[1:]))
+                    index = torch.tensor(cond, device=sample.device)
+                    full.index_copy_(0, index, sample)
+                    rebuilt = rebuild_uncond(sample, difference.value, *self._weights(context, difference))
+                    full.index_copy_(0, torch.tensor(uncond, device=sample.device), rebuilt)
+                    self.target.stats.record_rows_skipped(context, len(uncond) / len(roles))
+                    self._rebuilt()
+                    return _with_sample(output, full)
+                # The shapes changed under it: run the whole call (the conditional rows compute twice this once).
+        output = forward(*args, **kwargs)
+        if len(cond) == len(uncond):
+            sample = _sample(output)
+            self._store(context.slot, context, sample[uncond] - sample[cond])
+        return output
+
+    def _cond_rows_only(self, forward, args: tuple, kwargs: dict, context: CallContext, cond: list[int],
+                        uncond: list[int], row_args: tuple[str, ...]):
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return None
+        index = torch.tensor(cond, device=_sample(bound[self.target.spec.hidden_arg]).device)
+        batch = context.batch_size
+        cut = {name: select_rows(value, index, batch) if name in row_args else value for name, value in bound.items()}
+        tracker = self.target.tracker
+        tracker.current = dataclasses.replace(
+            context, batch_size=len(cond), branches=tuple(context.branches[i] for i in cond), rows=tuple(cond),
+            followers=tuple(uncond))
+        try:
+            return forward(**cut)
+        finally:
+            tracker.current = context
+
+    def _store(self, slot: int, context: CallContext, difference: torch.Tensor) -> None:
+        difference = difference.detach()
+        self._shapes[slot] = tuple(difference.shape)
+        if self.config.weighting == "frequency":
+            spatial = to_grid(difference, context)
+            if spatial is not None:
+                spatial, layout = spatial
+                mask = low_band_mask(spatial.shape[-2], spatial.shape[-1], self.config.cutoff, spatial.device)
+                low, high = split_difference(spatial, mask)
+                self._differences[slot] = _Difference(context.step, Bands(low, high, layout))
+                return
+            self._warn_flat(context)
+        self._differences[slot] = _Difference(context.step, difference)
+
+    def _warn_flat(self, context: CallContext) -> None:
+        if not self._warned_flat:
+            self._warned_flat = True
+            warnings.warn(f"dit_accel cfg-cache: the {self.target.spec.family} output has no spatial grid to split "
+                          "into frequency bands; the difference is added whole (weighting='plain')", UserWarning,
+                          stacklevel=4)
+
+    def _rebuilt(self) -> None:
+        """Count one rebuilt unconditional output (``handle.stats.notes["cfg_cache.rebuilt"]``)."""
+        self.acted()
+        self.rebuilt += 1
+        current = self.target.stats.current
+        if current is not None:
+            current.notes["cfg_cache.rebuilt"] = float(self.rebuilt)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def idle_reason(self, steps: int) -> str | None:
+        config = self.config
+        if self._unknown_roles:
+            return ("it could not tell the conditional from the unconditional rows of the calls; declare how the "
+                    "loop runs CFG with handle.begin(cfg=...)")
+        if self._deferred:
+            return ("another plugin calibrated in this generation (magcache's first run at a step count), which needs "
+                    "every call whole; the next generations skip")
+        if not self._saw_uncond:
+            return ("no call of this generation ran classifier-free guidance (guidance off, a guidance-distilled "
+                    "model, or true_cfg_scale <= 1): there is no unconditional branch to skip")
+        if self.target.spec.row_args is None and self._batched_calls:
+            return (f"the {self.target.spec.family} block contract does not say which forward arguments hold one "
+                    "entry per row (TransformerSpec.row_args), so a call cannot run on its conditional rows alone")
+        if not any(skips_uncond(s, steps, config.start, config.end, config.interval) for s in range(steps)):
+            return (f"its window start={config.start}, end={config.end} with interval={config.interval} holds no "
+                    f"step of {steps} to skip; widen it")
+        return super().idle_reason(steps)
+
+    def reset(self) -> None:
+        self._differences: dict[int, _Difference] = {}
+        self._shapes: dict[int, tuple[int, ...]] = {}
+        self._cond: tuple[int, Any] | None = None
+        self._saw_uncond = False
+        self._unknown_roles = False
+        self._batched_calls = 0
+        self._deferred = False
+        self._warned_flat = getattr(self, "_warned_flat", False)
+        self.rebuilt = 0
+
+    def remove(self) -> None:
+        detach(self.target.transformer, HOOK_NAME)
+        self.reset()
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for difference in self._differences.values():
+            value = difference.value
+            tensors = [value] if isinstance(value, torch.Tensor) else [value.low, value.high]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
