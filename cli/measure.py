@@ -81,8 +81,8 @@ def bench(
         "(comma-separated, repeatable; default: none).")] = None,
     baselines: Annotated[list[str] | None, typer.Option(
         "--baselines", metavar="B1,B2,...", help="Anchors to measure side by side: "
-        "diffusers:<fbcache|taylorseer|magcache>, cache-dit:<dbcache|dbcache+taylorseer>, with optional "
-        "@field=value settings.")] = None,
+        "diffusers:<fbcache|taylorseer|magcache|fastercache|pab>, cache-dit:<dbcache|dbcache+taylorseer|"
+        "dbcache+foca|dbcache+dmd|dbcache+scm>, with optional @field=value settings.")] = None,
     steps: Annotated[int | None, typer.Option(metavar="N", min=1, help="Denoising steps (default: the "
                                               f"pipeline's; {TINY_STEPS} for tiny models).")] = None,
     num_samples: Annotated[int, typer.Option(metavar="N", min=1, help="Samples per configuration for the quality "

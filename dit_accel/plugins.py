@@ -22,6 +22,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "dit_accel.attention.proxy",
     "dit_accel.attention.hilbert",
     "dit_accel.attention.window_residual",
+    "dit_accel.attention.gna",
     "dit_accel.attention.int8",
 )
 

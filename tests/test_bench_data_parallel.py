@@ -42,6 +42,8 @@ def test_single_process_is_rank_zero_of_one() -> None:
     assert ranks.gather([3, 1]) == [3, 1] and ranks.broadcast({"a": 1}) == {"a": 1}
 
 
+# In the slow run (python -m pytest -m slow) to keep the default suite under 10 minutes on 2 cores.
+@pytest.mark.slow
 def test_two_process_bench_gives_the_rows_of_one_process(tmp_path: Path) -> None:
     single, double = tmp_path / "one", tmp_path / "two"
     result = run([sys.executable, "-m", "dit_accel.cli.app", *BENCH, "-o", str(single)])

@@ -167,7 +167,8 @@ def test_exact_when_the_difference_is_unchanged(family):
         assert torch.equal(out, reference)
 
 
-@pytest.mark.parametrize("recipe", ["magcache-max", "fbcache", "fora", "taylorseer", "speca", "toca", "delta-dit"])
+@pytest.mark.parametrize("recipe", ["magcache-max", "taylorseer"] + [pytest.param(r, marks=pytest.mark.slow)
+                                                       for r in ("fbcache", "fora", "speca", "toca", "delta-dit")])
 @pytest.mark.parametrize("family", ["zoo:dit", "zoo:mmdit"])
 def test_composes_with_step_skipping_plugins(family, recipe):
     pipe = pipes.build(family)
@@ -221,4 +222,20 @@ def test_frequency_weighting_at_unit_weights_equals_plain(family):
     assert torch.allclose(_generate(pipe, family), plain, atol=1e-4)
     accelerate_dit(pipe, "cfg-cache", weighting="frequency")
     assert torch.isfinite(_generate(pipe, family)).all()
+    remove_acceleration(pipe)
+
+
+def test_stacked_on_a_fixed_schedule_cuts_the_computing_steps():
+    """taylorseer computes at 3, 6, 9, ... and the last step: cfg-cache counts those of its window (from step 4:
+    6, 9, 12, 15, 18, 19) and cuts every other one."""
+    from dit_accel.caching.cfg_cache import skipped_steps
+    from dit_accel.caching.sublayer import computes_at
+
+    computes = [computes_at(s, 20, 3, 3, 1) for s in range(20)]
+    assert sorted(skipped_steps(20, 0.2, 1.0, 2, computes)) == [9, 15, 19]
+    assert skipped_steps(20, 0.2, 1.0, 2) == {s for s in range(20) if skips_uncond(s, 20, 0.2, 1.0, 2)}
+    pipe = pipes.build("zoo:dit")
+    handle = accelerate_dit(pipe, "taylorseer+cfg-cache", first_steps=3, cfg_cache__interval=2)
+    pipe(**pipes.call_kwargs("zoo:dit", steps=20))
+    assert handle.stats.notes["cfg_cache.rebuilt"] == 3
     remove_acceleration(pipe)

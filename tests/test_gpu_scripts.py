@@ -49,6 +49,7 @@ def test_every_part_of_the_kernel_benchmark_runs_on_tiny_shapes(monkeypatch, tmp
     assert (tmp_path / "kernels-gpu.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_model_benchmark_times_every_recipe_on_tiny_flux_and_wan(tmp_path: Path) -> None:
     script = load("models_gpu")
     results = script.run(["flux", "wan"], 8, tmp_path, device="cpu", log=lambda line: None)
@@ -72,6 +73,7 @@ def test_the_model_benchmark_times_every_recipe_on_tiny_flux_and_wan(tmp_path: P
 
 
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.slow
 def test_the_profile_script_runs_every_stage_and_call_on_tiny_shapes(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     script = load("profile_gpu")

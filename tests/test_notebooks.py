@@ -17,7 +17,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT_S = 300
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "tradeoffs.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", pytest.param("tradeoffs.ipynb", marks=pytest.mark.slow)])
 def test_notebook_runs(name: str, tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), (

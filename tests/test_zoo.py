@@ -83,7 +83,7 @@ def test_weights_never_go_through_pickle(monkeypatch):
         zoo.load(name)
 
 
-@pytest.mark.parametrize("name", zoo.MODELS)
+@pytest.mark.parametrize("name", [n if n == "dit" else pytest.param(n, marks=pytest.mark.slow) for n in zoo.MODELS])
 def test_models_generate_deterministically_and_on_class(name, evaluator):
     pipe = zoo.load(name)
     labels = [c for c in range(10) for _ in range(4)]

@@ -54,6 +54,18 @@ def skips_uncond(step: int, num_steps: int | None, start: float, end: float, int
     return (step - first) % interval != 0
 
 
+def skipped_steps(num_steps: int, start: float, end: float, interval: int,
+                  computes: "list[bool] | None" = None) -> set[int]:
+    """The steps whose unconditional output is rebuilt. Alone (``computes`` is ``None``): :func:`skips_uncond`.
+    Stacked on a plugin whose schedule is fixed (``computes[s]``: the transformer computes at step ``s``), only the
+    computing steps of the window are counted, and every ``interval``-th of them computes both branches: on the
+    others there is nothing to save, and a window aligned with the plugin's own full steps would save nothing."""
+    if computes is None:
+        return {s for s in range(num_steps) if skips_uncond(s, num_steps, start, end, interval)}
+    window = [s for s in range(math.ceil(start * num_steps), num_steps) if s < end * num_steps and computes[s]]
+    return {s for i, s in enumerate(window) if i % interval}
+
+
 def low_band_mask(height: int, width: int, cutoff: float, device=None) -> torch.Tensor:
     """Boolean ``(height, width)`` mask of the low band of an unshifted 2-D FFT: frequencies within ``cutoff``
     (a fraction of the Nyquist radius) of zero, on the normalised radius so non-square grids split alike."""
@@ -204,6 +216,7 @@ class CFGCachePlugin(Plugin):
 
     def install(self) -> None:
         self._cuts_rows = True
+        self._schedules: dict[int, set[int]] = {}
         self._signature = inspect.signature(self.target.transformer.forward)
         attach(self.target.transformer, _DenoiserHook(self), HOOK_NAME)
         self.reset()
@@ -227,7 +240,24 @@ class CFGCachePlugin(Plugin):
         if any(plugin.needs_whole_calls() for plugin in self.target.plugins if plugin is not self):
             self._deferred = True
             return False  # a calibration run sees every call whole
-        return skips_uncond(context.step, context.num_steps, config.start, config.end, config.interval)
+        return context.step in self._schedule(context.num_steps)
+
+    def _schedule(self, num_steps: int | None) -> set[int]:
+        """The rebuilt steps of a ``num_steps``-step generation (empty when the length is unknown)."""
+        if num_steps is None:
+            return set()
+        cached = self._schedules.get(num_steps)
+        if cached is None:
+            config = self.config
+            computes = None
+            for plugin in self.target.plugins:
+                if plugin is not self:
+                    known = [plugin.computes_step(s, num_steps) for s in range(num_steps)]
+                    if None not in known:
+                        computes = known if computes is None else [a or b for a, b in zip(computes, known)]
+            cached = self._schedules[num_steps] = skipped_steps(num_steps, config.start, config.end,
+                                                                config.interval, computes)
+        return cached
 
     def _weights(self, context: CallContext, difference: _Difference) -> tuple[float, float]:
         if self.config.weighting != "frequency":
@@ -366,7 +396,7 @@ class CFGCachePlugin(Plugin):
         if self.target.spec.row_args is None and self._batched_calls:
             return (f"the {self.target.spec.family} block contract does not say which forward arguments hold one "
                     "entry per row (TransformerSpec.row_args), so a call cannot run on its conditional rows alone")
-        if not any(skips_uncond(s, steps, config.start, config.end, config.interval) for s in range(steps)):
+        if not self._schedule(steps):
             return (f"its window start={config.start}, end={config.end} with interval={config.interval} holds no "
                     f"step of {steps} to skip; widen it")
         return super().idle_reason(steps)

@@ -163,6 +163,9 @@ class SpeCaPlugin(TaylorSeerPlugin):
     def cached_step(self, context: CallContext) -> bool:
         return self._branch(context).draft
 
+    def computes_step(self, step: int, num_steps: int) -> bool | None:
+        return None  # drafts are verified on the fly
+
     def serve(self, context: CallContext, name: str):
         branch = self._branch(context)
         if name.startswith(self._probe_prefix) and self._verifying(branch):

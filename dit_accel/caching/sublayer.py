@@ -311,6 +311,12 @@ class IntervalSubLayerPlugin(Plugin):
         return self.target.in_scope(config, context) and not computes_at(
             context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
 
+    def computes_step(self, step: int, num_steps: int) -> bool | None:
+        config = self.config
+        lo, hi = config.steps if config.steps is not None else (0, num_steps)
+        return not lo <= step < hi or computes_at(step, num_steps, config.interval, config.first_steps,
+                                                   config.last_steps)
+
     def idle_reason(self, steps: int) -> str | None:
         config = self.config
         lo, hi = config.steps if config.steps is not None else (0, steps)

@@ -136,6 +136,12 @@ class Plugin:
     def check_companions(self, plugins: list["Plugin"]) -> None:
         """Raise ``ValueError`` if this plugin cannot run with the others installed on the same transformer."""
 
+    def computes_step(self, step: int, num_steps: int) -> bool | None:
+        """Whether the transformer computes (rather than reuses or forecasts) at ``step``, for a plugin whose
+        schedule is fixed in advance; ``None`` when it is decided on the fly or the plugin does not skip steps. A
+        plugin that removes part of a step's work (cfg-cache) places itself on the computing steps."""
+        return None
+
     def needs_whole_calls(self) -> bool:
         """Whether this generation's calls must hold every row of their slot (a calibration run); a plugin that
         would run some rows only (cfg-cache) computes them all while any plugin says so."""
