@@ -43,15 +43,17 @@ HIGH_BAND_FROM = 0.7
 
 
 # ------------------------------------------------------------------------------------------------- the math
+def in_window(step: int, num_steps: int | None, start: float, end: float) -> bool:
+    """Whether ``step`` lies in the window ``[start, end)`` (fractions of a schedule of known length)."""
+    return num_steps is not None and math.ceil(start * num_steps) <= step < end * num_steps
+
+
 def skips_uncond(step: int, num_steps: int | None, start: float, end: float, interval: int) -> bool:
     """Whether ``step`` rebuilds the unconditional output: it lies in ``[start, end)`` of the schedule (fractions)
     and is not one of the window's full steps, the first step of the window and every ``interval``-th after it."""
-    if num_steps is None or interval <= 1:
+    if interval <= 1 or not in_window(step, num_steps, start, end):
         return False
-    first = math.ceil(start * num_steps)
-    if not first <= step < end * num_steps:
-        return False
-    return (step - first) % interval != 0
+    return (step - math.ceil(start * num_steps)) % interval != 0
 
 
 def skipped_steps(num_steps: int, start: float, end: float, interval: int,
@@ -217,6 +219,7 @@ class CFGCachePlugin(Plugin):
     def install(self) -> None:
         self._cuts_rows = True
         self._schedules: dict[int, set[int]] = {}
+        self._fixed: dict[int, list[bool] | None] = {}
         self._signature = inspect.signature(self.target.transformer.forward)
         attach(self.target.transformer, _DenoiserHook(self), HOOK_NAME)
         self.reset()
@@ -240,7 +243,46 @@ class CFGCachePlugin(Plugin):
         if any(plugin.needs_whole_calls() for plugin in self.target.plugins if plugin is not self):
             self._deferred = True
             return False  # a calibration run sees every call whole
-        return context.step in self._schedule(context.num_steps)
+        if not in_window(context.step, context.num_steps, config.start, config.end):
+            return False
+        computes = self._fixed_schedule(context.num_steps)
+        if computes is not None and not computes[context.step]:
+            return False  # the companion computes nothing here: no work to save
+        # Counted in computing calls: a refresh (both branches computed) after every interval - 1 cut ones, so a
+        # companion whose computing steps fall on a fixed parity (magcache's skips of period 4) never leaves the
+        # unconditional branch to its cached difference for good.
+        return self._cut_computing < self.config.interval - 1
+
+    def _computing(self, served_before: float) -> bool:
+        """Whether the call that just ran computed its blocks (fewer than half its sub-layers served)."""
+        current = self.target.stats.current
+        if current is None or not current.names:
+            return True
+        return self._served() - served_before < 0.5 * len(current.names)
+
+    def _served(self) -> float:
+        current = self.target.stats.current
+        return 0.0 if current is None else float(sum(e.reused + e.forecast for e in current.events.values()))
+
+    def _count(self, cut: bool, computed: bool) -> None:
+        if computed:
+            self._cut_computing = self._cut_computing + 1 if cut else 0
+
+    def _fixed_schedule(self, num_steps: int | None) -> list[bool] | None:
+        """Whether each step computes, where the companions' schedules are fixed in advance (else ``None``)."""
+        if num_steps is None:
+            return None
+        if num_steps not in self._fixed:
+            computes = None
+            for plugin in self.target.plugins:
+                if plugin is not self:
+                    known = [plugin.computes_step(s, num_steps) for s in range(num_steps)]
+                    if None in known:
+                        computes = None
+                        break
+                    computes = known if computes is None else [a or b for a, b in zip(computes, known)]
+            self._fixed[num_steps] = computes
+        return self._fixed[num_steps]
 
     def _schedule(self, num_steps: int | None) -> set[int]:
         """The rebuilt steps of a ``num_steps``-step generation (empty when the length is unknown)."""
@@ -287,20 +329,24 @@ class CFGCachePlugin(Plugin):
     # --------------------------------------------------------------------------------- separate CFG calls
     def _separate(self, forward, args: tuple, kwargs: dict, context: CallContext, roles: list[str]):
         slot = context.slot
+        served = self._served()
         if "uncond" not in roles:  # the conditional call: kept for this step's unconditional call
             output = forward(*args, **kwargs)
-            self._cond = (context.step, output)
+            self._cond = (context.step, output, self._computing(served))
             return output
         cond = self._cond if self._cond is not None and self._cond[0] == context.step else None
         difference = self._differences.get(slot)
-        if cond is not None and difference is not None and self._skipping(context):
+        # A conditional call that computed nothing (a companion skipped it) leaves nothing to save by rebuilding.
+        if cond is not None and difference is not None and cond[2] and self._skipping(context):
             sample = _sample(cond[1])
             if sample.shape == self._shapes.get(slot):
                 rebuilt = rebuild_uncond(sample, difference.value, *self._weights(context, difference))
                 self.target.stats.record_rows_skipped(context, 1.0)
                 self._rebuilt()
+                self._count(cut=True, computed=True)
                 return _with_sample(cond[1], rebuilt)
         output = forward(*args, **kwargs)
+        self._count(cut=False, computed=self._computing(served))
         if cond is not None:
             uncond = _sample(output)
             if uncond.shape == _sample(cond[1]).shape:
@@ -313,9 +359,11 @@ class CFGCachePlugin(Plugin):
         uncond = [i for i, role in enumerate(roles) if role == "uncond"]
         row_args = self.target.spec.row_args
         difference = self._differences.get(context.slot)
+        served = self._served()
         if (len(cond) == len(uncond) and row_args is not None and difference is not None and self._cuts_rows
                 and self._skipping(context)):
             output = self._cond_rows_only(forward, args, kwargs, context, cond, uncond, row_args)
+            computed = self._computing(served)
             if output is not None:
                 sample = _sample(output)
                 if (len(cond),) + tuple(sample.shape[1:]) == self._shapes.get(context.slot):
@@ -326,9 +374,12 @@ class CFGCachePlugin(Plugin):
                     full.index_copy_(0, torch.tensor(uncond, device=sample.device), rebuilt)
                     self.target.stats.record_rows_skipped(context, len(uncond) / len(roles))
                     self._rebuilt()
+                    self._count(cut=True, computed=computed)
                     return _with_sample(output, full)
                 # The shapes changed under it: run the whole call (the conditional rows compute twice this once).
+                served = self._served()
         output = forward(*args, **kwargs)
+        self._count(cut=False, computed=self._computing(served))
         if len(cond) == len(uncond):
             sample = _sample(output)
             self._store(context.slot, context, sample[uncond] - sample[cond])
@@ -404,7 +455,9 @@ class CFGCachePlugin(Plugin):
     def reset(self) -> None:
         self._differences: dict[int, _Difference] = {}
         self._shapes: dict[int, tuple[int, ...]] = {}
-        self._cond: tuple[int, Any] | None = None
+        self._cond: tuple[int, Any, bool] | None = None
+        # Computing calls cut since the last computing call of both branches; a generation opens with a refresh.
+        self._cut_computing = max(self.config.interval - 1, 1)
         self._saw_uncond = False
         self._unknown_roles = False
         self._batched_calls = 0
