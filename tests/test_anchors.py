@@ -19,7 +19,7 @@ def _generate(pipe):
 
 
 @pytest.mark.parametrize("model", ["dit", "mmdit"])
-@pytest.mark.parametrize("name", ["diffusers:fastercache", "diffusers:pab"])
+@pytest.mark.parametrize("name", ["diffusers:fastercache", pytest.param("diffusers:pab", marks=pytest.mark.slow)])
 def test_attention_broadcast_anchors_run_and_remove_cleanly(model, name):
     pipe = zoo.load(model)
     dense = _generate(pipe)

@@ -14,7 +14,7 @@ def generate(pipe, name, steps=4):
         return pipes.output_of(name, pipe(**pipes.call_kwargs(name, steps=steps)))
 
 
-@pytest.mark.parametrize("name", ["dit", "flux"])
+@pytest.mark.parametrize("name", ["dit", pytest.param("flux", marks=pytest.mark.slow)])
 def test_blocks_compile_fullgraph_under_the_none_recipe(name):
     pipe = pipes.build(name)
     reference = generate(pipe, name, steps=2)

@@ -212,6 +212,7 @@ def test_without_triton_the_recipe_still_runs(monkeypatch, interpreter):
 
 
 @needs_triton
+@pytest.mark.slow  # CI runs it with the slow int8 tests (.ci/run)
 def test_recipe_runs_the_kernel_under_the_interpreter(interpreter):
     pipe = pipes.build("sd3")
     reference = generate(pipe, "sd3")

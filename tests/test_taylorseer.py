@@ -187,7 +187,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
 
 
-@pytest.mark.parametrize("model", ["zoo:dit", "zoo:mmdit"])
+@pytest.mark.parametrize("model", ["zoo:dit", pytest.param("zoo:mmdit", marks=pytest.mark.slow)])
 def test_verified_order_one_beats_reuse_and_diffusers_taylorseer_on_its_schedule(model):
     """The DiT regression: plain order 1 lost to reuse on zoo:dit. On diffusers' own schedule (warm-up 3, interval
     3: steps 0-2, 4, 7, ...) and sub-layers, our order 1 must be at least as close to dense as diffusers' order 1,

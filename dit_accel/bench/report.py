@@ -151,8 +151,8 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
             lines.append("- " + ", ".join(f"{k}: {v}" for k, v in data.items()))
     lines += [
         "",
-        "Speedups are ratios of medians of timed runs, each configured run interleaved with a dense run (A B A B) "
-        "in one process after warm-up; latency is the median ± IQR in seconds of one timed batch. FLOPs × is "
+        "Speedups are medians of the ratios of timed pairs, each configured run interleaved with a dense run (A B A "
+        "B) in one process after warm-up; latency is the median ± IQR in seconds of one timed batch. FLOPs × is "
         "dit_accel's estimate (anchors report none). PSNR/SSIM against the dense output of the same seeds (∞: "
         "identical). Peak memory: see each group's scope. Notes say which metrics were skipped and why.",
     ]
