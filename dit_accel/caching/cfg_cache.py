@@ -291,14 +291,8 @@ class CFGCachePlugin(Plugin):
         cached = self._schedules.get(num_steps)
         if cached is None:
             config = self.config
-            computes = None
-            for plugin in self.target.plugins:
-                if plugin is not self:
-                    known = [plugin.computes_step(s, num_steps) for s in range(num_steps)]
-                    if None not in known:
-                        computes = known if computes is None else [a or b for a, b in zip(computes, known)]
             cached = self._schedules[num_steps] = skipped_steps(num_steps, config.start, config.end,
-                                                                config.interval, computes)
+                                                                config.interval, self._fixed_schedule(num_steps))
         return cached
 
     def _weights(self, context: CallContext, difference: _Difference) -> tuple[float, float]:

@@ -298,7 +298,7 @@ class FreqCaPlugin(Plugin):
         return torch.full((batch,), cheap, dtype=torch.bool, device=hidden.device)
 
     def computed(self, context: CallContext, rows: torch.Tensor) -> None:
-        pass
+        """Nothing to learn from a computed call: the schedule is fixed and the bands live in the range."""
 
     def _say_unmapped(self, context: CallContext, hidden: torch.Tensor) -> None:
         grid = context.grid
