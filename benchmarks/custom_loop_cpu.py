@@ -29,8 +29,8 @@ from dit_accel.bench.harness import TAYLORSEER_IDENTIFIERS
 from dit_accel.pipelines import zoo
 
 STEPS = 50
-RECIPES = ["fora", "taylorseer", "fbcache", "fbcache-fast", "magcache", "magcache-fast", "magcache-max",
-           "magcache-ultra"]
+RECIPES = ["fora", "taylorseer", "taylorseer-foca", "taylorseer-cfg", "fbcache", "fbcache-fast", "magcache",
+           "magcache-fast", "magcache-max", "magcache-ultra", "cfg-cache", "magcache-cfg-max", "magcache-cfg-ultra"]
 
 
 def euler(transformer, labels: torch.Tensor, seed: int, guidance: float = 2.0) -> torch.Tensor:

@@ -173,3 +173,18 @@ def test_the_winner_is_the_fastest_by_wall_time_with_flops_breaking_ties(dit_pip
     add(2.00, 0.20, 40.0)  # fewest FLOPs, but twice the wall time (a forecast's cost the estimate does not see)
     add(0.50, 0.10, 25.0)  # fastest, but misses the target
     assert tuner.best() is tied_fewer_flops
+
+
+def test_every_knob_grid_is_a_valid_setting_of_its_plugin() -> None:
+    """A search-space value the config refuses would only fail mid-tune; each grid is also ordered one way."""
+    from dit_accel.bench.tune import KNOBS, SECONDARY_KNOBS
+    from dit_accel.plugins import BUILTIN_PLUGIN_MODULES  # noqa: F401  (registers every config)
+    from dit_accel.recipe import config_types
+
+    types = config_types()
+    for table in (KNOBS, SECONDARY_KNOBS):
+        for type_name, (field_name, grid) in table.items():
+            config = types[type_name]
+            for value in grid:
+                config(**{field_name: value}).validate()
+            assert len(set(grid)) == len(grid), type_name

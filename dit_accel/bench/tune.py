@@ -50,6 +50,7 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "cfg-cache": ("interval", [2, 3, 4, 5, 8]),  # stacked (magcache+cfg-cache) the two grids combine
     "clusca": ("interval", [3, 4, 5, 6]),
     "freqca": ("interval", [3, 4, 6, 8]),
+    "gna": ("coverage", [0.6, 0.5, 0.35, 0.25]),  # window side / grid side: a quarter of it keeps 1/16 of the keys
 }
 # plugin type -> (field, values): searched as an outer loop around the speed knob (each value gets its own search)
 SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {
