@@ -23,7 +23,10 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "dit_accel.attention.hilbert",
     "dit_accel.attention.window_residual",
     "dit_accel.attention.gna",
+    "dit_accel.attention.svg2",
+    "dit_accel.attention.psa",
     "dit_accel.attention.int8",
+    "dit_accel.parallel.patch",
 )
 
 for _module in BUILTIN_PLUGIN_MODULES:

@@ -12,16 +12,7 @@ import plugins_for_tests  # noqa: E402,F401  (registers the test plugins)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Every pipeline family the README lists (DiT, PixArt, SD3, FLUX, Wan, Qwen-Image, HunyuanVideo), the two other
-# video pipelines the tiny builders cover, and the two trained zoo models (when their weights are in the package).
-FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "qwen-image", "hunyuan-video",
-            "zoo:dit", "zoo:mmdit"]
-
-
-def zoo_weights_present(name: str) -> bool:
-    from dit_accel.pipelines.zoo.pipelines import WEIGHTS
-
-    return (WEIGHTS / name.split(":")[1] / "model.safetensors").is_file()
+from pipelines_for_tests import FAMILIES, zoo_weights_present  # noqa: E402
 
 
 @pytest.fixture(params=FAMILIES)

@@ -10,6 +10,18 @@ from dit_accel.pipelines import tiny
 
 ZOO = ("zoo:dit", "zoo:mmdit")
 
+# Every pipeline family the README lists (DiT, PixArt, SD3, FLUX, Wan, Qwen-Image, HunyuanVideo), the two other
+# video pipelines the tiny builders cover, and the two trained zoo models (when their weights are in the package).
+FAMILIES = ["dit", "pixart-sigma", "sd3", "flux", "wan", "cogvideox", "ltx", "qwen-image", "hunyuan-video",
+            "zoo:dit", "zoo:mmdit"]
+
+
+def zoo_weights_present(name: str) -> bool:
+    from dit_accel.pipelines.zoo.pipelines import WEIGHTS
+
+    return (WEIGHTS / name.split(":")[1] / "model.safetensors").is_file()
+
+
 
 def build(name: str):
     if name in ZOO:

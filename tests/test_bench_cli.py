@@ -19,7 +19,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 from typer.testing import CliRunner
 
-from conftest import zoo_weights_present
+from pipelines_for_tests import zoo_weights_present
 from dit_accel.bench import report
 from dit_accel.bench.harness import BenchConfig, parse_item, plan, split_items
 from dit_accel.bench.quality import Quality

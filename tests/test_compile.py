@@ -26,8 +26,10 @@ def test_blocks_compile_fullgraph_under_the_none_recipe(name):
     assert handle.stats.transformer_calls == 2 * (1 if pipes.is_batched_cfg(name) else 2)
 
 
-@pytest.mark.parametrize("recipe", ["fora", "taylorseer", "fbcache", "delta-dit", "fora+cfg-share"])
-@pytest.mark.parametrize("name", ["dit", "flux"])
+@pytest.mark.parametrize("name,recipe", [(name, recipe) if name == "dit" or recipe == "fora" else
+                                         pytest.param(name, recipe, marks=pytest.mark.slow)
+                                         for name in ("dit", "flux")
+                                         for recipe in ("fora", "taylorseer", "fbcache", "delta-dit", "fora+cfg-share")])
 def test_handle_compile_keeps_decisions_outside(name, recipe):
     pipe = pipes.build(name)
     overrides = {"threshold": 10.0} if recipe == "fbcache" else {}

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import zoo_weights_present
+from pipelines_for_tests import zoo_weights_present
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.caching.calibration import (calibrations_of, load_calibration, model_identity, save_calibration,
                                            validate_calibration)

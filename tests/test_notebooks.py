@@ -17,7 +17,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT_S = 300
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", pytest.param("tradeoffs.ipynb", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("quickstart.ipynb", marks=pytest.mark.slow),
+                                  pytest.param("tradeoffs.ipynb", marks=pytest.mark.slow)])
 def test_notebook_runs(name: str, tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), (

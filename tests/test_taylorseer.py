@@ -202,7 +202,7 @@ def test_verified_order_one_beats_reuse_and_diffusers_taylorseer_on_its_schedule
     """The DiT regression: plain order 1 lost to reuse on zoo:dit. On diffusers' own schedule (warm-up 3, interval
     3: steps 0-2, 4, 7, ...) and sub-layers, our order 1 must be at least as close to dense as diffusers' order 1,
     and beat our order 0; with ``verify=False`` the forecasts are diffusers' exactly."""
-    from conftest import zoo_weights_present
+    from pipelines_for_tests import zoo_weights_present
     from dit_accel.bench.baselines import apply_baseline
     from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS
 

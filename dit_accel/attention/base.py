@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dit_accel.attention.rettention import RettentionState, extra_key_lse
 from dit_accel.attention.tiled import tiled_attention
 from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId, padding_groups, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import Plugin
-from dit_accel.recipe import PluginConfig, check_range
+from dit_accel.recipe import PluginConfig, check_bool, check_range
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,31 @@ class ImageAttentionConfig(PluginConfig):
         start (`float`, defaults to `0.0`) / end (`float`, defaults to `1.0`): the plugin acts on steps whose
             position ``step / num_steps`` lies in ``[start, end)``. Sparse attention is usually kept dense for the
             first 15-25 % of steps (``start=0.2``); token downsampling is often applied early only (``end=0.5``).
+        rettention (`bool`, defaults to `False`): Re-ttention (``rettention.py``): every ``rettention_interval``-th
+            active step computes dense attention and caches each query's kept softmax mass ``r`` and the residual
+            ``R = O_dense - r * O_sparse``; the steps between output ``r * O_sparse + R``. For very sparse settings
+            (a few % of the keys). Refresh steps count as dense in the stats. Plugins that do not compute a sparse
+            ``image_attention`` (int8) refuse it.
+        rettention_interval (`int`, defaults to `5`): a refresh every this many active steps of each layer and
+            branch (the first active step always refreshes); 1 is dense attention throughout. Allowed: 1-1000;
+            the paper refreshes every 5 steps.
+        rettention_drift (`float`, defaults to `0.0`): added to ``r`` per sparse step since the refresh (capped at
+            1); the official code hard-codes 0.04. Allowed: 0-1.
     """
 
     kind = "attention"
     start: float = 0.0
     end: float = 1.0
+    rettention: bool = False
+    rettention_interval: int = 5
+    rettention_drift: float = 0.0
 
     def validate(self) -> None:
         check_range(self, "start", 0.0, 1.0)
         check_range(self, "end", 0.0, 1.0)
+        check_bool(self, "rettention")
+        check_range(self, "rettention_interval", 1, 1000, integer=True)
+        check_range(self, "rettention_drift", 0.0, 1.0)
         if self.start >= self.end:
             raise ValueError(f"{type(self).__name__}: start = {self.start} must be below end = {self.end}")
 
@@ -74,6 +91,7 @@ class ImageAttentionPlugin(Plugin):
     """Base of the attention plugins (see the module docstring)."""
 
     kind = "attention"
+    _rettention: RettentionState | None = None  # set by install() when the config asks for rettention
 
     def install(self) -> None:
         layers = [layer for layer in self.target.attention_layers(self.config) if layer.kind in ("self", "joint")]
@@ -86,13 +104,29 @@ class ImageAttentionPlugin(Plugin):
         self.fallbacks: Counter = Counter()
         self._warned: set[str] = set()
         self.key_padding = KeyPaddingReader()
+        if self.config.rettention:
+            if type(self).image_attention is ImageAttentionPlugin.image_attention:
+                raise ValueError(f"{self.name}: rettention=True is not allowed: {self.name} computes no sparse "
+                                 "image attention to correct (allowed: false)")
+            self._rettention = RettentionState(self.config.rettention_interval, self.config.rettention_drift)
         self.target.attention.route(layers, self._attend, owner=self, when=self._active, steps=self.config.steps)
 
     def remove(self) -> None:
         self.target.attention.unroute(self)
 
+    def reset(self) -> None:
+        if self._rettention is not None:
+            self._rettention.clear()
+
+    def cache_bytes(self) -> int:
+        return self._rettention.nbytes() if self._rettention is not None else 0
+
     def idle_reason(self, steps: int) -> str | None:
         config = self.config
+        state = self._rettention
+        if state is not None and state.refreshes and not state.sparse_calls and not self.fallbacks:
+            return (f"with rettention_interval={config.rettention_interval} every active step of this {steps}-step "
+                    "generation was a dense refresh; a smaller interval or more steps leaves sparse steps")
         if (config.start > 0 or config.end < 1) and not any(
                 config.start <= step / steps < config.end for step in range(steps)):
             return f"its window start={config.start}, end={config.end} holds no step of {steps}; widen it"
@@ -119,6 +153,20 @@ class ImageAttentionPlugin(Plugin):
         returns the output (B, H, N, Dv) and the fraction of the N image keys each query effectively computed
         against (1.0 for dense)."""
         raise NotImplementedError
+
+    def image_attention_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            text_key: torch.Tensor, text_value: torch.Tensor, grid: TokenGrid, layer: LayerId,
+                            call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``image_attention`` plus the natural log of its softmax normaliser per query (B, H, N), for
+        ``rettention``. The default reads it off one call with extra text keys (:func:`.rettention.extra_key_lse`);
+        a plugin whose kernel returns it may override this."""
+        return extra_key_lse(lambda q, k, v, tk, tv: self.image_attention(q, k, v, tk, tv, grid, layer, call),
+                             query, key, value, text_key, text_value, call.options.get("scale"))
+
+    def _image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
+        if self._rettention is None:
+            return self.image_attention(query, key, value, text_key, text_value, grid, layer, call)
+        return self._rettention.attend(self, query, key, value, text_key, text_value, grid, layer, call)
 
     # -- the shared part --------------------------------------------------------------------------------------
     def _unsupported(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall) -> str | None:
@@ -153,7 +201,7 @@ class ImageAttentionPlugin(Plugin):
         v_img, v_txt = split_text(value, num_text, text_first)
         mask = call.options.get("attn_mask")
         if mask is None:
-            out, density = self.image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
+            out, density = self._image_attention(q_img, k_img, v_img, k_txt, v_txt, layout.grid, call.layer, call)
             kept_text = num_text
         else:
             keep = self.key_padding(mask, query.shape[0], key.shape[2])
@@ -180,13 +228,13 @@ class ImageAttentionPlugin(Plugin):
         groups = padding_groups(keep_text)
         if len(groups) == 1:
             kept = groups[0][1]
-            out, density = self.image_attention(query, key, value, text_key[:, :, kept], text_value[:, :, kept],
-                                                call.layout.grid, call.layer, call)
+            out, density = self._image_attention(query, key, value, text_key[:, :, kept], text_value[:, :, kept],
+                                                 call.layout.grid, call.layer, call)
             return out, density, int(kept.sum())
         out, density, kept_text = None, 0.0, 0.0
         for number, (rows, kept) in enumerate(groups):
             part = dataclasses.replace(call, index=(call.index, number))
-            part_out, part_density = self.image_attention(
+            part_out, part_density = self._image_attention(
                 query[rows], key[rows], value[rows], text_key[rows][:, :, kept], text_value[rows][:, :, kept],
                 call.layout.grid, call.layer, part)
             if out is None:

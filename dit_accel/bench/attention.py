@@ -166,7 +166,7 @@ def _rope_axes(head_dim: int) -> list[int]:
 
 
 def flux_block_activations(grid_side: int, *, heads: int = 24, head_dim: int = 128, text_tokens: int = 512,
-                           seed: int = 0) -> CapturedCall:
+                           seed: int = 0, drift: float = 0.0) -> CapturedCall:
     """The joint-attention q/k/v (text first, after RMS norm and RoPE) of one random-init FLUX.1 double-stream block
     (``dim = heads * head_dim``; 24 x 128 is FLUX.1's) on a ``grid_side x grid_side`` token grid.
 
@@ -174,7 +174,9 @@ def flux_block_activations(grid_side: int, *, heads: int = 24, head_dim: int = 1
     white noise), so neighbouring tokens are alike as in a real latent; text inputs and the time embedding are
     white noise. Random weights on smooth inputs are a stand-in for FLUX's weights, which cannot be downloaded
     here. The block stops right after its attention (the feed-forward parts are not even built). float32, no grad;
-    the result's ``output`` is the dense attention the block computed.
+    the result's ``output`` is the dense attention the block computed. ``drift`` moves the image inputs by that
+    fraction of their standard deviation in a fixed random direction (same weights, text and time embedding): the
+    next denoising step's inputs, for methods that reuse statistics of an earlier step.
     """
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxTransformerBlock
 
@@ -196,6 +198,9 @@ def flux_block_activations(grid_side: int, *, heads: int = 24, head_dim: int = 1
                               align_corners=False)
         field = field + 0.3 * torch.randn_like(field)
         hidden = field.flatten(2).transpose(1, 2).contiguous()  # (1, N, dim), raster order
+        if drift:
+            direction = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seed + 1))
+            hidden = hidden + drift * hidden.std() * direction
         text = torch.randn(1, text_tokens, dim)
         temb = torch.randn(1, dim)
         img_ids = torch.zeros(grid_side, grid_side, 3)

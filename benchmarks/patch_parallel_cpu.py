@@ -1,0 +1,202 @@
+"""patch-parallel on CPU: DistriFusion against PCPP, 2 and 4 gloo processes, against the single-process dense run.
+
+    python benchmarks/patch_parallel_cpu.py -o benchmarks/results            # the full run (2 and 4 processes)
+    python benchmarks/patch_parallel_cpu.py -o /tmp/pp --smoke               # 2 processes, 4 steps, smallest sizes
+
+For each world size the script launches itself under ``torchrun --nproc_per_node=N`` (gloo). Every rank first runs
+the dense pipeline alone (the reference), then the same generation under ``patch-parallel`` (DistriFusion: every
+row of every patch exchanged, one step stale) and ``patch-parallel-pcpp`` (``band`` rows next to each patch exact,
+the rest as ``pool x pool`` mean tiles; by default two settings, ``--pcpp 1:4 1:8``). Reported per model, world size
+and mode:
+
+* PSNR of the generated images (in [0, 1]) against the single-process dense images, same seeds;
+* bytes exchanged per step after warm-up, summed over all ranks, *counted* (the payloads handed to
+  ``all_to_all_single``), not timed; and the PCPP / DistriFusion ratio (goal: <= 35 % at PSNR >= 30 dB);
+* wall time per generation, labelled as what it is: a CPU simulation (N processes share this machine's cores and
+  gloo's loopback transport; it says nothing about GPU speed-ups).
+
+Models: the tiny random-init Flux pipeline (``--size`` pixels, 16x16 tokens at 64) and zoo:mmdit (trained, Flux
+architecture, 8x8 tokens, true CFG as two calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = ("flux", "zoo:mmdit")
+NAME = "patch-parallel-cpu"
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+# ------------------------------------------------------------------------------------------------- worker side
+def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[torch.Tensor, float, object]:
+    from dit_accel import accelerate_dit
+
+    if model == "zoo:mmdit":
+        from dit_accel.pipelines import zoo
+
+        pipe = zoo.load("mmdit")
+        call = {"class_labels": [3, 7], "num_inference_steps": args.steps, "output_type": "pt"}
+    else:
+        from dit_accel.pipelines import tiny
+
+        pipe = tiny.build("flux", num_layers=2)
+        call = tiny.default_call_kwargs("flux", steps=args.steps)
+        call.update(height=args.size, width=args.size)
+    handle = accelerate_dit(pipe, recipe, **settings) if recipe else None
+    call["generator"] = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = pipe(**call)
+    wall = time.perf_counter() - start
+    images = output.images.float() if model == "zoo:mmdit" else tiny.output_of("flux", output)
+    plugin = handle.transformers[0].plugins[0] if handle is not None else None
+    stats = None if plugin is None else {"bytes_per_step": plugin.bytes_per_step,
+                                         "bytes_by_step": dict(plugin.bytes_by_step),
+                                         "fallbacks": sum(plugin.fallbacks.values())}
+    if handle is not None:
+        handle.remove()
+    return images, wall, stats
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    for model in args.models:
+        reference, dense_wall, _ = _generate(model, None, args, {})
+        modes = {"distrifusion": ("patch-parallel", {"warmup_steps": args.warmup})}
+        for band, pool in args.pcpp:
+            modes[f"pcpp band {band} pool {pool}"] = ("patch-parallel-pcpp", {"warmup_steps": args.warmup, "band": band,
+                                                                              "pool": pool})
+        for mode, (recipe, settings) in modes.items():
+            images, wall, stats = _generate(model, recipe, args, settings)
+            every = [None] * world
+            dist.all_gather_object(every, stats)
+            rows.append({"model": model, "world": world, "mode": mode, "settings": settings,
+                         "psnr": psnr(images, reference), "dense_wall_s": dense_wall, "wall_s": wall,
+                         "bytes_per_step": sum(s["bytes_per_step"] for s in every),
+                         "bytes_per_step_with_warmup": sum(sum(s["bytes_by_step"].values())
+                                                           for s in every) / args.steps,
+                         "bytes_per_step_by_rank": [s["bytes_per_step"] for s in every],
+                         "bytes_by_step_rank0": every[0]["bytes_by_step"],
+                         "fallbacks": sum(s["fallbacks"] for s in every)})
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------- launcher side
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                   f"--master_port={_free_port()}", __file__, "--worker", "--worker-out", str(out),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", str(args.size),
+                   "--seed", str(args.seed), "--pcpp", *(f"{b}:{p}" for b, p in args.pcpp), "--models", *args.models]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"torchrun with {world} processes failed:\n{result.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _base(rows: list[dict], row: dict) -> dict:
+    return next(r for r in rows if r["model"] == row["model"] and r["world"] == row["world"]
+                and r["mode"] == "distrifusion")
+
+
+def markdown(rows: list[dict], args) -> str:
+    tokens = args.size // 4
+    lines = [f"# patch-parallel on CPU (gloo){' - SMOKE RUN' if args.smoke else ''}", "",
+             f"{args.steps} steps, the first {args.warmup} synchronous (exact). PCPP: `band` rows next to each patch "
+             "exact, the rest of the other patches as `pool` x `pool` mean tiles. Models: tiny Flux (random init, "
+             f"{args.size} px = {tokens}x{tokens} tokens; its images depend little on attention, so its PSNR says "
+             "little) and zoo:mmdit (trained, Flux architecture, 8x8 tokens, 2 images, true CFG).", "",
+             "PSNR: images against the single-process dense run, same seed. Bytes: all ranks together, counted (the "
+             "payloads handed to all_to_all_single), not timed; per step after warm-up (steps that post an "
+             "exchange), and averaged over every step including the synchronous warm-up and the last step. Wall "
+             f"time is a CPU simulation: every process shares this machine's {os.cpu_count()} cores and gloo's "
+             "loopback; it says nothing about GPU speed.", "",
+             "| model | processes | mode | PSNR (dB) | bytes / step | vs DistriFusion | bytes / step incl. warm-up "
+             "| wall s (CPU sim.) | dense wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = _base(rows, row)
+        share = row["bytes_per_step"] / base["bytes_per_step"] if base["bytes_per_step"] else float("nan")
+        lines.append(f"| {row['model']} | {row['world']} | {row['mode']} | {row['psnr']:.2f} | "
+                     f"{row['bytes_per_step']:,.0f} | {share:.0%} | {row['bytes_per_step_with_warmup']:,.0f} | "
+                     f"{row['wall_s']:.2f} | {row['dense_wall_s']:.2f} |")
+    lines.append("")
+    for mode in sorted({r["mode"] for r in rows} - {"distrifusion"}):
+        met = [r["psnr"] >= 30 and r["bytes_per_step"] <= 0.35 * _base(rows, r)["bytes_per_step"]
+               for r in rows if r["mode"] == mode]
+        lines.append(f"Goal (<= 35 % of DistriFusion's bytes per step at PSNR >= 30 dB), {mode}: met on "
+                     f"{sum(met)} of {len(met)} rows.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _band_pool(text: str) -> tuple[int, int]:
+    band, _, pool = text.partition(":")
+    try:
+        return int(band), int(pool)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BAND:POOL (two integers, e.g. 1:4)") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="2 processes, 4 steps, 32 px: checks the script runs")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4), (1, 8)], metavar="BAND:POOL",
+                        help="PCPP settings to compare with DistriFusion (default: 1:4 1:8)")
+    parser.add_argument("--size", type=int, default=64, help="tiny Flux image side in pixels (tokens: size / 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.smoke:
+        args.worlds, args.steps, args.size = [2], 4, 32
+    rows = [row for world in args.worlds for row in launch(world, args)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"steps": args.steps, "warmup": args.warmup, "pcpp": args.pcpp, "size": args.size,
+            "seed": args.seed, "smoke": args.smoke, "torch": torch.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "wall": "CPU simulation (processes share this machine's cores; gloo loopback)"}
+    (args.out / f"{NAME}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"{NAME}.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()

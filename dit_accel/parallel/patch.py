@@ -1,0 +1,400 @@
+"""``patch-parallel``: displaced patch parallelism (DistriFusion, Li et al. CVPR 2024) and its partially conditioned
+variant (PCPP, Zhang et al. 2024) for DiTs, one process per patch under ``torch.distributed``.
+
+The image tokens are split into one patch of whole rows per rank with diffusers' own context-parallel machinery:
+the model's ``_cp_plan`` (its ``ContextParallelSplitHook`` / ``ContextParallelGatherHook`` and equipartition
+sharder) splits the image inputs along the sequence and gathers the output of ``proj_out``, so the pipeline sees
+the whole latent once per transformer call. Text inputs are left out of the plan: every rank keeps all text tokens,
+computes them itself and never exchanges them. Attention is *not* diffusers' Ulysses/Ring (the processors never get
+a ``_parallel_config``): every self- and joint-attention layer is routed through dit_accel's interceptor, where a
+rank attends with its local queries to
+
+* its own fresh keys and values, the text's, and
+* the other patches' keys and values of the *previous step* of the same layer and CFG slot, received by an
+  asynchronous ``all_to_all_single`` posted right after this rank's keys were computed one step earlier, so the
+  exchange overlaps a whole step of compute (DistriFusion's displacement).
+
+The first ``warmup_steps`` steps (and any call with nothing to reuse) exchange synchronously and are exact, so a
+warm-up covering every step reproduces the single-process output. In ``pcpp`` mode a rank receives from each other
+patch only its rows within ``band`` rows of its own patch, plus ``pool x pool`` mean tiles of the rest with a
+``log(count)`` logit bias (see :mod:`dit_accel.parallel.patches`), which cuts the bytes exchanged.
+
+Launch with ``torchrun --nproc_per_node=N`` (NCCL on GPUs, gloo on CPU), initialise the process group, feed every
+rank the same inputs (same seed) and run the pipeline on every rank; each rank computes one patch.
+
+Refused with a ``ValueError``: no initialised ``torch.distributed`` or a world of one process, a transformer without
+a ``_cp_plan`` this module knows (Flux, Wan, LTX-Video, Qwen-Image), a model already under diffusers' parallelism,
+an attention plugin (or cfg-share / toca) in the same recipe, and at call time a grid whose rows do not split into
+equal patches, or an attention mask other than key padding over text. Video grids are split over their rows stacked
+frame after frame (so patches are runs of frames when the frames divide evenly); PCPP's bands and tiles follow those
+stacked rows. Caching plugins may be stacked when every rank decides alike: fixed schedules, or fbcache/magcache,
+which all-reduce their statistic because the transformer's ``_parallel_config`` is set while this is installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import ModelHook
+from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
+from diffusers.models._modeling_parallel import (ContextParallelConfig, ContextParallelInput, ContextParallelOutput,
+                                                 ParallelConfig)
+
+from dit_accel.attention.base import split_text
+from dit_accel.core.attention import AttentionCall, key_padding, unsupported_options
+from dit_accel.core.hooks import attach, detach
+from dit_accel.core.plugin import Plugin, register_plugin
+from dit_accel.parallel.patches import PatchGrid, attend_patches, payload, share, tile_bias, tile_index
+from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
+
+HOOK_PREFIX = "dit_accel.patch-parallel"
+
+# Transformers whose `_cp_plan` splits the image tokens into row-major chunks; the entries and outputs below are
+# text (kept whole on every rank) and are dropped from the plan.
+SUPPORTED_FAMILIES: dict[str, str] = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan",
+                                      "LTXVideoTransformer3DModel": "ltx", "QwenImageTransformer2DModel": "qwen-image"}
+_TEXT_INPUTS = frozenset({"encoder_hidden_states", "encoder_hidden_states_mask", "encoder_attention_mask", "txt_ids"})
+_TEXT_OUTPUTS = {("QwenImageTransformer2DModel", "pos_embed"): 1}  # (image freqs, text freqs)
+
+
+@register_config("patch-parallel")
+@dataclass(frozen=True)
+class PatchParallelConfig(PluginConfig):
+    """Displaced patch parallelism over ``torch.distributed`` ranks (one patch of token rows per rank).
+
+    Args:
+        mode (`str`, defaults to `"distrifusion"`): ``"distrifusion"`` exchanges every row of every patch (one step
+            stale); ``"pcpp"`` only ``band`` rows next to the receiving patch plus ``pool`` tiles of the rest.
+        warmup_steps (`int`, defaults to `2`): the first steps exchange synchronously and are exact (the first
+            step always is: nothing to reuse yet). A value >= the number of steps makes the whole generation exact,
+            with no overlap (a correctness check). DistriFusion used 4 of 50. Allowed: 0-10000.
+        band (`int`, defaults to `2`): pcpp: rows of the other patches on each side of this rank's patch that are
+            exchanged exact. Allowed: 0-4096.
+        pool (`int`, defaults to `4`): pcpp: side in tokens of the tiles that summarise the rest of the other patches
+            (mean key and value, ``log(count)`` logit bias); 0 drops the rest. Allowed: 0-256.
+
+    ``steps`` and ``layers`` must stay unset: every rank needs the other patches at every attention layer.
+    """
+
+    kind = "parallel"
+    mode: str = "distrifusion"
+    warmup_steps: int = 2
+    band: int = 2
+    pool: int = 4
+
+    def validate(self) -> None:
+        check_choice(self, "mode", ("distrifusion", "pcpp"))
+        check_range(self, "warmup_steps", 0, 10000, integer=True)
+        check_range(self, "band", 0, 4096, integer=True)
+        check_range(self, "pool", 0, 256, integer=True)
+        if self.mode == "pcpp" and self.band == 0 and self.pool == 0:
+            raise ValueError("PatchParallelConfig: mode='pcpp' with band = 0 and pool = 0 exchanges nothing (patches "
+                             "would never see each other); set band >= 1 or pool >= 1")
+        if self.steps is not None or self.layers is not None:
+            raise ValueError("PatchParallelConfig: steps and layers must be unset; patch-parallel splits every "
+                             "attention layer at every step (a layer left out would attend within its patch only)")
+
+
+def environment_problem(transformer: torch.nn.Module, world: int | None) -> str | None:
+    """Why patch parallelism cannot be installed on ``transformer`` in a world of ``world`` processes (``None``: no
+    initialised ``torch.distributed``), or ``None``."""
+    if world is None:
+        return ("patch-parallel runs one process per patch and is allowed only under torch.distributed, which is not "
+                "initialised: launch with `torchrun --nproc_per_node=N script.py` and call "
+                "torch.distributed.init_process_group() ('nccl' on GPUs, 'gloo' on CPU) before accelerate_dit")
+    if world < 2:
+        return ("patch-parallel needs at least 2 processes, but the world size is 1; allowed: "
+                "`torchrun --nproc_per_node=N` with N >= 2")
+    name = type(transformer).__name__
+    supported = ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_FAMILIES.items())
+    if name not in SUPPORTED_FAMILIES or getattr(transformer, "_cp_plan", None) is None:
+        return (f"patch-parallel shards the tokens with the model's diffusers `_cp_plan`, and {name} "
+                f"{'has none' if getattr(transformer, '_cp_plan', None) is None else 'is not a family it knows'}; "
+                f"supported: {supported}")
+    processors = (getattr(module, "processor", None) for module in transformer.modules())
+    if getattr(transformer, "_parallel_config", None) is not None or any(
+            getattr(processor, "_parallel_config", None) is not None for processor in processors):
+        return (f"diffusers parallelism is already enabled on this {name} (enable_parallelism or "
+                "from_pretrained(parallel_config=...)); patch-parallel shards the model itself: load it without")
+    return None
+
+
+def image_plan(transformer: torch.nn.Module) -> dict:
+    """The transformer's ``_cp_plan`` less its text entries: image tokens split along the sequence, text whole."""
+    name = type(transformer).__name__
+    plan = {}
+    for module_id, entry in transformer._cp_plan.items():
+        if isinstance(entry, dict):
+            drop = _TEXT_OUTPUTS.get((name, module_id))
+            entry = {key: value for key, value in entry.items() if key not in _TEXT_INPUTS and key != drop}
+            if entry:
+                plan[module_id] = entry
+        else:
+            plan[module_id] = entry
+    return plan
+
+
+def _modules(root: torch.nn.Module, module_id: str) -> list[torch.nn.Module]:
+    """Submodules named by a ``_cp_plan`` key (``""``, ``"proj_out"``, ``"transformer_blocks.*"``)."""
+    found = [root]
+    for atom in module_id.split(".") if module_id else []:
+        found = [child for module in found for child in (list(module) if atom == "*" else [getattr(module, atom)])]
+    return found
+
+
+@dataclass
+class _Remote:
+    """The other patches as one rank uses them: exact tokens above and below its patch, tiles with their bias
+    (token-first tensors ``(n, batch, heads, dim_k + dim_v)``)."""
+
+    before: torch.Tensor
+    after: torch.Tensor
+    tiles: torch.Tensor
+    bias: torch.Tensor
+    grid: PatchGrid | None = None  # the call it was made for, and (batch, heads, dim) and dtype of its tokens
+    signature: tuple | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.before, self.after, self.tiles))
+
+
+class _Exchange:
+    """One posted exchange of one attention call (sync or async); :meth:`remote` waits and unpacks it."""
+
+    def __init__(self, plugin: "PatchParallelPlugin", tokens: torch.Tensor, grid: PatchGrid, full: bool) -> None:
+        config, me = plugin.config, plugin.rank
+        band = None if full else config.band
+        self.grid, self.full, self.rank, self.signature = grid, full, me, (tokens.shape[1:], tokens.dtype)
+        sends = [payload(tokens, grid, share(grid, me, dst, band, config.pool), config.pool)[0]
+                 for dst in range(grid.world)]
+        self.received = [share(grid, src, me, band, config.pool) for src in range(grid.world)]
+        data = torch.cat(sends)
+        self.out = tokens.new_empty((sum(item.tokens for item in self.received), *tokens.shape[1:]))
+        self.work = dist.all_to_all_single(self.out, data, [item.tokens for item in self.received],
+                                           [part.shape[0] for part in sends], group=plugin.group, async_op=True)
+        self.sent = data.numel() * data.element_size()
+        self._data = data  # alive until the exchange completes
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work, self._data = None, None
+
+    def parts(self) -> list[torch.Tensor]:
+        self.wait()
+        return list(self.out.split([item.tokens for item in self.received]))
+
+    def remote(self, band: int | None, pool: int) -> _Remote:
+        """The other patches, cut to ``band``/``pool`` (``band=None``: all rows) from whatever was exchanged."""
+        grid, me = self.grid, self.rank
+        exact, tiles, bias = [], [], []
+        for src, part in enumerate(self.parts()):
+            if src == me:
+                exact.append(part)
+                continue
+            item = share(grid, src, me, band, pool)
+            if self.full and band is not None:  # a full patch arrived: cut it as its sender would have
+                part, counts = payload(part, grid, item, pool)
+            else:
+                counts = tile_index(item.far[1] - item.far[0], grid.width, pool)[1] if item.tiles else torch.zeros(0)
+            exact.append(part[:item.exact_tokens])
+            tiles.append(part[item.exact_tokens:])
+            bias.append(tile_bias(counts))
+        empty = self.out[:0]
+        return _Remote(torch.cat(exact[:me]) if me else empty,
+                       torch.cat(exact[me + 1:]) if me + 1 < len(exact) else empty,
+                       torch.cat(tiles), torch.cat(bias), self.grid, self.signature)
+
+
+class _SplitHook(ContextParallelSplitHook):
+    """diffusers' split hook, passing through outputs it has nothing to split: its type check refuses the
+    ``Transformer2DModelOutput`` of a model called with ``return_dict=True`` even when it splits no output."""
+
+    def post_forward(self, module, output):
+        if not any(isinstance(cpm, ContextParallelInput) and cpm.split_output for cpm in self.metadata.values()):
+            return output
+        return super().post_forward(module, output)
+
+
+class _GridGuard(ModelHook):
+    """Outside diffusers' split hooks: checks that this call's grid splits into whole-row patches, before the
+    sharder asserts on it."""
+
+    def __init__(self, plugin: "PatchParallelPlugin") -> None:
+        super().__init__()
+        self.plugin = plugin
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.plugin.begin_call()
+        return args, kwargs
+
+
+@register_plugin(PatchParallelConfig)
+class PatchParallelPlugin(Plugin):
+    """See the module docstring. ``bytes_by_step`` (step -> bytes this rank sent) and :attr:`bytes_per_step`
+    count the exchange of the last generation; ``fallbacks`` counts calls that ran dense within the patch."""
+
+    kind = "parallel"
+
+    def install(self) -> None:
+        transformer = self.target.transformer
+        initialised = dist.is_available() and dist.is_initialized()
+        problem = environment_problem(transformer, dist.get_world_size() if initialised else None)
+        if problem is not None:
+            raise ValueError(problem)
+        self._refuse_companions(self.target.plugins)
+        self._layers = [layer for layer in self.target.attention.layers if layer.kind in ("self", "joint")]
+        if not self._layers:
+            raise ValueError(f"patch-parallel: {type(transformer).__name__} has no self- or joint-attention layer")
+        self._routed = False
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._hooked: list[tuple[torch.nn.Module, str]] = []
+        self._state: dict[tuple, _Remote | _Exchange] = {}
+        self.fallbacks: Counter = Counter()
+        self.bytes_by_step: dict[int, int] = {}
+        self._generation, self._grid = None, None
+        device = next(transformer.parameters()).device
+        mesh = dist.device_mesh.init_device_mesh(device.type, (1, self.world), mesh_dim_names=("ring", "ulysses"))
+        cp = ContextParallelConfig(ulysses_degree=self.world, mesh=mesh)  # the sharder reads only its mesh
+        cp.setup(self.rank, self.world, device, mesh)
+        self.group = dist.new_group(list(range(self.world)))  # exchanges never queue behind the output gather
+        for module_id, entry in image_plan(transformer).items():
+            for module in _modules(transformer, module_id):
+                outputs = [entry] if isinstance(entry, ContextParallelOutput) else entry
+                hook = _SplitHook(entry, cp) if isinstance(entry, dict) else ContextParallelGatherHook(
+                    list(outputs), cp)
+                name = f"{HOOK_PREFIX}.{module_id}"
+                attach(module, hook, name)
+                self._hooked.append((module, name))
+        attach(transformer, _GridGuard(self), f"{HOOK_PREFIX}.guard")
+        self._hooked.append((transformer, f"{HOOK_PREFIX}.guard"))
+        transformer._parallel_config = ParallelConfig(context_parallel_config=cp)  # caches all-reduce their stats
+        self._owns_config = True
+
+    def _route(self) -> None:
+        # Routed once every plugin is installed (check_companions), so that an attention plugin anywhere in the
+        # recipe meets the refusal below rather than the interceptor's overlap error; begin_call makes sure.
+        if not self._routed:
+            self.target.attention.route(self._layers, self._attend, owner=self)
+            self._routed = True
+
+    def remove(self) -> None:
+        self.target.attention.unroute(self)
+        self._routed = False
+        self.reset()
+        for module, name in reversed(getattr(self, "_hooked", [])):
+            detach(module, name)
+        self._hooked = []
+        if getattr(self, "_owns_config", False):
+            self.target.transformer._parallel_config = None
+            self._owns_config = False
+
+    def reset(self) -> None:
+        for entry in getattr(self, "_state", {}).values():
+            if isinstance(entry, _Exchange):
+                entry.wait()  # every rank posted it: drain, so no exchange outlives its generation
+        self._state = {}
+
+    def check_companions(self, plugins: list[Plugin]) -> None:
+        self._refuse_companions([p for p in plugins if p is not self])
+        self._route()
+
+    def _refuse_companions(self, plugins: list[Plugin]) -> None:
+        routed = {owner for hook in self.target.attention.hooks.values() for owner, *_ in hook.routes}
+        refused = [p.name for p in plugins if p is not self and (p.kind == "attention" or p in routed)]
+        if refused:
+            raise ValueError(
+                f"patch-parallel computes the attention of every layer itself (local queries over all patches' keys), "
+                f"so it cannot run with {', '.join(refused)}, which also replace attention; attention plugins (gna, "
+                "psa, svg2, hilbert, proxy, todo, window-residual, int8), cfg-share and toca are refused. Caching "
+                "plugins may combine when every rank decides alike (fixed schedules; fbcache and magcache all-reduce)")
+
+    def idle_reason(self, steps: int) -> str | None:
+        return "no self- or joint-attention call reached it (is the attention backend the native SDPA?)"
+
+    def cache_bytes(self) -> int:
+        return sum(entry.nbytes() for entry in self._state.values() if isinstance(entry, _Remote))
+
+    @property
+    def bytes_per_step(self) -> float:
+        """Mean bytes this rank sent per step after warm-up, over the steps that posted an exchange (warm-up steps
+        send every row synchronously, in both modes; the last step sends nothing)."""
+        steady = [b for step, b in self.bytes_by_step.items() if step >= max(1, self.config.warmup_steps) and b]
+        return sum(steady) / len(steady) if steady else 0.0
+
+    # -------------------------------------------------------------------------------------------- per call
+    def begin_call(self) -> None:
+        self._route()
+        context = self.target.tracker.current
+        grid = context.grid if context is not None else None
+        if grid is None:
+            raise ValueError(f"patch-parallel could not read the token grid of this {self.target.spec.family} call; "
+                             "it needs it to split the rows")
+        self._grid = PatchGrid(grid.frames * grid.height, grid.width, self.world)
+        if context.generation != self._generation:
+            self._generation, self.bytes_by_step = context.generation, {}
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                call: AttentionCall) -> torch.Tensor:
+        self.acted()
+        reason = unsupported_options(call.options, key_padding=True)
+        if reason is not None:
+            raise ValueError(f"patch-parallel serves inference attention only; {call.layer.name} has {reason}")
+        layout, context, grid = call.layout, call.context, self._grid
+        text = layout.num_text_tokens if layout.kind == "joint" else 0
+        if grid is None or key.shape[2] - text != grid.tokens_per_patch or key.shape[1] != value.shape[1]:
+            return self._fallback("the keys are not this rank's patch (and the text)", call, query, key, value)
+        text_first = layout.text_position == "first"
+        k_img, k_txt = split_text(key, text, text_first)
+        v_img, v_txt = split_text(value, text, text_first)
+        tokens = torch.cat([k_img, v_img], -1).permute(2, 0, 1, 3)  # (n, B, H, Dk + Dv): rows along dim 0
+        slot = (call.layer.name, context.slot if context is not None else None, call.index)
+        previous = self._state.pop(slot, None)
+        step = context.step if context is not None else None
+        last = context is None or (context.num_steps is not None and step >= context.num_steps - 1)
+        config = self.config
+        band = config.band if config.mode == "pcpp" else None
+        stale = (previous is not None and step is not None and step >= config.warmup_steps
+                 and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
+        if stale:
+            remote = previous.remote(band, config.pool) if isinstance(previous, _Exchange) else previous
+            if not last:
+                self._state[slot] = self._post(_Exchange(self, tokens, grid, full=band is None), step)
+        else:
+            if isinstance(previous, _Exchange):
+                previous.wait()
+            exchange = self._post(_Exchange(self, tokens, grid, full=True), step)
+            remote = exchange.remote(None, 0)
+            if not last:
+                self._state[slot] = exchange.remote(band, config.pool) if band is not None else remote
+        return self._attention(query, tokens, remote, k_txt, v_txt, text_first, k_img.shape[-1], call)
+
+    def _post(self, exchange: _Exchange, step: int | None) -> _Exchange:
+        if step is not None:
+            self.bytes_by_step[step] = self.bytes_by_step.get(step, 0) + exchange.sent
+        return exchange
+
+    def _attention(self, query, tokens, remote: _Remote, k_txt, v_txt, text_first: bool, dim_k: int,
+                   call: AttentionCall) -> torch.Tensor:
+        options, text, keep_text = call.options, k_txt.shape[2], None
+        if options.get("attn_mask") is not None:
+            keep = key_padding(options["attn_mask"], query.shape[0], text + tokens.shape[0])
+            keep_img, keep_text = split_text(keep[:, None, :, None], text, text_first) if keep is not None else (0, 0)
+            if keep is None or not bool(keep_img.all()):
+                raise ValueError(f"patch-parallel: {call.layer.name} has an attention mask that is not a padding mask "
+                                 "over text tokens; it cannot be split across patches")
+            keep_text = keep_text[:, 0, :, 0]
+        return attend_patches(query, tokens, remote.before, remote.after, remote.tiles, remote.bias, k_txt, v_txt,
+                              text_first=text_first, dim_k=dim_k, keep_text=keep_text, scale=options.get("scale"),
+                              enable_gqa=bool(options.get("enable_gqa")))
+
+    def _fallback(self, reason: str, call: AttentionCall, query, key, value) -> torch.Tensor:
+        self.fallbacks[reason] += 1
+        if self.fallbacks[reason] == 1:
+            warnings.warn(f"dit_accel patch-parallel: {call.layer.name} attends within this rank's tokens only: "
+                          f"{reason}", stacklevel=2)
+        return call.dense(query, key, value)
