@@ -87,6 +87,9 @@ def worker(args) -> None:
         for band, pool in args.pcpp:
             modes[f"pcpp band {band} pool {pool}"] = ("patch-parallel-pcpp", {"warmup_steps": args.warmup, "band": band,
                                                                               "pool": pool})
+        if args.plain:  # each mode again with the remote keys and values used as exchanged (one step stale)
+            modes.update({f"{mode}, not extrapolated": (recipe, {**settings, "extrapolate": False})
+                          for mode, (recipe, settings) in list(modes.items())})
         for mode, (recipe, settings) in modes.items():
             images, wall, stats = _generate(model, recipe, args, settings)
             every = [None] * world
@@ -117,7 +120,7 @@ def launch(world: int, args) -> list[dict]:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                    f"--master_port={_free_port()}", __file__, "--worker", "--worker-out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", str(args.size),
-                   "--seed", str(args.seed), "--pcpp", *(f"{b}:{p}" for b, p in args.pcpp), "--models", *args.models]
+                   "--seed", str(args.seed), "--pcpp", *(f"{b}:{p}" for b, p in args.pcpp), "--models", *args.models] + (["--plain"] if args.plain else [])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -180,6 +183,8 @@ def main() -> None:
                         help="PCPP settings to compare with DistriFusion (default: 1:4 1:8)")
     parser.add_argument("--size", type=int, default=64, help="tiny Flux image side in pixels (tokens: size / 4)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true",
+                        help="also run every mode without extrapolating the remote keys/values (extrapolate=false)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -279,3 +279,20 @@ def test_two_processes_zoo_mmdit_pipeline(tmp_path):
         print(f"zoo:mmdit 8 steps, warm-up 2: DistriFusion {verdict['distrifusion_psnr']:.1f} dB, PCPP "
               f"{verdict['pcpp_psnr']:.1f} dB, with fbcache {verdict['with_fbcache_psnr']:.1f} dB")
         assert verdict["distrifusion_psnr"] > 20 and verdict["pcpp_psnr"] > 20 and verdict["with_fbcache_psnr"] > 15
+
+
+def test_extrapolation_moves_remote_patches_along_their_last_step_only_when_consecutive():
+    from dit_accel.parallel.patch import PatchParallelPlugin, _Remote
+
+    plugin = object.__new__(PatchParallelPlugin)  # the method uses only the per-slot history
+    plugin._history = {}
+    generator = torch.Generator().manual_seed(0)
+    first, second = (_Remote(*(torch.randn(3, 1, 2, 8, generator=generator) for _ in range(3)), torch.zeros(4))
+                     for _ in range(2))
+    assert plugin._extrapolated("slot", first, 4) is first  # nothing before: as exchanged
+    moved = plugin._extrapolated("slot", second, 5)
+    for name in ("before", "after", "tiles"):
+        torch.testing.assert_close(getattr(moved, name), 2 * getattr(second, name) - getattr(first, name))
+    assert plugin._extrapolated("slot", first, 7) is first  # a gap (step 6 missing): no trend to follow
+    other_layout = _Remote(first.before[:2], first.after, first.tiles, first.bias)
+    assert plugin._extrapolated("slot", other_layout, 8) is other_layout

@@ -49,7 +49,7 @@ from dit_accel.core.attention import AttentionCall, key_padding, unsupported_opt
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.parallel.patches import PatchGrid, attend_patches, payload, share, tile_bias, tile_index
-from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
+from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
 HOOK_PREFIX = "dit_accel.patch-parallel"
 
@@ -76,6 +76,11 @@ class PatchParallelConfig(PluginConfig):
             exchanged exact. Allowed: 0-4096.
         pool (`int`, defaults to `4`): pcpp: side in tokens of the tiles that summarise the rest of the other patches
             (mean key and value, ``log(count)`` logit bias); 0 drops the rest. Allowed: 0-256.
+        extrapolate (`bool`, defaults to `True`): forecast the other patches' keys and values at this step from
+            the last two exchanged ones (linear in the step index) instead of using the last one as it is: no extra
+            bytes, twice the memory for the remote patches. On zoo:mmdit (2 processes, 20 steps, calibration seed
+            7) DistriFusion went from 30.8 to 43.9 dB PSNR against the single-process run; PCPP's error there is
+            its pooled summary, not staleness (20.1 -> 20.2 dB).
 
     ``steps`` and ``layers`` must stay unset: every rank needs the other patches at every attention layer.
     """
@@ -85,9 +90,11 @@ class PatchParallelConfig(PluginConfig):
     warmup_steps: int = 2
     band: int = 2
     pool: int = 4
+    extrapolate: bool = True
 
     def validate(self) -> None:
         check_choice(self, "mode", ("distrifusion", "pcpp"))
+        check_bool(self, "extrapolate")
         check_range(self, "warmup_steps", 0, 10000, integer=True)
         check_range(self, "band", 0, 4096, integer=True)
         check_range(self, "pool", 0, 256, integer=True)
@@ -254,6 +261,7 @@ class PatchParallelPlugin(Plugin):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._state: dict[tuple, _Remote | _Exchange] = {}
+        self._history: dict[tuple, tuple[int, _Remote]] = {}  # extrapolate: the previous remote of each slot
         self.fallbacks: Counter = Counter()
         self.bytes_by_step: dict[int, int] = {}
         self._generation, self._grid = None, None
@@ -297,7 +305,7 @@ class PatchParallelPlugin(Plugin):
         for entry in getattr(self, "_state", {}).values():
             if isinstance(entry, _Exchange):
                 entry.wait()  # every rank posted it: drain, so no exchange outlives its generation
-        self._state = {}
+        self._state, self._history = {}, {}
 
     def check_companions(self, plugins: list[Plugin]) -> None:
         self._refuse_companions([p for p in plugins if p is not self])
@@ -317,7 +325,8 @@ class PatchParallelPlugin(Plugin):
         return "no self- or joint-attention call reached it (is the attention backend the native SDPA?)"
 
     def cache_bytes(self) -> int:
-        return sum(entry.nbytes() for entry in self._state.values() if isinstance(entry, _Remote))
+        return (sum(entry.nbytes() for entry in self._state.values() if isinstance(entry, _Remote))
+                + sum(remote.nbytes() for _, remote in self._history.values()))
 
     @property
     def bytes_per_step(self) -> float:
@@ -362,6 +371,8 @@ class PatchParallelPlugin(Plugin):
                  and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
         if stale:
             remote = previous.remote(band, config.pool) if isinstance(previous, _Exchange) else previous
+            if config.extrapolate:
+                remote = self._extrapolated(slot, remote, step - 1)
             if not last:
                 self._state[slot] = self._post(_Exchange(self, tokens, grid, full=band is None), step)
         else:
@@ -371,7 +382,27 @@ class PatchParallelPlugin(Plugin):
             remote = exchange.remote(None, 0)
             if not last:
                 self._state[slot] = exchange.remote(band, config.pool) if band is not None else remote
+                if config.extrapolate and step is not None:
+                    self._history[slot] = (step, self._state[slot])  # this step's keys: the first trend's origin
         return self._attention(query, tokens, remote, k_txt, v_txt, text_first, k_img.shape[-1], call)
+
+    def _extrapolated(self, slot: tuple, remote: _Remote, made: int) -> _Remote:
+        """``remote`` (the other patches' keys and values computed at step ``made``, used one step later) moved
+        along their change since the step before: ``x + (x - x_prev)`` when both are from consecutive steps with the
+        same layout, else ``remote`` as is."""
+        older = self._history.get(slot)
+        self._history[slot] = (made, remote)
+        if older is None or older[0] != made - 1:
+            return remote
+        before = older[1]
+        if any(a.shape != b.shape for a, b in ((remote.before, before.before), (remote.after, before.after),
+                                                (remote.tiles, before.tiles))) or not torch.equal(remote.bias,
+                                                                                                  before.bias):
+            return remote
+        return _Remote(*(torch.lerp(b, a, 2.0) for a, b in ((remote.before, before.before), (remote.after,
+                                                                                               before.after),
+                                                              (remote.tiles, before.tiles))),
+                       remote.bias, remote.grid, remote.signature)
 
     def _post(self, exchange: _Exchange, step: int | None) -> _Exchange:
         if step is not None:
