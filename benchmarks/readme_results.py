@@ -202,9 +202,25 @@ def attention_section() -> str:
                   "(cosine against exact attention; `window-residual`'s cheap step reuses a cached residual, its "
                   "fidelity is measured end to end in the results file):",
                   _table(["method", "setting", "keys per query", "speedup ×", "cosine"], rows)]
-    parts += ["Goal (≥ 3× with cosine ≥ 0.99): " + "; ".join(data["goal"]) + ".",
-              "![attention](benchmarks/results/attention-cpu.png)"]
+    for key, block in data.get("forward", {}).items():
+        rows = [[f"`{name}`", format_number(row["median_s"]), format_number(row["speedup"]),
+                 format_number(row.get("flops_speedup")), format_number(row["cosine"], ".4f")]
+                for name, row in block["rows"].items()]
+        parts += [f"Flux-architecture transformer forward, {key} = {block['tokens']} image tokens "
+                  f"({block['layers']} + {block['single_layers']} blocks, {block['heads']} heads of 64, random init; "
+                  "output cosine against the dense output):",
+                  _table(["recipe", "median s", "speedup ×", "FLOPs ×", "output cosine"], rows)]
+    parts += ["Goals: " + "; ".join(data["goal"]) + ".", "![attention](benchmarks/results/attention-cpu.png)"]
     return "\n\n".join(parts)
+
+
+def patch_parallel_section() -> str:
+    md = RESULTS / "patch-parallel-cpu.md"
+    if not md.is_file():
+        return ""
+    body = [p for p in md.read_text().split("\n\n") if p.strip() and not p.startswith("# ")]
+    return "\n\n".join(["### Patch parallelism (gloo processes on CPU)",
+                         "`python benchmarks/patch_parallel_cpu.py -o benchmarks/results --plain`. " + body[0]] + body[1:])
 
 
 def overhead_section() -> str:
@@ -254,7 +270,7 @@ def zoo_section() -> str:
 
 def generate() -> str:
     sections = [harness_section(), custom_loop_section(), reuse_cost_section(), caching_section(), tune_section(),
-                attention_section(), overhead_section(), kernels_section(), models_gpu_section(), zoo_section()]
+                attention_section(), patch_parallel_section(), overhead_section(), kernels_section(), models_gpu_section(), zoo_section()]
     return "\n\n".join([BEGIN] + [s for s in sections if s] + [END])
 
 

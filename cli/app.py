@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -271,7 +272,13 @@ def recipes(json_output: Annotated[bool, typer.Option("--json", help="Print the 
     "  ditaccel generate --model zoo:mmdit --class-label 3 --num-images 8 -o threes.png\n\n"
     "  ditaccel generate --recipe my_recipe.toml --model tiny:flux --prompt 'a red fox' --steps 8\n\n"
     "  ditaccel generate --recipe my_recipe.toml --set interval=4 --model tiny:wan -o clip.gif\n\n"
-    "  ditaccel generate --recipe none --model ./saved_pipeline --class-label 207 --no-summary"
+    "  ditaccel generate --recipe none --model ./saved_pipeline --class-label 207 --no-summary\n\n"
+    "  ditaccel generate --recipe fbcache --model tiny:flux --parallel ulysses=2   (two processes, one image)\n\n"
+    "--parallel splits every generation over N processes on this machine (one per GPU; CPU: gloo) and relaunches "
+    "itself under torchrun: ulysses=N and ring=N with diffusers' context parallelism (models with a _cp_plan: "
+    "Flux, Wan, LTX-Video, Qwen-Image; ring needs a CUDA attention backend that returns the log-sum-exp), patch=N "
+    "with the patch-parallel plugin. Process 0 writes the image. Which plugins combine: the README's Parallelism "
+    "table."
 )
 def generate(
     recipe: Annotated[str, typer.Option(
@@ -299,17 +306,44 @@ def generate(
     device: Annotated[str, typer.Option(
         metavar="DEVICE", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
+    parallel: Annotated[str | None, typer.Option(
+        "--parallel", metavar="KIND=N", help="Split each generation over N processes: ulysses=N, ring=N (diffusers' "
+        "context parallelism) or patch=N (the patch-parallel plugin); relaunches itself under torchrun.")] = None,
 ) -> None:
     """Generate an image (or video) with an accelerated pipeline, save it, and print the timing and summary."""
+    import sys
+
+    from dit_accel.bench.distributed import launched_distributed
+    from dit_accel.cli import parallel as par
+
     started = time.perf_counter()
     try:
         resolved = dit_accel.load_recipe(recipe, **parse_overrides(overrides or []))
+        setting = par.parse_parallel(parallel) if parallel is not None else None
+        if setting is not None and setting.kind == "patch":
+            resolved = par.with_patch(resolved, setting)
     except (ValueError, FileNotFoundError, TypeError) as error:
         fail(str(error))
     check_output_path(output)
+    if setting is not None and not launched_distributed():
+        raise typer.Exit(par.relaunch(setting.processes, sys.argv[1:]))
+    main_process = setting is None or par.rank() == 0
+    if not main_process:  # the other processes compute their share and say nothing
+        quiet = True
+        warnings.simplefilter("ignore")
     with _library_logs(quiet):
         pipe, family = load_model(model)
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, num_images)
+        if setting is not None:
+            where = par.worker_device(device)
+            try:
+                par.init_workers(setting, where)
+                par.prepare_pipeline(pipe, setting, where)
+            except (ValueError, RuntimeError, AssertionError) as error:
+                if not main_process:  # every process meets the same problem: rank 0 says it
+                    raise typer.Exit(2) from None
+                fail(_first_line(error))
+            device = str(where)
         handle = accelerate_on(pipe, device, resolved, model)
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")
         start = time.perf_counter()
@@ -319,6 +353,9 @@ def generate(
         except ValueError as error:  # diffusers' check_inputs rejects bad arguments with ValueError
             fail(f"{type(pipe).__name__} rejected the arguments: {_first_line(error)}")
         seconds = time.perf_counter() - start
+        if not main_process:
+            par.finish_workers()
+            return
         tensor = output_tensor(model, family, out)
         try:
             save_output(tensor, output)
@@ -331,6 +368,9 @@ def generate(
                    f"(total {time.perf_counter() - started:.2f} s) with recipe {resolved.name!r}{flops}")
         if summary:
             typer.echo(handle.summary())
+        if setting is not None:
+            typer.echo(f"(--parallel {setting}: {setting.processes} processes computed each step together)")
+            par.finish_workers()
 
 
 from dit_accel.cli import measure as _measure  # noqa: E402,F401 - registers `bench` and `tune` on `app`

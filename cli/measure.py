@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +17,7 @@ import torch
 import typer
 
 import dit_accel
+from dit_accel.bench.distributed import Ranks
 from dit_accel.cli.app import (DEFAULT_MODEL, TINY_STEPS, _first_line, _library_logs, app, fail, load_model,
                                parse_overrides)
 
@@ -31,20 +35,39 @@ def check_output_dir(path: Path) -> None:
 
 def _relaunch(processes: int, argv: list[str]) -> int:
     """Run this command again under torchrun with ``processes`` workers (``--processes`` removed); its exit code."""
-    import subprocess
-    import sys
+    from dit_accel.cli.parallel import relaunch
 
-    args, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--processes":
-            skip = True
-        elif not arg.startswith("--processes="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "dit_accel.cli.app", *args]
-    return subprocess.run(command).returncode
+    return relaunch(processes, argv)
+
+
+class _LockstepRanks(Ranks):
+    """A ``--parallel`` bench: every process takes part in every generation (each computes its share of it), so
+    each runs the bench as a single process would, in step with the others; rank 0's results are the run's."""
+
+    def __init__(self) -> None:
+        self._state, self.index, self.count = None, 0, 1
+
+
+@contextlib.contextmanager
+def _lockstep(output: Path, main_process: bool) -> Iterator[Path]:
+    """Run the bench harness with :class:`_LockstepRanks`; yields the output directory of this process: ``output``
+    on rank 0, a throwaway copy of it elsewhere (same rows to resume from, nothing written twice)."""
+    import shutil
+
+    from dit_accel.bench import harness
+
+    original = harness.Ranks
+    harness.Ranks = _LockstepRanks
+    try:
+        if main_process:
+            yield output
+        else:
+            with tempfile.TemporaryDirectory(prefix="ditaccel-parallel-") as scratch:
+                copy = Path(scratch) / "out"
+                shutil.copytree(output, copy) if output.is_dir() else copy.mkdir()
+                yield copy
+    finally:
+        harness.Ranks = original
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -62,6 +85,8 @@ def _looks_like_hub_id(text: str) -> bool:
     "--clip-model ./clip-vit-b-16 -o results\n\n"
     "  accelerate launch --multi_gpu --num_processes 4 -m dit_accel.cli.app bench --recipes none,fora -o results\n\n"
     "  ditaccel bench --processes 2 --recipes none,fora -o results   (the same through torchrun; CPU: gloo)\n\n"
+    "  ditaccel bench --model tiny:flux --parallel ulysses=2 --recipes none,fbcache -o results   (each generation "
+    "split over 2 processes; patch=N composes patch-parallel into every recipe; no --baselines)\n\n"
     "Under torchrun or accelerate launch the samples are split across the processes (chunk k on process "
     "k mod n, same seeds), gathered, and scored once; the main process times and writes the rows.\n\n"
     "Configurations are written NAME or NAME@field=value,field=value (values: numbers, true/false, strings, "
@@ -114,13 +139,32 @@ def bench(
         metavar="N", min=1, help="Data-parallel over N processes on this machine (one per GPU, or CPU processes "
         "with gloo): relaunches itself under torchrun. Rows equal a one-process run's.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
+    parallel: Annotated[str | None, typer.Option(
+        "--parallel", metavar="KIND=N", help="Split each generation over N processes: ulysses=N, ring=N (diffusers' "
+        "context parallelism) or patch=N (patch-parallel composed into every recipe); relaunches itself under "
+        "torchrun; not with --processes or --baselines.")] = None,
 ) -> None:
     """Measure recipes and baselines side by side against the dense pipeline: latency, speedups, memory, quality."""
     import shlex
     import sys
 
     from dit_accel.bench.distributed import launched_distributed
-    from dit_accel.bench.harness import BenchConfig, plan, run_bench
+    from dit_accel.bench.harness import BenchConfig, plan, run_bench, split_items
+    from dit_accel.cli import parallel as par
+
+    setting = None
+    if parallel is not None:
+        try:
+            setting = par.parse_parallel(parallel)
+            par.check_combination(setting, processes)
+            if baselines:
+                raise ValueError(f"--parallel {setting} cannot measure --baselines: their hooks decide from each "
+                                 "process's own share of the tokens, so the processes could take different steps "
+                                 "and wait on each other for ever; measure baselines without --parallel")
+            if setting.kind == "patch":
+                recipes = par.patch_items(split_items(recipes or ["none"]), setting)
+        except ValueError as error:
+            fail(str(error))
 
     config = BenchConfig(
         model=model, recipes=recipes or ["none"], baselines=baselines or [], steps=steps, num_samples=num_samples,
@@ -136,6 +180,12 @@ def bench(
     if processes > 1 and not launched_distributed():
         check_output_dir(output)
         raise typer.Exit(_relaunch(processes, sys.argv[1:]))
+    if setting is not None and not launched_distributed():
+        check_output_dir(output)
+        raise typer.Exit(par.relaunch(setting.processes, sys.argv[1:]))
+    if setting is not None:
+        _parallel_bench(config, setting, quiet)
+        return
     if fid_weights is not None and not fid_weights.exists() and ":" not in str(fid_weights):
         fail(f"--fid-weights {str(fid_weights)!r} does not exist (a local TorchScript file, or owner/repo:file.pt "
              "on the hub)")
@@ -154,6 +204,42 @@ def bench(
             fail(_first_line(error))
     if not rows:  # a data-parallel helper process: the main process reports
         return
+    _print_rows(rows, output)
+
+
+def _parallel_bench(config, setting, quiet: bool) -> None:
+    """``bench --parallel`` inside one of its processes: split the transformer, run the harness in lockstep with
+    the other processes (see :class:`_LockstepRanks`), report on rank 0."""
+    from dit_accel.bench.harness import run_bench
+    from dit_accel.cli import parallel as par
+
+    main_process = par.rank() == 0
+    if main_process:
+        check_output_dir(config.out_dir)
+    else:
+        warnings.simplefilter("ignore")  # said once, by rank 0
+    where = par.worker_device(config.device)
+    with _library_logs(quiet or not main_process):
+        pipe, family = load_model(config.model)
+        try:
+            par.init_workers(setting, where)
+            par.prepare_pipeline(pipe, setting, where)
+        except (ValueError, RuntimeError, AssertionError) as error:
+            if not main_process:  # every process meets the same problem: rank 0 says it
+                raise typer.Exit(2) from None
+            fail(_first_line(error))
+        with _lockstep(config.out_dir, main_process) as out_dir:
+            config.out_dir, config.device = out_dir, str(where)
+            try:
+                rows = run_bench(config, progress=not quiet and main_process, pipe=pipe, family=family)
+            except ValueError as error:
+                fail(_first_line(error))
+    if main_process:
+        _print_rows(rows, config.out_dir)
+    par.finish_workers()
+
+
+def _print_rows(rows: list[dict], output: Path) -> None:
     for row in rows:
         if row.get("unavailable"):
             typer.echo(f"{row['config']}: unavailable ({row['unavailable']})")

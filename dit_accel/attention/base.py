@@ -9,9 +9,13 @@ everything exactly, and puts the sequence back together.
 A key-padding mask over text tokens (HunyuanVideo pads every prompt and masks the padding, Qwen-Image masks it when
 a batch mixes prompt lengths) is served exactly: each sample's masked text keys are left out, one call of the
 plugin per distinct prompt length. Calls it cannot handle exactly as described (any other attention mask, causal
-attention, dropout, a sequence that does not match the token grid, as under context parallelism) run dense, are
-counted in ``fallbacks`` and warned about once per reason, so an acceleration that is not happening never goes
-unnoticed.
+attention, dropout, a sequence that does not match the token grid) run dense, are counted in ``fallbacks`` and
+warned about once per reason, so an acceleration that is not happening never goes unnoticed.
+
+Under Ulysses context parallelism a rank attends over every token for a share of the heads; the plugin runs on the
+sequence put back in the model's order (:func:`~dit_accel.core.parallel.ulysses_attention`), as on one process.
+Ring attention is refused with a ``ValueError`` at install (enable the parallelism before ``accelerate_dit``), and
+``patch-parallel`` refuses attention plugins itself: neither is served dense in silence.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dit_accel.attention.tiled import tiled_attention
 from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId, padding_groups, unsupported_options
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import attention_refusal, parallel_setting, ulysses_attention
 from dit_accel.core.plugin import Plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_range
 
@@ -109,7 +114,18 @@ class ImageAttentionPlugin(Plugin):
                 raise ValueError(f"{self.name}: rettention=True is not allowed: {self.name} computes no sparse "
                                  "image attention to correct (allowed: false)")
             self._rettention = RettentionState(self.config.rettention_interval, self.config.rettention_drift)
-        self.target.attention.route(layers, self._attend, owner=self, when=self._active, steps=self.config.steps)
+        setting = parallel_setting(self.target.transformer)
+        error = attention_refusal(self.name, setting) if setting is not None else None
+        if error is not None:
+            raise error
+        self.target.attention.route(layers, self._routed, owner=self, when=self._active, steps=self.config.steps)
+
+    def _routed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                call: AttentionCall) -> torch.Tensor:
+        setting = parallel_setting(self.target.transformer)
+        if setting is None:
+            return self._attend(query, key, value, call)
+        return ulysses_attention(self.name, setting, self._attend, query, key, value, call)
 
     def remove(self) -> None:
         self.target.attention.unroute(self)
@@ -178,7 +194,7 @@ class ImageAttentionPlugin(Plugin):
         if call.layout.grid is None:
             return "the token grid of this model could not be read"
         if not call.layout.matches(query.shape[2]):
-            return "the sequence does not match the token grid (context parallelism splits it)"
+            return "the sequence does not match the token grid"
         return None
 
     def _fallback(self, reason: str, call: AttentionCall) -> None:

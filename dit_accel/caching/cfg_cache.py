@@ -15,6 +15,11 @@ high band late.
   (``CallContext.rows``) and keep the other rows' state (see :mod:`dit_accel.core.rows`).
 
 The rebuild itself, :func:`rebuild_uncond`, and the step rule, :func:`skips_uncond`, are pure functions.
+
+Under sequence parallelism (``ulysses``/``ring``/``patch``) this hook sits outside diffusers' split and gather
+hooks as long as the parallelism is enabled before ``accelerate_dit``: it sees the whole latent and the gathered
+output, so the frequency split runs on the whole grid, and its window is a fixed schedule (stacked on fbcache,
+magcache or speca, the computing steps it counts follow their decisions, which are alike on every rank).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ steps the attention core is computed for the conditional rows only and copied to
 Batched CFG (DiT, PixArt, SD3): the call's cond rows compute, the uncond rows receive the copy. Separate calls (Flux
 true-CFG, Wan): the cond call stores each layer's output and the uncond call of the same step returns it without
 computing. Projections, norms and gates still run per branch; only the attention core is shared.
+
+Under Ulysses context parallelism each rank attends over every token for a share of the heads, and the copy works
+as on one process; ring attention (key chunks merged outside SDPA) and ``patch-parallel`` (which computes attention
+itself) are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from dit_accel.core.attention import AttentionCall
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import attention_refusal, parallel_setting
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
 
@@ -55,9 +60,17 @@ class CFGSharePlugin(Plugin):
     kind = "attention"
 
     def install(self) -> None:
+        self._check_parallel()
         self.stored: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
         self.reset()
         self.target.route_attention(self, self._attend)
+
+    def _check_parallel(self) -> None:
+        """Refuse ring attention and patch-parallel: the attention call is not whole there (see the docstring)."""
+        setting = parallel_setting(self.target.transformer)
+        error = attention_refusal("cfg-share", setting) if setting is not None else None
+        if error is not None:
+            raise error
 
     def _active(self, context: CallContext | None) -> bool:
         if context is not None:
@@ -67,6 +80,7 @@ class CFGSharePlugin(Plugin):
                 and sharing_window(context.step, context.num_steps, self.config.start, self.config.end))
 
     def _attend(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        self._check_parallel()  # parallelism enabled after accelerate_dit is only seen here
         context = call.context
         roles = [] if context is None else [branch.role for branch in context.branches]
         self._saw_uncond = self._saw_uncond or "uncond" in roles

@@ -16,6 +16,12 @@ step) so the forecast at this step reproduces ``m_c`` at the representative exac
 ``m_c`` itself and then adds the change on top, counting the elapsed change twice at refreshed tokens (``False``
 restores that). At ``order=0`` the two agree. Clusters need no token grid: they are over the MLP input's own
 tokens (the image part of a joint sequence), so every family with an image or joint MLP sub-layer is served.
+
+Under sequence parallelism (``ulysses``/``ring``/``patch``) each rank clusters the image tokens of its own shard
+into ``clusters`` clusters and refreshes their representatives: an MLP acts on each token alone, so a rank needs
+nothing from the others, and its work per cheap step stays ``clusters`` tokens. The cheap steps are the fixed
+schedule's, the same on every rank; the clusters (and so the output) differ from one process's clusters of the
+whole grid.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from dit_accel.caching.forecasters import taylor_forecast, update_differences
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin, _merged_key, flatten_output
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import parallel_setting, shard_positions
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
@@ -219,6 +226,12 @@ class ClusCaPlugin(IntervalSubLayerPlugin):
     def _image_span(self, context: CallContext, name: str, length: int) -> tuple[int, int]:
         """Where the image tokens sit in this MLP's input: all of it, or the non-text part of a joint sequence."""
         text = context.num_text_tokens if self.clustered[name] == "joint" else 0
+        setting = parallel_setting(self.target.transformer)
+        if setting is not None and context.grid is not None:  # a shard: [its text chunk, its image chunk]
+            layout = shard_positions(length, setting.world, setting.rank, text, context.grid.num_tokens,
+                                     self.target.spec.text_position != "last", setting.text_sharded)
+            if layout is not None and layout.image:
+                return layout.image_slice.start, layout.image_slice.stop
         if text <= 0 or text >= length:
             return 0, length
         return (text, length) if self.target.spec.text_position == "first" else (0, length - text)

@@ -4,6 +4,8 @@
 The front blocks shape the outline of the image and the rear blocks its details, so in early steps (before the
 boundary) the rear group is cached and in late steps the front group. On cached steps the group returns its
 current input plus the delta it produced when last computed; a full step every ``interval`` steps refreshes it.
+The schedule depends on the step alone, so under sequence parallelism every rank skips the same groups on the same
+steps and caches its own shard of the delta.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from diffusers.hooks import ModelHook
 
 from dit_accel.caching.blockrange import BlockRange, block_streams
 from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import all_reduce_sum, parallel_setting
 from dit_accel.core.rows import put_rows, take_rows
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
@@ -145,11 +145,9 @@ class FirstBlockCachePlugin(Plugin):
                 or not self.target.in_scope(config, context)):
             return never
         numerator, denominator = relative_l1_per_row(residual, previous)
-        parallel = getattr(self.target.transformer, "_parallel_config", None)
-        if parallel is not None and dist.is_available() and dist.is_initialized():
-            both = torch.stack([numerator, denominator])
-            dist.all_reduce(both)  # every rank sees the statistic of the whole sequence
-            numerator, denominator = both[0], both[1]
+        setting = parallel_setting(self.target.transformer)
+        if setting is not None:  # every rank sees the statistic of the whole sequence, so all decide alike
+            numerator, denominator = all_reduce_sum(torch.stack([numerator, denominator]), setting)
         skip = skip_rows(numerator, denominator, config.threshold)
         roles = tuple(branch.role for branch in context.branches)
         if roles not in self._partners:

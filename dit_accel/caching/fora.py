@@ -4,6 +4,9 @@ Every ``interval`` steps each block's attention and MLP sub-layers are computed 
 the gate) cached; in between, the cached outputs are reused while the block's modulation and gates are computed
 fresh for the current timestep. The first and last steps can be forced to compute: the first steps shape the
 image's layout and the last ones its fine detail.
+
+The schedule depends on the step alone, so under sequence parallelism (``ulysses``/``ring``/``patch``) every rank
+reuses on the same steps and caches its own shard of each output: nothing to exchange.
 """
 
 from __future__ import annotations

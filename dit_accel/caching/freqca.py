@@ -15,8 +15,11 @@ Where we differ from the reference, and why:
   radial index normalised per axis so non-square grids keep a round low band;
 * the encoder (text) stream's residual, where a family returns one, and text tokens that share the hidden stream
   are reused whole: no family reads them after the last block, so a forecast would cost memory for nothing;
-* a residual that cannot be laid on the grid (a sequence-parallel shard, extra condition tokens) is never
-  approximated: that call computes, and the plugin says why once.
+* a residual that cannot be laid on the grid (extra condition tokens, uneven shards) is never approximated: that
+  call computes, and the plugin says why once;
+* under sequence parallelism (``ulysses``/``ring``/``patch``) each rank holds a shard of rows; the shards are
+  gathered on full steps, split on the whole grid, and each rank keeps its rows of both bands: the bands, and the
+  decisions (a fixed schedule), are the single-process ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dit_accel.caching.blockrange import BlockRange
 from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import all_gather_tokens, parallel_setting, shard_positions
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
 
@@ -203,12 +207,11 @@ class _BandRange(BlockRange):
         output = super().end(context, output, contract)
         plugin = self.plugin
         residual = self.residuals[context.slot][0]
-        where = image_slice(residual.shape[1], context.grid, context.num_text_tokens,
-                            self.target.spec.text_position)
+        where = plugin.image_part(residual.shape[1], context)
         if where is None:  # decide() let this call compute for that reason; nothing to split
             self.bands.pop(context.slot, None)
             return output
-        low, high = split_bands(residual[:, where], context.grid, plugin.config.cutoff)
+        low, high = plugin.bands(residual[:, where], context)
         previous = self.bands.get(context.slot)
         # The reference's derivative ladder starts at step first_enhance - 2: the noisiest steps' differences would
         # mislead the forecast for the whole schedule.
@@ -281,6 +284,33 @@ class FreqCaPlugin(Plugin):
     def position(self, context: CallContext) -> float:
         return float(context.step) if self.config.distance == "step" else context.timestep
 
+    def image_part(self, length: int, context: CallContext) -> slice | None:
+        """Where this rank's image tokens sit in a hidden stream of ``length`` tokens (:func:`image_slice`; under
+        sequence parallelism the rank's shard of them, see :mod:`dit_accel.core.parallel`)."""
+        setting = parallel_setting(self.target.transformer)
+        text_position = self.target.spec.text_position
+        if setting is None:
+            return image_slice(length, context.grid, context.num_text_tokens, text_position)
+        if context.grid is None or not setting.even:
+            return None
+        layout = shard_positions(length, setting.world, setting.rank, context.num_text_tokens,
+                                 context.grid.num_tokens, text_position != "last", setting.text_sharded)
+        if layout is None or layout.image != context.grid.num_tokens:
+            return None
+        return layout.image_slice
+
+    def bands(self, image: torch.Tensor, context: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)`` of this rank's image tokens. The DCT needs the whole grid: under sequence parallelism the
+        shards are gathered (once per full step), split, and this rank keeps its rows, exactly the single-process
+        bands."""
+        setting = parallel_setting(self.target.transformer)
+        if setting is None or image.shape[1] == context.grid.num_tokens:
+            return split_bands(image, context.grid, self.config.cutoff)
+        whole = all_gather_tokens(image, setting)
+        low, high = split_bands(whole, context.grid, self.config.cutoff)
+        mine = slice(setting.rank * image.shape[1], (setting.rank + 1) * image.shape[1])
+        return low[:, mine].contiguous(), high[:, mine].contiguous()
+
     # ----------------------------------------------------------------------------------- RangePolicy
     def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
         config = self.config
@@ -289,8 +319,7 @@ class FreqCaPlugin(Plugin):
             self.warn_unknown_length(context, f"last_steps={config.last_steps} cannot keep the final steps computed")
         cheap = (not full_step(context.step, context.num_steps, config.interval, config.first_steps,
                                config.last_steps) and self.target.in_scope(config, context))
-        if cheap and image_slice(hidden.shape[1], context.grid, context.num_text_tokens,
-                                 self.target.spec.text_position) is None:
+        if cheap and self.image_part(hidden.shape[1], context) is None:
             self._say_unmapped(context, hidden)
             cheap = False
         # A slot computed on a grid it could not split has no bands: it computes again rather than reuse blindly.
@@ -305,7 +334,7 @@ class FreqCaPlugin(Plugin):
         self.unmapped = (
             f"the hidden stream's {hidden.shape[1]} tokens cannot be laid on the image token grid "
             f"({'unknown' if grid is None else f'{grid.frames}x{grid.height}x{grid.width}'}, "
-            f"{context.num_text_tokens} text tokens): extra condition tokens or a sequence-parallel shard; "
+            f"{context.num_text_tokens} text tokens): extra condition tokens or uneven sequence-parallel shards; "
             "those calls compute densely")
         if not self._warned:
             self._warned = True

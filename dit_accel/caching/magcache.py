@@ -23,6 +23,9 @@ the last one adds the residual. What we add to the anchor:
 Rows of one call are computed together, so a call skips only when every row's own curve allows it; when some row
 must compute, the whole call computes and every row takes the fresh result (it costs nothing more) and restarts its
 accumulators. Separate CFG calls (Flux, Wan, zoo:mmdit) are separate branches and skip independently.
+
+Under sequence parallelism (``ulysses``/``ring``/``patch``) the calibration's magnitudes are all-reduced over the
+ranks (:mod:`dit_accel.core.parallel`), so every rank holds the whole sequence's curve and skips the same steps.
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from pathlib import Path
 from typing import ClassVar, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
 from dit_accel.caching.blockrange import BlockRange
 from dit_accel.caching.forecasters import check_forecaster, config_forecaster
 from dit_accel.caching.calibration import CALIBRATION_FORMAT, load_calibration, model_identity, validate_calibration
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import all_reduce_sum, parallel_setting
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_range, register_config
 
@@ -397,9 +400,8 @@ class MagCachePlugin(Plugin):
         dims = tuple(range(1, residual.ndim))
         count = torch.full((residual.shape[0],), float(residual[0].numel()), device=residual.device)
         both = torch.stack([residual.abs().sum(dims), count])
-        parallel = getattr(self.target.transformer, "_parallel_config", None)
-        if parallel is not None and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(both)  # every rank calibrates the same curve from the whole sequence
+        # Every rank calibrates the same curve from the whole sequence (the decisions follow from the curve alone).
+        all_reduce_sum(both, parallel_setting(self.target.transformer))
         magnitude = (both[0] / both[1]).double().cpu()
         self._magnitudes.setdefault(context.slot, {})[context.step] = magnitude
 

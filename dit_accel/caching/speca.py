@@ -9,8 +9,9 @@ full (the rejected step's output already went to the sampler, as in the referenc
 A full step also follows ``max_drafts`` drafts in a row. Decisions are per branch (CFG slot): a rejection in any
 row of the branch makes the branch's next step full.
 
-Pure decision rule: :func:`verification_threshold`, :func:`relative_l1`. The patching is TaylorSeer's sub-layer
-machinery; the probe block always computes on drafted steps once ``min_drafts`` drafts have run.
+Pure decision rule: :func:`verification_threshold`, :func:`relative_l1` (from its sums, :func:`relative_l1_parts`
+and :func:`ratio_of_parts`, which are all-reduced over the ranks under sequence parallelism). The patching is
+TaylorSeer's sub-layer machinery; the probe block always computes on drafted steps once ``min_drafts`` drafts have run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dit_accel.caching.forecasters import check_forecaster
 from dit_accel.caching.sublayer import flatten_output
 from dit_accel.caching.taylorseer import TaylorSeerPlugin, _DTYPES
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import all_reduce_sum, parallel_setting
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
@@ -33,6 +35,24 @@ def verification_threshold(step: int, num_steps: int | None, threshold: float, d
     if not num_steps:
         return max(threshold, floor)
     return max(threshold * decay ** (step / num_steps), floor)
+
+
+def relative_l1_parts(forecast: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """Per sample row (dim 0), stacked ``(3, B)``: ``sum |forecast - actual|``, ``sum |actual|`` and the element
+    count, in float32; sums over sequence shards add up to the whole sequence's (:func:`ratio_of_parts`)."""
+    rows = actual.shape[0] if actual.dim() > 1 else 1
+    error = (forecast.float() - actual.float()).abs().reshape(rows, -1)
+    scale = actual.float().abs().reshape(rows, -1)
+    count = torch.full((rows,), float(error.shape[1]), device=error.device)
+    return torch.stack([error.sum(1), scale.sum(1), count])
+
+
+def ratio_of_parts(parts: torch.Tensor) -> torch.Tensor:
+    """:func:`relative_l1` from (possibly summed) :func:`relative_l1_parts`: ``error / scale``, or the mean error
+    where the scale vanishes."""
+    error, scale, count = parts[0], parts[1], parts[2]
+    return torch.where(scale > 0, error / scale.clamp_min(torch.finfo(torch.float32).tiny),
+                       error / count.clamp_min(1.0))
 
 
 def relative_l1(forecast: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
@@ -182,10 +202,13 @@ class SpeCaPlugin(TaylorSeerPlugin):
             return
         forecast_leaves, _ = flatten_output(served[0])
         leaves, _ = flatten_output(output)
-        errors = [relative_l1(f, a).max() for f, a in zip(forecast_leaves, leaves) if f.shape == a.shape]
-        if not errors:
+        parts = [relative_l1_parts(f, a) for f, a in zip(forecast_leaves, leaves) if f.shape == a.shape]
+        if not parts:
             return
-        worst = float(torch.stack(errors).max())
+        # Summed over the ranks under sequence parallelism: every rank accepts or rejects the draft alike (ranks
+        # that disagreed would run different steps and hang in their collectives).
+        parts = all_reduce_sum(torch.stack(parts), parallel_setting(self.target.transformer))
+        worst = float(max(ratio_of_parts(p).max() for p in parts))
         self.verified += 1
         rejected = worst > self._tau(context.step, context.num_steps)
         self.rejected += rejected

@@ -18,11 +18,15 @@ change by the trust ``t = min(1, 2 g)`` (clipped at 0), relaxed toward 1 for pos
 (``1 - (1 - t) * k / span``: a trend bent by curvature overshoots in proportion to the distance). ``t = 1`` is plain
 TaylorSeer; ``t = 0`` is reuse. Chosen on the zoo models' calibration seeds (an uncommitted sweep) over the plain
 share ``g``, which damped zoo:mmdit's smooth forecasts, and over a 0/1 switch at ``g = 0.5``.
+
+Under sequence parallelism the two dot products behind ``g`` are summed over the ranks
+(:mod:`dit_accel.core.parallel`), so every rank trusts a forecast alike; the schedule itself is fixed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +39,7 @@ from dit_accel.caching.forecasters import (
 )
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin, flatten_output
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import all_reduce_sum, parallel_setting
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
@@ -55,7 +60,8 @@ def extrapolation(state: tuple[list[float], list[torch.Tensor]], position: float
     return result
 
 
-def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Tensor, position: float) -> torch.Tensor:
+def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Tensor, position: float,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """How far to trust the state's forecast change, from how much of it at ``position`` the computed ``value``
     bore out.
 
@@ -63,26 +69,29 @@ def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Te
     ``e`` (:func:`extrapolation`) that came true; the forecast beat reuse iff ``g > 0.5``, so the trust is
     ``min(1, 2 g)`` clipped at 0: full where forecasting helped, fading to reuse where it did not; 0 where ``e`` is
     zero. Shape ``(B, 1, ...)`` float32, broadcastable against ``value``; computed on the device (no host sync).
+    ``reduce`` (the two dot products stacked, ``(2, B)``, to summed ones): under sequence parallelism it sums them
+    over the ranks, so that every rank trusts the forecast alike.
     """
     positions, differences = state
+    rows = value.shape[0] if value.dim() > 1 else 1
+    shape = (rows,) + (1,) * (value.dim() - 1) if value.dim() > 1 else (1,)
     if len(differences) == 2:
         # Order 1, the common case: e = F[x0,x1] w, so both products are dot products of cached tensors with
         # ``value``; vecdot reads each tensor once and allocates nothing full-size (3x faster on CPU).
-        rows = value.shape[0] if value.dim() > 1 else 1
         slope = differences[1].float().reshape(rows, -1)
         weight = position - positions[0]
         along = torch.linalg.vecdot(value.float().reshape(rows, -1), slope)
-        along = along - torch.linalg.vecdot(differences[0].float().reshape(rows, -1), slope)
+        along = (along - torch.linalg.vecdot(differences[0].float().reshape(rows, -1), slope)) * weight
         energy = torch.linalg.vecdot(slope, slope) * (weight * weight)
-        gain = along * weight / energy.clamp_min(torch.finfo(torch.float32).tiny)
-        shape = (rows,) + (1,) * (value.dim() - 1) if value.dim() > 1 else (1,)
-        energy, gain = energy.view(shape), gain.view(shape)
     else:
-        change = extrapolation(state, position).float()
-        actual = value.float() - differences[0].float()
-        dims = tuple(range(1, change.dim())) if change.dim() > 1 else (0,)
-        energy = (change * change).sum(dims, keepdim=True)
-        gain = (actual * change).sum(dims, keepdim=True) / energy.clamp_min(torch.finfo(torch.float32).tiny)
+        change = extrapolation(state, position).float().reshape(rows, -1)
+        actual = (value.float() - differences[0].float()).reshape(rows, -1)
+        energy = (change * change).sum(1)
+        along = (actual * change).sum(1)
+    if reduce is not None:
+        along, energy = reduce(torch.stack([along, energy]))
+    gain = along / energy.clamp_min(torch.finfo(torch.float32).tiny)
+    energy, gain = energy.view(shape), gain.view(shape)
     return torch.where(energy > 0, (2 * gain).clamp(0.0, 1.0), torch.zeros_like(gain))
 
 
@@ -206,8 +215,10 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
             # Some rows were filled in (a cfg-cache call): restart the polynomial there, as BlockRange does.
             previous = [None] * len(leaves)
         values = [leaf.detach().to(self._dtype) for leaf in leaves]
+        setting = parallel_setting(self.target.transformer)
+        reduce = None if setting is None else (lambda both: all_reduce_sum(both, setting))
         gains = [
-            forecast_gain(old, value, position)
+            forecast_gain(old, value, position, reduce)
             if self._newton and self.config.verify and old is not None and len(old[1]) > 1
             and old[1][0].shape == value.shape else None
             for old, value in zip(previous, values)

@@ -11,6 +11,11 @@ no attention map, so SDPA / flash attention stay usable:
 
 and the chosen tokens are spread over the image: the best-scoring token of every ``spread x spread`` cell of the
 token grid is taken first, the rest by score.
+
+Under sequence parallelism (``ulysses``/``ring``/``patch``) the scores of the whole stream are gathered and the
+choice is made on them, identically on every rank and as one process would; each rank recomputes the chosen tokens
+of its own shard (their number varies a little between ranks; the spread keeps it close to ``k / ranks``).
+``attention_ratio > 0`` is refused there (see :mod:`dit_accel.core.parallel`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.context import CallContext
+from dit_accel.core.parallel import local_choice, parallel_setting, refusal, whole_stream
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_range, register_config
 
@@ -97,6 +103,12 @@ class ToCaConfig(PluginConfig):
         check_range(self, "last_steps", 0, 1000, integer=True)
 
 
+def _attention_refusal(setting) -> ValueError:
+    return refusal("toca", setting, "attention_ratio > 0 recomputes chosen queries inside the attention call, "
+                   "which the ranks hold in another order and split (ulysses: by heads; ring and patch: by keys)",
+                   "attention_ratio=0 (the MLP token refresh decides alike on every rank)")
+
+
 def _module_input(args: tuple, kwargs: dict | None) -> torch.Tensor | None:
     value = (kwargs or {}).get("hidden_states", args[0] if args else None)
     return value if isinstance(value, torch.Tensor) and value.ndim == 3 else None
@@ -113,6 +125,9 @@ class ToCaPlugin(IntervalSubLayerPlugin):
         self._queries: tuple[torch.Tensor, int] | None = None  # (token indices, module input length) while active
         self.attention_outputs: dict[tuple, torch.Tensor] = {}
         if self.config.attention_ratio > 0:
+            setting = parallel_setting(self.target.transformer)
+            if setting is not None:
+                raise _attention_refusal(setting)
             self.target.route_attention(self, self._attend)
 
     def _ratio(self, name: str) -> float:
@@ -137,10 +152,11 @@ class ToCaPlugin(IntervalSubLayerPlugin):
         if entry is None or current is None or "input" not in entry or current.shape != entry["input"].shape:
             return None
         scores = token_scores(current, entry["input"], entry["staleness"], self.config.staleness_weight)
-        offset = context.num_text_tokens if (self.roles[name].stream == "joint"
-                                             and self.target.spec.text_position == "first") else 0
-        k = max(1, round(self._ratio(name) * current.shape[1]))
-        index = spread_top_k(scores, k, context.grid, offset, self.config.spread)
+        choice = self._choose(context, name, scores)
+        if choice is None:
+            return None
+        index, valid, fraction = choice
+        k = index.shape[1]
         gather = index[..., None].expand(-1, -1, current.shape[-1])
         if self.roles[name].role == "mlp":
             if not isinstance(entry["output"], torch.Tensor):
@@ -150,8 +166,13 @@ class ToCaPlugin(IntervalSubLayerPlugin):
                 fresh = forward(chosen, *args[1:], **kwargs)
             else:
                 fresh = forward(**{**kwargs, "hidden_states": chosen})
+            if valid is not None:
+                # Padding repeats a row's first pick (its own fresh value is written twice), or token 0 in a row
+                # with no pick on this rank (its cached output is written back).
+                cached = entry["output"].gather(1, index[..., None].expand(-1, -1, fresh.shape[-1]))
+                pad = torch.where(valid[:, :1, None], fresh[:, :1], cached)
+                fresh = torch.where(valid[..., None], fresh, pad.to(fresh.dtype))
             output = entry["output"].scatter(1, index[..., None].expand(-1, -1, fresh.shape[-1]), fresh)
-            fraction = k / current.shape[1]
         else:
             self._queries = (index, current.shape[1])
             try:
@@ -159,12 +180,43 @@ class ToCaPlugin(IntervalSubLayerPlugin):
             finally:
                 self._queries = None
             core = self.target.stats.core_fraction(context, name)
-            fraction = 1.0 - core * (1.0 - k / current.shape[1])
-        entry["input"] = entry["input"].scatter(1, gather, current.gather(1, gather))
-        entry["staleness"] = (entry["staleness"] + 1).scatter(1, index, 0)
+            fraction = 1.0 - core * (1.0 - fraction)
+        if valid is None:
+            entry["input"] = entry["input"].scatter(1, gather, current.gather(1, gather))
+            entry["staleness"] = (entry["staleness"] + 1).scatter(1, index, 0)
+        else:  # only the tokens a valid pick names are refreshed (padding may repeat a pick, or name token 0)
+            fresh_mask = torch.zeros_like(entry["staleness"], dtype=torch.int8).scatter_reduce(
+                1, index, valid.to(torch.int8), reduce="amax").bool()
+            entry["input"] = torch.where(fresh_mask[..., None], current.detach(), entry["input"])
+            entry["staleness"] = torch.where(fresh_mask, 0, entry["staleness"] + 1)
         entry["output"] = output
         self.target.stats.record(context, name, "partial", computed_fraction=fraction)
         return output
+
+    def _choose(self, context: CallContext, name: str, scores: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+        """The tokens to recompute, as ``(index (B, k), valid (B, k) or None, fraction of the stream)``; ``None``:
+        compute the sub-layer in full. Under sequence parallelism the top-k is taken over the whole stream's scores
+        (gathered, in the model's order), the same choice on every rank and the single-process one; each rank
+        recomputes the chosen tokens it holds (``valid`` marks the padding of rows with fewer of them)."""
+        offset = context.num_text_tokens if (self.roles[name].stream == "joint"
+                                             and self.target.spec.text_position == "first") else 0
+        setting = parallel_setting(self.target.transformer)
+        if setting is None:
+            k = max(1, round(self._ratio(name) * scores.shape[1]))
+            return spread_top_k(scores, k, context.grid, offset, self.config.spread), None, k / scores.shape[1]
+        if self.config.attention_ratio > 0:
+            raise _attention_refusal(setting)
+        image = context.grid.num_tokens if context.grid is not None else 0
+        whole = whole_stream(scores, setting, context.num_text_tokens, image,
+                             self.target.spec.text_position != "last")
+        if whole is None:  # alike on every rank: the layout is read from shapes all ranks share
+            return None
+        scores, layout = whole
+        k = max(1, round(self._ratio(name) * layout.total))
+        chosen = spread_top_k(scores, k, context.grid, offset, self.config.spread)
+        index, valid = local_choice(chosen, layout.positions, layout.total)
+        return index, valid, k / layout.total
 
     def _attend(self, query, key, value, call):
         """SDPA of a routed attention layer: full on full steps (and remembered), chosen queries on cached steps."""

@@ -27,8 +27,9 @@ a ``_cp_plan`` this module knows (Flux, Wan, LTX-Video, Qwen-Image), a model alr
 an attention plugin (or cfg-share / toca) in the same recipe, and at call time a grid whose rows do not split into
 equal patches, or an attention mask other than key padding over text. Video grids are split over their rows stacked
 frame after frame (so patches are runs of frames when the frames divide evenly); PCPP's bands and tiles follow those
-stacked rows. Caching plugins may be stacked when every rank decides alike: fixed schedules, or fbcache/magcache,
-which all-reduce their statistic because the transformer's ``_parallel_config`` is set while this is installed.
+stacked rows. Caching plugins may be stacked: every rank decides alike, because the transformer's
+``_parallel_config`` is set while this is installed and the adaptive ones reduce their statistics over the ranks
+(:mod:`dit_accel.core.parallel`; see the README's Parallelism table for which combine).
 """
 
 from __future__ import annotations
