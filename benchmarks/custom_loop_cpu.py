@@ -17,6 +17,7 @@ import copy
 import io
 import json
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -112,6 +113,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", nargs="*", default=RECIPES, help="dit_accel recipes to run")
+    parser.add_argument("--baselines", nargs="*", default=[label for label, _, _ in BASELINES],
+                        help="diffusers baselines to run (labels of BASELINES)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the previous results file that this run does not measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformer = zoo.load("flowdit").transformer
@@ -125,7 +131,7 @@ def main() -> None:
     timing_chunk = chunks[0]
     rows = []
 
-    for recipe in RECIPES:
+    for recipe in args.recipes:
         handle = accelerate_dit(transformer, recipe)
 
         def run(loop, handle=handle):
@@ -142,7 +148,7 @@ def main() -> None:
         rows.append({"configuration": recipe, "kind": "dit_accel", "wall_speedup": round(speed, 3),
                      "psnr": round(psnr(images, dense), 2), "flops_fraction": round(flops, 3)})
         print(rows[-1], flush=True)
-    for label, name, setting in BASELINES:
+    for label, name, setting in (b for b in BASELINES if b[0] in args.baselines):
         baseline = Diffusers(transformer, name, setting,
                              lambda: euler(transformer, torch.arange(args.batch) % 10, 99_999))
         images = quality_pass(baseline.run)
@@ -151,6 +157,11 @@ def main() -> None:
         rows.append({"configuration": label, "kind": "baseline", "wall_speedup": round(speed, 3),
                      "psnr": round(psnr(images, dense), 2), "flops_fraction": None})
         print(rows[-1], flush=True)
+    if args.merge and (args.out / "custom-loop-flowdit.json").is_file():  # rows measured earlier, in their order
+        measured = {r["configuration"]: r for r in rows}
+        previous = json.loads((args.out / "custom-loop-flowdit.json").read_text())["rows"]
+        kept = [measured.pop(r["configuration"], r | {"earlier_run": True}) for r in previous]
+        rows = kept + list(measured.values())
     write(args, rows)
 
 
@@ -172,15 +183,16 @@ def side_by_side_pairs(dense_transformer, transformer, chunk, run, repeats: int)
 def write(args, rows: list[dict]) -> None:
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     lines = ["# Caching through a custom loop on zoo:flowdit (evaluation-only)", "",
-             f"`python benchmarks/custom_loop_cpu.py --samples {args.samples} --batch {args.batch} --repeats "
-             f"{args.repeats}` on {machine}: the bare transformer, a hand-written Euler loop with batched CFG, "
-             f"{STEPS} steps; dit_accel recipes declared with `handle.generation(num_steps=50, "
+             f"`python benchmarks/custom_loop_cpu.py {' '.join(sys.argv[1:])}` on {machine}: the bare transformer, "
+             f"a hand-written Euler loop with batched CFG, {STEPS} steps; rows marked (earlier run) are kept from the "
+             "previous results file (`--merge`); dit_accel recipes declared with `handle.generation(num_steps=50, "
              "cfg='batched-cond-first')`, diffusers' hooks with one cache context per loop. Nothing was tuned on "
              "this model.", "",
              "| configuration | kind | wall x | PSNR dB | FLOPs x |", "|---|---|---|---|---|"]
     for r in rows:
         flops = f"{1 / r['flops_fraction']:.2f}" if r["flops_fraction"] else "–"
-        lines.append(f"| {r['configuration']} | {r['kind']} | {r['wall_speedup']:.2f} | {r['psnr']:.2f} | {flops} |")
+        name = r["configuration"] + (" (earlier run)" if r.get("earlier_run") else "")
+        lines.append(f"| {name} | {r['kind']} | {r['wall_speedup']:.2f} | {r['psnr']:.2f} | {flops} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "custom-loop-flowdit.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     (args.out / "custom-loop-flowdit.md").write_text("\n".join(lines) + "\n")
