@@ -49,6 +49,20 @@ def _first_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:300]
 
 
+def start_parallel_workers(pipe, setting, where, main_process: bool) -> None:
+    """Join the process group of ``--parallel`` and set the pipeline up for it; a failure (the same on every
+    process) is reported once, by rank 0, and every process exits with code 2."""
+    from dit_accel.cli import parallel as par
+
+    try:
+        par.init_workers(setting, where)
+        par.prepare_pipeline(pipe, setting, where)
+    except (ValueError, RuntimeError, AssertionError) as error:
+        if not main_process:
+            raise typer.Exit(2) from None
+        fail(_first_line(error))
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -336,13 +350,7 @@ def generate(
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, num_images)
         if setting is not None:
             where = par.worker_device(device)
-            try:
-                par.init_workers(setting, where)
-                par.prepare_pipeline(pipe, setting, where)
-            except (ValueError, RuntimeError, AssertionError) as error:
-                if not main_process:  # every process meets the same problem: rank 0 says it
-                    raise typer.Exit(2) from None
-                fail(_first_line(error))
+            start_parallel_workers(pipe, setting, where, main_process)
             device = str(where)
         handle = accelerate_on(pipe, device, resolved, model)
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [{resolved.name}]")

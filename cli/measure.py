@@ -19,7 +19,7 @@ import typer
 import dit_accel
 from dit_accel.bench.distributed import Ranks
 from dit_accel.cli.app import (DEFAULT_MODEL, TINY_STEPS, _first_line, _library_logs, app, fail, load_model,
-                               parse_overrides)
+                               parse_overrides, start_parallel_workers)
 
 
 def check_output_dir(path: Path) -> None:
@@ -221,13 +221,7 @@ def _parallel_bench(config, setting, quiet: bool) -> None:
     where = par.worker_device(config.device)
     with _library_logs(quiet or not main_process):
         pipe, family = load_model(config.model)
-        try:
-            par.init_workers(setting, where)
-            par.prepare_pipeline(pipe, setting, where)
-        except (ValueError, RuntimeError, AssertionError) as error:
-            if not main_process:  # every process meets the same problem: rank 0 says it
-                raise typer.Exit(2) from None
-            fail(_first_line(error))
+        start_parallel_workers(pipe, setting, where, main_process)
         with _lockstep(config.out_dir, main_process) as out_dir:
             config.out_dir, config.device = out_dir, str(where)
             try:
