@@ -79,9 +79,10 @@ class PatchParallelConfig(PluginConfig):
             (mean key and value, ``log(count)`` logit bias); 0 drops the rest. Allowed: 0-256.
         extrapolate (`bool`, defaults to `True`): forecast the other patches' keys and values at this step from
             the last two exchanged ones (linear in the step index) instead of using the last one as it is: no extra
-            bytes, twice the memory for the remote patches. On zoo:mmdit (2 processes, 20 steps, calibration seed
-            7, benchmarks/results/patch-parallel-calibration-seed7-cpu.md) DistriFusion went from 30.8 to 43.9 dB PSNR against the single-process run; PCPP's error there is
-            its pooled summary, not staleness (20.1 -> 20.2 dB).
+            bytes, twice the memory for the remote patches. On zoo:mmdit (2 processes, 20 steps, calibration
+            seed 7, benchmarks/results/patch-parallel-calibration-seed7-cpu.md) DistriFusion went from 30.8 to
+            43.9 dB PSNR against the single-process run; PCPP's error there is its pooled summary, not staleness
+            (20.1 -> 20.2 dB).
 
     ``steps`` and ``layers`` must stay unset: every rank needs the other patches at every attention layer.
     """
