@@ -11,7 +11,7 @@ import pipelines_for_tests as pipes
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.caching.taylorseer import (TaylorSeerConfig, TaylorSeerPlugin, forecast_gain, taylor_forecast,
                                           update_differences, verified_forecast)
-from dit_accel.caching.sublayer import flatten_output
+from dit_accel.caching.sublayer import computes_at, flatten_output
 
 
 def generate(pipe, name, **kwargs):
@@ -154,10 +154,24 @@ def test_config_validation_and_recipes():
     assert [load_recipe(n).plugins[0].interval for n in ("taylorseer", "taylorseer-fast", "taylorseer-max")] == [3, 5, 7]
 
 
+def test_end_anchored_schedule_keeps_the_final_step_full_at_no_extra_cost():
+    full = [s for s in range(50) if computes_at(s, 50, 3, 3, 0, "end")]
+    assert full == [0, 1, 2] + list(range(4, 50, 3))  # diffusers' TaylorSeer (warm-up 3, interval 3) at 50 steps
+    for steps in range(8, 40):
+        start = [s for s in range(steps) if computes_at(s, steps, 4, 2, 1, "start")]
+        end = [s for s in range(steps) if computes_at(s, steps, 4, 2, 1, "end")]
+        assert end[-1] == steps - 1 and len(end) <= len(start)
+        assert all(b - a <= 4 for a, b in zip(end, end[1:]))
+    # Unknown length (an undeclared custom loop): the start-anchored grid.
+    assert [s for s in range(12) if computes_at(s, None, 3, 2, 1, "end")] == [0, 1, 2, 5, 8, 11]
+    with pytest.raises(ValueError, match="anchor = 'middle' is not allowed; allowed: 'start', 'end'"):
+        TaylorSeerConfig(anchor="middle")
+
+
 def test_order_zero_equals_fora_and_interval_one_is_dense(family):
     pipe = pipes.build(family)
     dense = generate(pipe, family, steps=6)
-    accelerate_dit(pipe, "fora", interval=2, first_steps=2)
+    accelerate_dit(pipe, "fora", interval=2, first_steps=2, last_steps=0, anchor="end")  # the taylorseer recipe's grid
     fora = generate(pipe, family, steps=6)
     handle = accelerate_dit(pipe, "taylorseer", interval=2, order=0, first_steps=2)
     assert torch.equal(generate(pipe, family, steps=6), fora)
@@ -214,7 +228,7 @@ def test_verified_order_one_beats_reuse_and_diffusers_taylorseer_on_its_schedule
         kwargs = pipes.call_kwargs(model, steps=50, seed=7, batch_size=2)
         return runner(lambda: pipes.output_of(model, pipe(**kwargs)))
 
-    same_schedule = dict(interval=3, first_steps=1, steps=[3, 50], last_steps=0)
+    same_schedule = dict(interval=3, first_steps=3, last_steps=0, anchor="end")
     with torch.no_grad():
         dense = run()
         results = {}

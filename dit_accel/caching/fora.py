@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin, computes_at
 from dit_accel.core.context import CallContext
 from dit_accel.core.plugin import register_plugin
-from dit_accel.recipe import PluginConfig, check_range, register_config
+from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
 
 
 fora_computes = computes_at  # FORA's schedule: see computes_at
@@ -33,17 +33,23 @@ class ForaConfig(PluginConfig):
             Allowed: 1-50.
         first_steps (`int`, defaults to `1`): steps at the start that always compute. Allowed: 0-1000.
         last_steps (`int`, defaults to `1`): steps at the end that always compute. Allowed: 0-1000.
+        anchor (`str`, defaults to `"start"`): where the grid of full steps is anchored: ``"start"`` counts every
+            ``interval`` steps from ``first_steps``; ``"end"`` counts back from the final step (when the schedule
+            length is known), so the final step is a full step at no extra cost (diffusers' TaylorSeer schedule is
+            ``first_steps=3, last_steps=0, anchor="end"`` at 50 steps, interval 3).
     """
 
     kind = "schedule"
     interval: int = 3
     first_steps: int = 1
     last_steps: int = 1
+    anchor: str = "start"
 
     def validate(self) -> None:
         check_range(self, "interval", 1, 50, integer=True)
         check_range(self, "first_steps", 0, 1000, integer=True)
         check_range(self, "last_steps", 0, 1000, integer=True)
+        check_choice(self, "anchor", ("start", "end"))
 
 
 @register_plugin(ForaConfig)

@@ -280,16 +280,21 @@ class SubLayerStore:
         self.clear()
 
 
-def computes_at(step: int, num_steps: int | None, interval: int, first_steps: int, last_steps: int) -> bool:
+def computes_at(step: int, num_steps: int | None, interval: int, first_steps: int, last_steps: int,
+                anchor: str = "start") -> bool:
     """Whether an interval schedule computes (rather than reuses or forecasts) at ``step``.
 
     Steps ``< first_steps`` and the last ``last_steps`` steps (when the schedule length is known) always compute;
-    in between, a step computes every ``interval`` steps counting from ``first_steps``.
+    in between, a step computes every ``interval`` steps counting from ``first_steps`` (``anchor="start"``) or
+    counting back from the final step (``anchor="end"``, when the length is known), so that the final step is a
+    full step without spending an extra one on it (diffusers' TaylorSeer lands there by its offset).
     """
     if step < first_steps or interval == 1:
         return True
     if num_steps is not None and step >= num_steps - last_steps:
         return True
+    if anchor == "end" and num_steps is not None:
+        return (num_steps - 1 - step) % interval == 0
     return (step - first_steps) % interval == 0
 
 
@@ -306,21 +311,24 @@ class IntervalSubLayerPlugin(Plugin):
     def cached_step(self, context: CallContext) -> bool:
         """Whether this call reuses or forecasts (in scope, and not a full step of the schedule)."""
         config = self.config
-        if config.last_steps:
-            self.warn_unknown_length(context, f"last_steps={config.last_steps} cannot keep the final steps computed")
+        anchor = getattr(config, "anchor", "start")
+        if config.last_steps or anchor == "end":
+            self.warn_unknown_length(context, "the final step cannot be kept a full step (last_steps="
+                                              f"{config.last_steps}, anchor={anchor!r})")
         return self.target.in_scope(config, context) and not computes_at(
-            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps)
+            context.step, context.num_steps, config.interval, config.first_steps, config.last_steps, anchor)
 
     def computes_step(self, step: int, num_steps: int) -> bool | None:
         config = self.config
         lo, hi = config.steps if config.steps is not None else (0, num_steps)
         return not lo <= step < hi or computes_at(step, num_steps, config.interval, config.first_steps,
-                                                   config.last_steps)
+                                                   config.last_steps, getattr(config, "anchor", "start"))
 
     def idle_reason(self, steps: int) -> str | None:
         config = self.config
         lo, hi = config.steps if config.steps is not None else (0, steps)
-        if not any(not computes_at(s, steps, config.interval, config.first_steps, config.last_steps)
+        if not any(not computes_at(s, steps, config.interval, config.first_steps, config.last_steps,
+                                   getattr(config, "anchor", "start"))
                    for s in range(max(lo, 0), min(hi, steps))):
             return (f"in a {steps}-step generation every step is a full step (interval={config.interval}, "
                     f"first_steps={config.first_steps}, last_steps={config.last_steps}"

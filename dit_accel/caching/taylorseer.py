@@ -122,6 +122,10 @@ class TaylorSeerConfig(PluginConfig):
         first_steps (`int`, defaults to `4`): warm-up steps that always compute (each adds an order); the first
             steps' features change least predictably. Allowed: 0-1000.
         last_steps (`int`, defaults to `1`): steps at the end that always compute. Allowed: 0-1000.
+        anchor (`str`, defaults to `"start"`): where the grid of full steps is anchored: ``"start"`` counts every
+            ``interval`` steps from ``first_steps``; ``"end"`` counts back from the final step (when the schedule
+            length is known), so the final step is a full step at no extra cost (diffusers' TaylorSeer schedule is
+            ``first_steps=3, last_steps=0, anchor="end"`` at 50 steps, interval 3).
         distance (`str`, defaults to `"timestep"`): ``"timestep"`` measures positions in the transformer's timestep
             input, ``"step"`` in step indices. On a shifted (non-uniform) flow-matching schedule at order 1,
             timesteps measured +1.6 / +0.7 / +0.0 dB PSNR at intervals 3 / 5 / 7 (zoo:mmdit, shift 3; see
@@ -145,6 +149,7 @@ class TaylorSeerConfig(PluginConfig):
     order: int = 1
     first_steps: int = 4
     last_steps: int = 1
+    anchor: str = "start"
     distance: str = "timestep"
     factor_dtype: str = "float32"
     verify: bool = True
@@ -157,6 +162,7 @@ class TaylorSeerConfig(PluginConfig):
         check_range(self, "order", 0, 4, integer=True)
         check_range(self, "first_steps", 0, 1000, integer=True)
         check_range(self, "last_steps", 0, 1000, integer=True)
+        check_choice(self, "anchor", ("start", "end"))
         check_choice(self, "distance", ("timestep", "step"))
         check_choice(self, "factor_dtype", tuple(_DTYPES))
         check_bool(self, "verify")
