@@ -6,8 +6,10 @@
 For each world size the script launches itself under ``torchrun --nproc_per_node=N`` (gloo). Every rank first runs
 the dense pipeline alone (the reference), then the same generation under ``patch-parallel`` (DistriFusion: every
 row of every patch exchanged, one step stale) and ``patch-parallel-pcpp`` (``band`` rows next to each patch exact,
-the rest as ``pool x pool`` mean tiles; by default two settings, ``--pcpp 1:4 1:8``). Reported per model, world size
-and mode:
+the rest as ``pool x pool`` mean tiles; by default two settings, ``--pcpp 1:4 1:8``), each with the cached
+correction (``correction="residual"``: exact minus pooled attention measured on the synchronous steps, added on
+the others) and without (``--corrections``), and optionally with periodic synchronous refreshes
+(``--refresh K ...``, ``refresh_interval``). Reported per model, world size and mode:
 
 * PSNR of the generated images (in [0, 1]) against the single-process dense images, same seeds;
 * bytes exchanged per step after warm-up, summed over all ranks, *counted* (the payloads handed to
@@ -15,13 +17,16 @@ and mode:
 * wall time per generation, labelled as what it is: a CPU simulation (N processes share this machine's cores and
   gloo's loopback transport; it says nothing about GPU speed-ups).
 
-Models: the tiny random-init Flux pipeline (``--size`` pixels, 16x16 tokens at 64) and zoo:mmdit (trained, Flux
-architecture, 8x8 tokens, true CFG as two calls).
+Models: the tiny random-init Flux pipeline (``--size`` pixels, 16x16 tokens at 64), zoo:mmdit (trained, Flux
+architecture, 8x8 tokens, true CFG as two calls) and ``zoo:mmdit-64`` (the same model sampled at 64 px = 16x16
+tokens, outside its 32 px training resolution: RoPE takes any position, but rows and columns 8-15 were never seen in
+training, so its images are no real samples; PSNR against the single process still measures the parallelism).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,8 +39,10 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("flux", "zoo:mmdit")
+MODELS = ("flux", "zoo:mmdit", "zoo:mmdit-64")
 NAME = "patch-parallel-cpu"
+CORRECTIONS = ("residual", "detail", "none")
+CORRECTION_LABELS = {"residual": "residual correction", "detail": "detail correction", "none": "no correction"}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,7 +51,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- worker side
+@contextlib.contextmanager
+def _zoo_image_size(size: int):
+    """The zoo pipelines read their image side from module globals: sample at ``size`` px while inside."""
+    from dit_accel.pipelines.zoo import models, pipelines
+
+    saved = models.IMAGE_SIZE, pipelines.IMAGE_SIZE
+    models.IMAGE_SIZE = pipelines.IMAGE_SIZE = size
+    try:
+        yield
+    finally:
+        models.IMAGE_SIZE, pipelines.IMAGE_SIZE = saved
+
+
 def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[torch.Tensor, float, object]:
+    if model == "zoo:mmdit-64":
+        with _zoo_image_size(64):
+            return _generate("zoo:mmdit", recipe, args, settings)
     from dit_accel import accelerate_dit
 
     if model == "zoo:mmdit":
@@ -68,7 +91,8 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
     plugin = handle.transformers[0].plugins[0] if handle is not None else None
     stats = None if plugin is None else {"bytes_per_step": plugin.bytes_per_step,
                                          "bytes_by_step": dict(plugin.bytes_by_step),
-                                         "fallbacks": sum(plugin.fallbacks.values())}
+                                         "fallbacks": sum(plugin.fallbacks.values()),
+                                         "corrected_calls": plugin.corrections.applied}
     if handle is not None:
         handle.remove()
     return images, wall, stats
@@ -84,9 +108,13 @@ def worker(args) -> None:
     for model in args.models:
         reference, dense_wall, _ = _generate(model, None, args, {})
         modes = {"distrifusion": ("patch-parallel", {"warmup_steps": args.warmup})}
-        for band, pool in args.pcpp:
-            modes[f"pcpp band {band} pool {pool}"] = ("patch-parallel-pcpp", {"warmup_steps": args.warmup, "band": band,
-                                                                              "pool": pool})
+        for band, pool, fixed_correction, fixed_refresh in args.pcpp:
+            for correction in [fixed_correction] if fixed_correction else args.corrections:
+                for refresh in [fixed_refresh] if fixed_refresh is not None else args.refresh:
+                    name = f"pcpp band {band} pool {pool}, {CORRECTION_LABELS[correction]}" + (
+                        f", refresh {refresh}" if refresh else "")
+                    modes[name] = ("patch-parallel-pcpp", {"warmup_steps": args.warmup, "band": band, "pool": pool,
+                                                           "correction": correction, "refresh_interval": refresh})
         if args.plain:  # each mode again with the remote keys and values used as exchanged (one step stale)
             modes.update({f"{mode}, not extrapolated": (recipe, {**settings, "extrapolate": False})
                           for mode, (recipe, settings) in list(modes.items())})
@@ -101,7 +129,8 @@ def worker(args) -> None:
                                                            for s in every) / args.steps,
                          "bytes_per_step_by_rank": [s["bytes_per_step"] for s in every],
                          "bytes_by_step_rank0": every[0]["bytes_by_step"],
-                         "fallbacks": sum(s["fallbacks"] for s in every)})
+                         "fallbacks": sum(s["fallbacks"] for s in every),
+                         "corrected_calls": sum(s["corrected_calls"] for s in every)})
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -120,7 +149,9 @@ def launch(world: int, args) -> list[dict]:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                    f"--master_port={_free_port()}", __file__, "--worker", "--worker-out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", str(args.size),
-                   "--seed", str(args.seed), "--pcpp", *(f"{b}:{p}" for b, p in args.pcpp), "--models", *args.models] + (["--plain"] if args.plain else [])
+                   "--seed", str(args.seed), "--pcpp", *map(_spec, args.pcpp), "--models", *args.models,
+                   "--corrections", *args.corrections, "--refresh", *map(str, args.refresh)] + (
+                       ["--plain"] if args.plain else [])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -135,11 +166,18 @@ def _base(rows: list[dict], row: dict) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     tokens = args.size // 4
-    lines = [f"# patch-parallel on CPU (gloo){' - SMOKE RUN' if args.smoke else ''}", "",
+    lines = [f"# patch-parallel on CPU (gloo){' - SMOKE RUN' if args.smoke else ''}{args.title}", "",
              f"{args.steps} steps, the first {args.warmup} synchronous (exact). PCPP: `band` rows next to each patch "
              "exact, the rest of the other patches as `pool` x `pool` mean tiles. Models: tiny Flux (random init, "
              f"{args.size} px = {tokens}x{tokens} tokens; its images depend little on attention, so its PSNR says "
-             "little) and zoo:mmdit (trained, Flux architecture, 8x8 tokens, 2 images, true CFG).", "",
+             "little), zoo:mmdit (trained, Flux architecture, 8x8 tokens, 2 images, true CFG) and zoo:mmdit-64 (the "
+             "same model at 64 px = 16x16 tokens, OUTSIDE its 32 px training resolution: no real samples, but the "
+             "PSNR against the single process still measures the parallelism). Corrections, learned on the synchronous "
+             "steps (warm-up, refreshes), where every rank receives the other patches whole, and used on the PCPP "
+             "steps after them, no extra bytes: `detail` keeps the far rows less their tile's mean and expands the "
+             "received tiles back to tokens (tile + detail; DistriFusion's memory and attention cost); `residual` "
+             "keeps exact minus PCPP attention output and adds it. `refresh K`: every K-th step after warm-up is "
+             "synchronous (full bytes, counted; the step before it sends nothing). Seed " + str(args.seed) + ".", "",
              "PSNR: images against the single-process dense run, same seed. Bytes: all ranks together, counted (the "
              "payloads handed to all_to_all_single), not timed; per step after warm-up (steps that post an "
              "exchange), and averaged over every step including the synchronous warm-up and the last step. Wall "
@@ -164,12 +202,24 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _band_pool(text: str) -> tuple[int, int]:
-    band, _, pool = text.partition(":")
+def _band_pool(text: str) -> tuple[int, int, str | None, int | None]:
+    """``BAND:POOL[:CORRECTION[:REFRESH]]``; what is left out comes from --corrections and --refresh."""
+    fields = text.split(":")
     try:
-        return int(band), int(pool)
+        if not 2 <= len(fields) <= 4 or (len(fields) > 2 and fields[2] not in CORRECTIONS):
+            raise ValueError
+        return (int(fields[0]), int(fields[1]), fields[2] if len(fields) > 2 else None,
+                int(fields[3]) if len(fields) > 3 else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not BAND:POOL (two integers, e.g. 1:4)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not BAND:POOL[:CORRECTION[:REFRESH]] (e.g. 1:4, 0:2:detail:6; corrections: "
+            f"{', '.join(CORRECTIONS)})") from None
+
+
+def _spec(item: tuple) -> str:
+    band, pool, correction, refresh = item
+    return ":".join(str(x) for x in (band, pool, correction, refresh) if x is not None) if correction else (
+        f"{band}:{pool}")
 
 
 def main() -> None:
@@ -179,13 +229,22 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4), (1, 8)], metavar="BAND:POOL",
-                        help="PCPP settings to compare with DistriFusion (default: 1:4 1:8)")
+    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4, None, None), (1, 8, None, None)],
+                        metavar="BAND:POOL[:CORRECTION[:REFRESH]]",
+                        help="PCPP settings to compare with DistriFusion (default: 1:4 1:8, each with every "
+                             "--corrections and --refresh)")
     parser.add_argument("--size", type=int, default=64, help="tiny Flux image side in pixels (tokens: size / 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain", action="store_true",
                         help="also run every mode without extrapolating the remote keys/values (extrapolate=false)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=["flux", "zoo:mmdit"], choices=MODELS,
+                        help="default: flux zoo:mmdit (zoo:mmdit-64: 16x16 tokens, outside the training size)")
+    parser.add_argument("--corrections", nargs="+", default=["residual", "none"], choices=CORRECTIONS,
+                        help="PCPP correction settings to run (default: residual none)")
+    parser.add_argument("--refresh", type=int, nargs="+", default=[0], metavar="K",
+                        help="PCPP refresh_interval settings to run (default: 0, never)")
+    parser.add_argument("--name", default=NAME, help=f"output file stem (default {NAME})")
+    parser.add_argument("--title", default="", help="appended to the markdown title (e.g. a calibration note)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,10 +255,11 @@ def main() -> None:
     rows = [row for world in args.worlds for row in launch(world, args)]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"steps": args.steps, "warmup": args.warmup, "pcpp": args.pcpp, "size": args.size,
-            "seed": args.seed, "smoke": args.smoke, "torch": torch.__version__, "machine": platform.machine(),
+            "seed": args.seed, "smoke": args.smoke, "corrections": args.corrections, "refresh": args.refresh,
+            "models": args.models, "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "wall": "CPU simulation (processes share this machine's cores; gloo loopback)"}
-    (args.out / f"{NAME}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / f"{NAME}.md").write_text(markdown(rows, args))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(rows, args))
     print(markdown(rows, args))
 
 

@@ -296,3 +296,178 @@ def test_extrapolation_moves_remote_patches_along_their_last_step_only_when_cons
     assert plugin._extrapolated("slot", first, 7) is first  # a gap (step 6 missing): no trend to follow
     other_layout = _Remote(first.before[:2], first.after, first.tiles, first.bias)
     assert plugin._extrapolated("slot", other_layout, 8) is other_layout
+
+
+# ------------------------------------------------------------------------------------------- PCPP correction
+def _cut(parts: list[torch.Tensor], grid: PatchGrid, me: int, band: int, pool: int):
+    """What PCPP's exchange gives rank ``me`` from the other patches ``parts``, as a Remote (no process group)."""
+    from dit_accel.parallel.exchange import Remote
+
+    exact, tiles, bias = [], [], []
+    for src, part in enumerate(parts):
+        if src == me:
+            exact.append(part)
+            continue
+        item = share(grid, src, me, band, pool)
+        sent, counts = payload(part, grid, item, pool)
+        exact.append(sent[:item.exact_tokens])
+        tiles.append(sent[item.exact_tokens:])
+        bias.append(tile_bias(counts))
+    empty = parts[0][:0]
+    return Remote(torch.cat(exact[:me]) if me else empty, torch.cat(exact[me + 1:]) if me + 1 < len(parts) else empty,
+                  torch.cat(tiles), torch.cat(bias))
+
+
+def _attend(query, local, remote, text_key, text_value, dim):
+    return attend_patches(query, local, remote.before, remote.after, remote.tiles, remote.bias, text_key, text_value,
+                          dim_k=dim)
+
+
+def test_sync_steps_are_the_warmup_and_every_refresh_interval_th_step_but_never_the_last():
+    from dit_accel.parallel.correction import is_sync_step
+
+    assert [s for s in range(12) if is_sync_step(s, 2, 0, 12)] == [0, 1]
+    assert [s for s in range(12) if is_sync_step(s, 2, 3, 12)] == [0, 1, 4, 7, 10]
+    assert [s for s in range(11) if is_sync_step(s, 2, 3, 11)] == [0, 1, 4, 7]  # step 10 is the last
+    assert [s for s in range(4) if is_sync_step(s, 0, 0, None)] == [0]  # step 0 has nothing to reuse
+
+
+@pytest.mark.parametrize("world,band,pool", [(3, 0, 3), (3, 1, 2), (2, 9, 2)])
+def test_corrections_are_exact_on_the_keys_they_were_learned_from_and_zero_when_pcpp_is_exact(world, band, pool):
+    """Residual: ``O~ + (O - O~) = O``; detail: tiles plus cached detail give back the far rows. With a band that
+    covers every row the residual is zero and there is no detail to add: the correction never changes exact
+    attention."""
+    from dit_accel.parallel.correction import Corrections, far_detail, with_detail
+
+    generator = torch.Generator().manual_seed(3)
+    grid, dim, text = PatchGrid(rows=4 * world, width=5, world=world), 8, 3
+    parts = [_tokens(grid.tokens_per_patch, generator=generator) for _ in range(world)]
+    text_key, text_value = (torch.randn(2, 3, text, dim, dtype=torch.float64, generator=generator) for _ in range(2))
+    for me in range(world):
+        query = torch.randn(2, 3, text + grid.tokens_per_patch, dim, dtype=torch.float64, generator=generator)
+        exact = _attend(query, parts[me], _cut(parts, grid, me, None, 0), text_key, text_value, dim)
+        remote = _cut(parts, grid, me, band, pool)
+        approx = _attend(query, parts[me], remote, text_key, text_value, dim)
+        corrections = Corrections()
+        corrections.learn("slot", 1, exact, approx)
+        torch.testing.assert_close(corrections.apply("slot", 1, approx), exact, rtol=1e-12, atol=1e-12)
+        detailed = with_detail(remote, *far_detail(parts, grid, me, band, pool))
+        torch.testing.assert_close(_attend(query, parts[me], detailed, text_key, text_value, dim), exact,
+                                   rtol=1e-12, atol=1e-12)
+        if band >= grid.rows:  # PCPP is exact here: nothing to correct
+            assert remote.tiles.shape[0] == 0 and detailed is remote
+            assert corrections.residuals["slot"].abs().max() <= 1e-12
+        else:
+            assert (approx - exact).abs().max() > 1e-3 and detailed.tiles.shape[0] > remote.tiles.shape[0]
+
+
+def test_corrections_never_outlive_their_generation_or_fit_another_output():
+    """A generation that crashed or was removed leaves nothing behind: a residual or detail is used only in the
+    generation that learned it, for an output of its shape, and the plugin drops them in reset."""
+    from dit_accel.parallel.correction import Corrections
+    from dit_accel.parallel.exchange import Remote
+    from dit_accel.parallel.patch import PatchParallelPlugin
+
+    corrections = Corrections()
+    out = torch.ones(1, 2, 3, 4)
+    corrections.learn("slot", 7, out * 3, out)
+    corrections.learn_detail("slot", 7, (torch.zeros(2, dtype=torch.long), torch.ones(2, 1, 2, 4)))
+    assert corrections.nbytes() > 0
+    torch.testing.assert_close(corrections.apply("slot", 7, out), out * 3)
+    other = out[:, :1]
+    assert corrections.apply("slot", 7, other) is other and corrections.applied == 1  # another shape: as it is
+    remote = Remote(*(torch.zeros(0, 1, 2, 4) for _ in range(2)), torch.zeros(1, 1, 2, 4), torch.zeros(1))
+    assert corrections.apply_detail("slot", 7, remote).tiles.shape[0] == 2
+    assert corrections.apply("slot", 8, out) is out and corrections.apply_detail("slot", 8, remote) is remote
+    assert corrections.nbytes() == 0 and corrections.generation == 8  # a new generation starts clean
+    plugin = object.__new__(PatchParallelPlugin)
+    plugin._state, plugin._history, plugin.corrections = {}, {}, corrections
+    corrections.learn("slot", 8, out, out)
+    plugin.reset()
+    assert corrections.residuals == {} and corrections.details == {} and corrections.generation is None
+
+
+def test_correction_and_refresh_config():
+    assert PatchParallelConfig().correction == "detail" and PatchParallelConfig().refresh_interval == 0
+    for bad, match in [({"correction": "exact"}, "correction = 'exact' is not allowed"),
+                       ({"refresh_interval": -1}, "refresh_interval = -1 is out of range"),
+                       ({"refresh_interval": 1.5}, "refresh_interval")]:
+        with pytest.raises(ValueError, match=match):
+            PatchParallelConfig(**bad)
+
+
+@pytest.mark.slow  # ~50 s on this 2-core machine: 3 processes, a tiny Flux transformer over 4 steps 9 times
+def test_two_processes_correction_and_refresh(tmp_path):
+    out = tmp_path / "verdict.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               __file__, str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for verdict in json.loads(out.read_text())["ranks"]:
+        print({k: v for k, v in verdict.items() if "psnr" in k or "diff" in k})
+        # keys and values (almost) constant over the steps: the corrections give back the single-process output
+        frozen = verdict["frozen_max_abs_diff"]
+        assert frozen["residual"] < 1e-4 and frozen["detail"] < 1e-4 and frozen["none"] > 100 * frozen["detail"]
+        assert verdict["applied"]["residual"] > 0 and verdict["applied"]["detail"] > 0
+        assert verdict["applied"]["none"] == 0
+        psnr = verdict["psnr"]
+        assert psnr["residual"] > psnr["none"] and psnr["detail"] > psnr["none"]
+        # refresh_interval=2 over 4 steps, warm-up 1: step 1 sends nothing, step 2 is a full synchronous exchange
+        by_step, full = verdict["refresh_bytes_by_step"], verdict["full_bytes"]
+        assert by_step.get("1", 0) == 0 and by_step["2"] == full == by_step["0"] and "3" not in by_step
+        assert verdict["refresh_bytes_per_step"] == full / 2
+
+
+def _correction_case() -> dict:
+    """Run under torchrun: the tiny transformer of tests/distributed/patch_parallel_run.py, PCPP with each
+    correction, on drifting inputs, on (almost) frozen inputs, and with a refresh."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import patch_parallel_run as runner
+
+    from dit_accel import accelerate_dit
+
+    model = runner.build()
+
+    def generate(recipe, frozen=False, **settings):
+        handle = accelerate_dit(model, recipe, **settings) if recipe else None
+        if handle is not None:
+            handle.transformers[0].tracker.begin_generation(list(range(runner.STEPS)))
+        outs = []
+        with torch.no_grad():
+            for step in range(runner.STEPS):
+                kwargs = runner.inputs(0 if frozen else step)
+                if frozen:  # a new step for the tracker, (almost) the same keys and values
+                    kwargs["timestep"] = torch.tensor([1.0 - step * 2.0 ** -20])
+                outs.append(model(**kwargs)[0])
+        plugin = handle.transformers[0].plugins[0] if handle is not None else None
+        stats = None if plugin is None else (plugin.bytes_by_step, plugin.bytes_per_step, plugin.corrections.applied)
+        if handle is not None:
+            handle.remove()
+        return torch.cat(outs), stats
+
+    reference, _ = generate(None)
+    frozen_reference, _ = generate(None, frozen=True)
+    verdict = {"psnr": {}, "frozen_max_abs_diff": {}, "applied": {}}
+    for correction in ("residual", "detail", "none"):
+        settings = dict(warmup_steps=1, band=1, pool=4, correction=correction)
+        out, (_, _, applied) = generate("patch-parallel-pcpp", **settings)
+        verdict["psnr"][correction], verdict["applied"][correction] = runner.psnr(out, reference), applied
+        frozen, _ = generate("patch-parallel-pcpp", frozen=True, **settings)
+        verdict["frozen_max_abs_diff"][correction] = float((frozen - frozen_reference).abs().max())
+    _, (by_step, per_step, _) = generate("patch-parallel-pcpp", warmup_steps=1, band=1, pool=4, refresh_interval=2)
+    _, (full_by_step, _, _) = generate("patch-parallel", warmup_steps=1)
+    verdict.update(refresh_bytes_by_step=by_step, refresh_bytes_per_step=per_step, full_bytes=full_by_step[0])
+    return verdict
+
+
+if __name__ == "__main__":  # the 2-process case of test_two_processes_correction_and_refresh, under torchrun
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, _correction_case())
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"ranks": gathered}))
+    dist.destroy_process_group()

@@ -17,7 +17,9 @@ rank attends with its local queries to
 The first ``warmup_steps`` steps (and any call with nothing to reuse) exchange synchronously and are exact, so a
 warm-up covering every step reproduces the single-process output. In ``pcpp`` mode a rank receives from each other
 patch only its rows within ``band`` rows of its own patch, plus ``pool x pool`` mean tiles of the rest with a
-``log(count)`` logit bias (see :mod:`dit_accel.parallel.patches`), which cuts the bytes exchanged.
+``log(count)`` logit bias (see :mod:`dit_accel.parallel.patches`), which cuts the bytes exchanged; by default the
+tiles are expanded back to tokens with the fine structure seen on the last synchronous step (``correction``,
+:mod:`dit_accel.parallel.correction`), optionally refreshed by periodic synchronous steps (``refresh_interval``).
 
 Launch with ``torchrun --nproc_per_node=N`` (NCCL on GPUs, gloo on CPU), initialise the process group, feed every
 rank the same inputs (same seed) and run the pipeline on every rank; each rank computes one patch.
@@ -49,7 +51,9 @@ from dit_accel.attention.base import split_text
 from dit_accel.core.attention import AttentionCall, key_padding, unsupported_options
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
-from dit_accel.parallel.patches import PatchGrid, attend_patches, payload, share, tile_bias, tile_index
+from dit_accel.parallel.correction import CORRECTIONS, Corrections, far_detail, is_sync_step
+from dit_accel.parallel.exchange import Exchange as _Exchange, Remote as _Remote, extrapolated
+from dit_accel.parallel.patches import PatchGrid, attend_patches
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
 HOOK_PREFIX = "dit_accel.patch-parallel"
@@ -83,6 +87,15 @@ class PatchParallelConfig(PluginConfig):
             seed 7, benchmarks/results/patch-parallel-calibration-seed7-cpu.md) DistriFusion went from 30.8 to
             43.9 dB PSNR against the single-process run; PCPP's error there is its pooled summary, not staleness
             (20.1 -> 20.2 dB).
+        correction (`str`, defaults to `"detail"`): pcpp: what a rank learns on its synchronous steps to correct
+            the pooled tiles on the others, at no extra bytes: ``"detail"`` (the far tokens less their tile mean,
+            added back to later tiles), ``"residual"`` (exact minus PCPP output, added to later outputs) or
+            ``"none"``; see :mod:`dit_accel.parallel.correction`. Ignored by ``distrifusion``. Allowed: "detail",
+            "residual", "none".
+        refresh_interval (`int`, defaults to `0`): pcpp: every ``refresh_interval``-th step after the warm-up is
+            synchronous again (a full exchange, exact, and the correction re-measured; the step before it posts
+            nothing, and its bytes count in :attr:`PatchParallelPlugin.bytes_per_step`); 0 never refreshes.
+            Allowed: 0-10000.
 
     ``steps`` and ``layers`` must stay unset: every rank needs the other patches at every attention layer.
     """
@@ -93,10 +106,14 @@ class PatchParallelConfig(PluginConfig):
     band: int = 2
     pool: int = 4
     extrapolate: bool = True
+    correction: str = "detail"
+    refresh_interval: int = 0
 
     def validate(self) -> None:
         check_choice(self, "mode", ("distrifusion", "pcpp"))
+        check_choice(self, "correction", CORRECTIONS)
         check_bool(self, "extrapolate")
+        check_range(self, "refresh_interval", 0, 10000, integer=True)
         check_range(self, "warmup_steps", 0, 10000, integer=True)
         check_range(self, "band", 0, 4096, integer=True)
         check_range(self, "pool", 0, 256, integer=True)
@@ -155,70 +172,6 @@ def _modules(root: torch.nn.Module, module_id: str) -> list[torch.nn.Module]:
     return found
 
 
-@dataclass
-class _Remote:
-    """The other patches as one rank uses them: exact tokens above and below its patch, tiles with their bias
-    (token-first tensors ``(n, batch, heads, dim_k + dim_v)``)."""
-
-    before: torch.Tensor
-    after: torch.Tensor
-    tiles: torch.Tensor
-    bias: torch.Tensor
-    grid: PatchGrid | None = None  # the call it was made for, and (batch, heads, dim) and dtype of its tokens
-    signature: tuple | None = None
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.before, self.after, self.tiles))
-
-
-class _Exchange:
-    """One posted exchange of one attention call (sync or async); :meth:`remote` waits and unpacks it."""
-
-    def __init__(self, plugin: "PatchParallelPlugin", tokens: torch.Tensor, grid: PatchGrid, full: bool) -> None:
-        config, me = plugin.config, plugin.rank
-        band = None if full else config.band
-        self.grid, self.full, self.rank, self.signature = grid, full, me, (tokens.shape[1:], tokens.dtype)
-        sends = [payload(tokens, grid, share(grid, me, dst, band, config.pool), config.pool)[0]
-                 for dst in range(grid.world)]
-        self.received = [share(grid, src, me, band, config.pool) for src in range(grid.world)]
-        data = torch.cat(sends)
-        self.out = tokens.new_empty((sum(item.tokens for item in self.received), *tokens.shape[1:]))
-        self.work = dist.all_to_all_single(self.out, data, [item.tokens for item in self.received],
-                                           [part.shape[0] for part in sends], group=plugin.group, async_op=True)
-        self.sent = data.numel() * data.element_size()
-        self._data = data  # alive until the exchange completes
-
-    def wait(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-            self.work, self._data = None, None
-
-    def parts(self) -> list[torch.Tensor]:
-        self.wait()
-        return list(self.out.split([item.tokens for item in self.received]))
-
-    def remote(self, band: int | None, pool: int) -> _Remote:
-        """The other patches, cut to ``band``/``pool`` (``band=None``: all rows) from whatever was exchanged."""
-        grid, me = self.grid, self.rank
-        exact, tiles, bias = [], [], []
-        for src, part in enumerate(self.parts()):
-            if src == me:
-                exact.append(part)
-                continue
-            item = share(grid, src, me, band, pool)
-            if self.full and band is not None:  # a full patch arrived: cut it as its sender would have
-                part, counts = payload(part, grid, item, pool)
-            else:
-                counts = tile_index(item.far[1] - item.far[0], grid.width, pool)[1] if item.tiles else torch.zeros(0)
-            exact.append(part[:item.exact_tokens])
-            tiles.append(part[item.exact_tokens:])
-            bias.append(tile_bias(counts))
-        empty = self.out[:0]
-        return _Remote(torch.cat(exact[:me]) if me else empty,
-                       torch.cat(exact[me + 1:]) if me + 1 < len(exact) else empty,
-                       torch.cat(tiles), torch.cat(bias), self.grid, self.signature)
-
-
 class _SplitHook(ContextParallelSplitHook):
     """diffusers' split hook, passing through outputs it has nothing to split: its type check refuses the
     ``Transformer2DModelOutput`` of a model called with ``return_dict=True`` even when it splits no output."""
@@ -264,6 +217,7 @@ class PatchParallelPlugin(Plugin):
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._state: dict[tuple, _Remote | _Exchange] = {}
         self._history: dict[tuple, tuple[int, _Remote]] = {}  # extrapolate: the previous remote of each slot
+        self.corrections = Corrections()
         self.fallbacks: Counter = Counter()
         self.bytes_by_step: dict[int, int] = {}
         self._generation, self._grid = None, None
@@ -308,6 +262,8 @@ class PatchParallelPlugin(Plugin):
             if isinstance(entry, _Exchange):
                 entry.wait()  # every rank posted it: drain, so no exchange outlives its generation
         self._state, self._history = {}, {}
+        if hasattr(self, "corrections"):
+            self.corrections.clear()
 
     def check_companions(self, plugins: list[Plugin]) -> None:
         self._refuse_companions([p for p in plugins if p is not self])
@@ -328,14 +284,20 @@ class PatchParallelPlugin(Plugin):
 
     def cache_bytes(self) -> int:
         return (sum(entry.nbytes() for entry in self._state.values() if isinstance(entry, _Remote))
-                + sum(remote.nbytes() for _, remote in self._history.values()))
+                + sum(remote.nbytes() for _, remote in self._history.values()) + self.corrections.nbytes())
 
     @property
     def bytes_per_step(self) -> float:
-        """Mean bytes this rank sent per step after warm-up, over the steps that posted an exchange (warm-up steps
-        send every row synchronously, in both modes; the last step sends nothing)."""
-        steady = [b for step, b in self.bytes_by_step.items() if step >= max(1, self.config.warmup_steps) and b]
-        return sum(steady) / len(steady) if steady else 0.0
+        """Mean bytes this rank sent per step after warm-up, over the steps from the first after warm-up to the last
+        that posted an exchange (the last step of a generation sends nothing). Warm-up steps send every row
+        synchronously, in both modes; with ``refresh_interval`` the refresh steps' full exchanges count here, and
+        so do the steps before them, which send nothing."""
+        first = max(1, self.config.warmup_steps)
+        posted = [step for step, sent in self.bytes_by_step.items() if step >= first and sent]
+        if not posted:
+            return 0.0
+        steady = range(first, max(posted) + 1)
+        return sum(self.bytes_by_step.get(step, 0) for step in steady) / len(steady)
 
     # -------------------------------------------------------------------------------------------- per call
     def begin_call(self) -> None:
@@ -366,27 +328,46 @@ class PatchParallelPlugin(Plugin):
         slot = (call.layer.name, context.slot if context is not None else None, call.index)
         previous = self._state.pop(slot, None)
         step = context.step if context is not None else None
-        last = context is None or (context.num_steps is not None and step >= context.num_steps - 1)
+        steps = context.num_steps if context is not None else None
+        last = context is None or (steps is not None and step >= steps - 1)
         config = self.config
         band = config.band if config.mode == "pcpp" else None
-        stale = (previous is not None and step is not None and step >= config.warmup_steps
+        interval = config.refresh_interval if band is not None else 0
+        correct = config.correction if band is not None and context is not None else "none"
+        attend = lambda remote: self._attention(query, tokens, remote, k_txt, v_txt, text_first,  # noqa: E731
+                                                k_img.shape[-1], call)
+        stale = (previous is not None and step is not None
+                 and not is_sync_step(step, config.warmup_steps, interval, steps)
                  and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
         if stale:
             remote = previous.remote(band, config.pool) if isinstance(previous, _Exchange) else previous
             if config.extrapolate:
                 remote = self._extrapolated(slot, remote, step - 1)
-            if not last:
-                self._state[slot] = self._post(_Exchange(self, tokens, grid, full=band is None), step)
-        else:
-            if isinstance(previous, _Exchange):
-                previous.wait()
-            exchange = self._post(_Exchange(self, tokens, grid, full=True), step)
-            remote = exchange.remote(None, 0)
-            if not last:
-                self._state[slot] = exchange.remote(band, config.pool) if band is not None else remote
-                if config.extrapolate and step is not None:
-                    self._history[slot] = (step, self._state[slot])  # this step's keys: the first trend's origin
-        return self._attention(query, tokens, remote, k_txt, v_txt, text_first, k_img.shape[-1], call)
+            if not last and not is_sync_step(step + 1, config.warmup_steps, interval, steps):
+                self._state[slot] = self._post(self._exchange(tokens, grid, full=band is None), step)
+            if correct == "detail":
+                remote = self.corrections.apply_detail(slot, context.generation, remote)
+            out = attend(remote)
+            return self.corrections.apply(slot, context.generation, out) if correct == "residual" else out
+        if isinstance(previous, _Exchange):
+            previous.wait()
+        exchange = self._post(self._exchange(tokens, grid, full=True), step)
+        remote = exchange.remote(None, 0)
+        out = attend(remote)
+        if not last:
+            self._state[slot] = exchange.remote(band, config.pool) if band is not None else remote
+            if config.extrapolate and step is not None:
+                self._history[slot] = (step, self._state[slot])  # this step's keys: the first trend's origin
+            if correct == "residual":  # the same keys and values, as PCPP would have seen them
+                self.corrections.learn(slot, context.generation, out, attend(self._state[slot]))
+            elif correct == "detail":
+                self.corrections.learn_detail(slot, context.generation,
+                                              far_detail(exchange.parts(), grid, self.rank, band, config.pool))
+        return out
+
+    def _exchange(self, tokens: torch.Tensor, grid: PatchGrid, full: bool) -> _Exchange:
+        return _Exchange(tokens, grid, full, rank=self.rank, band=self.config.band, pool=self.config.pool,
+                         group=self.group)
 
     def _extrapolated(self, slot: tuple, remote: _Remote, made: int) -> _Remote:
         """``remote`` (the other patches' keys and values computed at step ``made``, used one step later) moved
@@ -396,15 +377,7 @@ class PatchParallelPlugin(Plugin):
         self._history[slot] = (made, remote)
         if older is None or older[0] != made - 1:
             return remote
-        before = older[1]
-        if any(a.shape != b.shape for a, b in ((remote.before, before.before), (remote.after, before.after),
-                                                (remote.tiles, before.tiles))) or not torch.equal(remote.bias,
-                                                                                                  before.bias):
-            return remote
-        return _Remote(*(torch.lerp(b, a, 2.0) for a, b in ((remote.before, before.before), (remote.after,
-                                                                                               before.after),
-                                                              (remote.tiles, before.tiles))),
-                       remote.bias, remote.grid, remote.signature)
+        return extrapolated(remote, older[1])
 
     def _post(self, exchange: _Exchange, step: int | None) -> _Exchange:
         if step is not None:
