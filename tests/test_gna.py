@@ -99,3 +99,32 @@ def test_window_too_large_for_grid_runs_dense_with_a_warning():
         out = pipe(**pipes.call_kwargs("zoo:dit", steps=2)).images
     assert torch.equal(out, reference)
     remove_acceleration(pipe)
+
+
+@pytest.mark.parametrize("grid,kernel,stride,dilation,merge", [
+    (TokenGrid(1, 9, 10), (1, 5, 4), (1, 1, 2), (1, 1, 1), (1, 3, 2)),  # runs of tiles sharing a union, odd edges
+    (TokenGrid(1, 8, 8), (1, 3, 3), (1, 1, 1), (1, 2, 2), (1, 2, 2)),  # dilated: runs stay in one residue class
+    (TokenGrid(3, 4, 5), (2, 3, 3), (1, 1, 2), (1, 1, 1), (2, 2, 2)),  # video
+])
+def test_merged_runs_equal_masked_dense_reference(grid, kernel, stride, dilation, merge):
+    """Tiles grouped into runs that gather one union of windows, each query masked to its own window."""
+    torch.manual_seed(2)
+    n = grid.num_tokens
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for _ in range(3))
+    tk, tv = torch.randn(2, 3, 4, 8, dtype=torch.float64), torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    plan = neighbourhood_plan(grid, kernel, stride, dilation, merge=merge)
+    assert plan.grouped is not None and plan.grouped.queries.shape[0] < plan.queries.shape[0]
+    assert sorted(plan.grouped.queries[plan.grouped.valid].tolist()) == list(range(n))
+    mask = torch.cat([neighbourhood_mask(grid, kernel, stride, dilation), torch.ones(n, 4, dtype=torch.bool)], 1)
+    reference = F.scaled_dot_product_attention(q, torch.cat([k, tk], 2), torch.cat([v, tv], 2), attn_mask=mask)
+    for text in (True, False):
+        out = neighbourhood_attention(q, k, v, plan, text_key=tk if text else None, text_value=tv if text else None)
+        expected = reference if text else F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :n])
+        assert torch.allclose(out, expected, atol=1e-10)
+
+
+def test_automatic_merge_groups_overlapping_windows_only():
+    big = neighbourhood_plan(TokenGrid(1, 64, 64), (1, 32, 32), (1, 4, 4), (1, 1, 1))
+    assert big.grouped is not None and big.grouped.queries.shape[1] > 16  # small tiles share gathered unions
+    blocked = neighbourhood_plan(TokenGrid(1, 16, 16), (1, 8, 8), (1, 8, 8), (1, 1, 1))
+    assert blocked.grouped is None  # windows that do not overlap: nothing to share

@@ -21,6 +21,7 @@ from dit_accel.attention.psa import (
     psa_attention,
     pyramid_attention,
     pyramid_layout,
+    scale_bounds,
 )
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.kernels import triton_importable
@@ -90,7 +91,8 @@ def test_no_pooling_is_dense_sdpa(text):
 
 
 @pytest.mark.parametrize("length,block,text,levels", [(44, 16, 0, LEVELS), (75, 16, 6, LEVELS),
-                                                      (64, 32, 3, (1, 4, 16)), (20, 32, 2, LEVELS)])
+                                                      (64, 32, 3, (1, 4, 16)), (20, 32, 2, LEVELS),
+                                                      (150, 64, 2, (1, 4, 16, 64))])
 def test_explicit_assignment_matches_expanded_reference(length, block, text, levels):
     q, k, v = tensors(2, 2, length, 8)
     tk, tv = tensors(2, 2, text, 8, count=2, seed=1) if text else (None, None)
@@ -268,3 +270,35 @@ def test_curve_order_is_what_blocks_cut():
     out, density = psa_attention(q, k, v, grid, block=16, levels=(8,), thresholds=(1.0,))
     torch.testing.assert_close(out, dense(q, k, v), atol=1e-10, rtol=0)
     assert density == pytest.approx(1 / 8)
+
+
+def test_bound_scale_tightens_cumulative_bounds_below_one():
+    assert scale_bounds((0.4, 0.5, 0.6, 0.8), None, 1.0) == ((0.4, 0.5, 0.6, 0.8), None)
+    thresholds, quotas = scale_bounds((0.3, 0.5, 1.0), None, 0.5)
+    assert thresholds == pytest.approx((0.15, 0.25, 1.0)) and quotas is None  # "keep the rest" stays
+    assert scale_bounds((0.6, 0.9), None, 2.0)[0] == pytest.approx((1.0, 1.0))
+    _, quotas = scale_bounds(None, (0.05, 0.1, 0.25, 0.6), 0.5)  # running sums .05 .15 .4 1 -> .025 .075 .2 1
+    assert quotas == pytest.approx((0.025, 0.05, 0.125, 0.8))
+    importance = torch.softmax(3 * torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(1)), -1)
+    for kind, bounds in (("thresholds", (0.3, 0.5, 0.7, 1.0)), ("quotas", (0.1, 0.2, 0.3, 0.4))):
+        loose = assign_levels(importance, LEVELS, **{kind: bounds})
+        scaled = scale_bounds(bounds if kind == "thresholds" else None, bounds if kind == "quotas" else None, 0.6)
+        tight = assign_levels(importance, LEVELS, **{kind: scaled[0] if kind == "thresholds" else scaled[1]})
+        coarse = lambda a: torch.where(a == 0, 10 ** 6, a)  # noqa: E731  (dropped = coarsest)
+        assert bool((coarse(tight) >= coarse(loose)).all())
+
+
+def test_ultra_levels_and_bound_scale_config():
+    from dit_accel.recipe import load_recipe
+
+    config = load_recipe("psa-ultra").plugins[0]
+    assert config.levels == (1, 4, 16, 64) and sum(config.quotas) == pytest.approx(1.0)
+    assert PSAConfig(bound_scale=0.4).bound_scale == 0.4
+    for bad in (0.0, 3.0, True):
+        with pytest.raises(ValueError, match="bound_scale"):
+            PSAConfig(bound_scale=bad)
+    with pytest.raises(ValueError, match="levels"):
+        PSAConfig(levels=(1, 128), thresholds=(0.5, 0.9))
+    q, k, v = tensors(1, 2, 16 * 16, 8)
+    out, density = psa_attention(q, k, v, TokenGrid(1, 16, 16), levels=config.levels, quotas=config.quotas)
+    assert torch.isfinite(out).all() and 0.0 < density < 0.5

@@ -7,24 +7,29 @@ queries in ``stride`` x ``stride`` tiles that share one window, the one of the t
 neighbourhood attention, stride = kernel is blocked (Swin-style) window attention, and everything between trades
 the two. Windows never leave the grid: at a border they shift inward, so every query sees a full window (NATTEN's
 rule). The window of each query is a product of one window per axis, so the math is done per axis in pure
-functions (:func:`axis_windows`), and the CPU path gathers each query tile's window once and runs one batched SDPA
-over all tiles (chunked to bound memory).
+functions (:func:`axis_windows`). The CPU path groups neighbouring query tiles into runs (:func:`merged_axis`)
+that gather the union of their windows once, each query masked to its own window (exact), and runs one batched
+SDPA per chunk of runs; the text keys are one separate attention over all queries, merged through the
+log-sum-exps. Runs of a few tiles read far fewer keys per query than one gather per small tile.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin, dense_image_attention
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_range, register_config
 
-# Gathered key rows per chunk of query tiles (bounds the (tiles, window, D) copies at large grids).
+# Gathered key rows per chunk of query runs, and mask entries per chunk (bound the copies at large grids).
 _CHUNK_KEYS = 1 << 20
+_CHUNK_MASK = 1 << 22
+_RUN_COST = 16.0  # queries' worth of per-run overhead (gather, kernel set-up): few queries per key set are slow
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 # ------------------------------------------------------------------------------------------------- the math
@@ -57,48 +62,187 @@ def axis_windows(length: int, kernel: int, stride: int = 1, dilation: int = 1) -
     return group, torch.tensor(windows, dtype=torch.long)
 
 
+def merged_axis(window: torch.Tensor, dilation: int, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs of up to ``merge`` consecutive query groups of one axis (same residue class mod ``dilation``).
+
+    ``window`` (G, kernel) is :func:`axis_windows`'s. Returns ``(run, union, offset)``: ``run[g]`` the run of group
+    ``g``; ``union[r]`` (R, U) the positions every window of run ``r`` lies in (its first window's start to its
+    last window's end, stepping by ``dilation``; padded with the run's last position, which no window of the run
+    reaches beyond, so padding is never attended); ``offset[g]`` where group ``g``'s window starts in its run's
+    union (windows start no earlier than the ones before them in their class, so each run's union is contiguous).
+    """
+    groups, kernel = window.shape
+    residue = (window[:, 0] % dilation).tolist()
+    firsts, run = [], []
+    for g in range(groups):
+        if not firsts or g - firsts[-1] == merge or residue[g] != residue[firsts[-1]]:
+            firsts.append(g)
+        run.append(len(firsts) - 1)
+    run = torch.tensor(run, dtype=torch.long)
+    lasts = torch.tensor(firsts[1:] + [groups], dtype=torch.long) - 1
+    first_start = window[firsts, 0]
+    span = (window[lasts, 0] - first_start) // dilation + kernel
+    steps = torch.minimum(torch.arange(int(span.max()))[None, :], span[:, None] - 1)
+    union = first_start[:, None] + dilation * steps
+    offset = (window[:, 0] - first_start[run]) // dilation
+    return run, union, offset
+
+
+def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                  attn_mask: torch.Tensor | None = None, scale: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-D SDPA with each query's log-sum-exp (FP32, FP64 for FP64 input): torch's CPU flash kernel, the math
+    form elsewhere."""
+    if query.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=attn_mask, scale=scale)
+        return out, lse if lse.dtype == torch.float64 else lse.float()
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query.to(work) @ key.to(work).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        scores = scores + attn_mask.to(work)
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ value.to(work)).to(query.dtype), lse
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each set's output and log-sum-exp (both finite)."""
+    top = torch.maximum(lse_a, lse_b)
+    weight_a, weight_b = (lse_a - top).exp(), (lse_b - top).exp()
+    total = weight_a + weight_b
+    work = lse_a.dtype
+    return (out_a.to(work) * (weight_a / total)[..., None] + out_b.to(work) * (weight_b / total)[..., None]
+            ).to(out_a.dtype)
+
+
+def _choose_merge(axes: list[tuple[torch.Tensor, torch.Tensor]], dilation: tuple[int, int, int], num_tokens: int,
+                  cost: float = _RUN_COST) -> tuple[int, int, int]:
+    """The merge (same on every axis, 1-8) that minimises the keys a query's run reads, ``U x (1 + cost / S)``
+    for unions of ``U`` keys shared by ``S`` queries on average: merging tiles whose windows overlap reads fewer
+    keys per query (each union gathered once) but attends the union's keys outside a query's own window in vain,
+    and the SDPA kernel is less efficient on few queries per key set."""
+    best = None
+    for merge in range(1, 9):
+        runs = [merged_axis(window, d, merge)[1] for (_, window), d in zip(axes, dilation)]
+        union = math.prod(r.shape[1] for r in runs)
+        queries = num_tokens / math.prod(r.shape[0] for r in runs)
+        score = union * (1.0 + cost / queries)
+        if best is None or score < best[0] - 1e-9:
+            best = (score, merge)
+    return (best[1],) * 3
+
+
+@dataclass(frozen=True)
+class GroupedWindows:
+    """Runs of query tiles that share one gathered key union (see :func:`merged_axis`), the CPU path's work list.
+
+    ``queries`` (R, S) each run's query tokens (padded by repeating its first, ``valid`` marks the real ones);
+    ``keys`` (R, U) its union of windows (U = Uf x Uh x Uw, frame-major); ``offsets`` (N, 3) where each token's
+    own window starts in its run's union per axis; ``kernel`` and ``union`` the window and union sizes per axis.
+    ``offsets`` is ``None`` when every union is exactly its tile's window (nothing to mask).
+    """
+
+    queries: torch.Tensor
+    valid: torch.Tensor
+    keys: torch.Tensor
+    offsets: torch.Tensor | None
+    kernel: tuple[int, int, int]
+    union: tuple[int, int, int]
+
+    def to(self, device: torch.device) -> "GroupedWindows":
+        return GroupedWindows(self.queries.to(device), self.valid.to(device), self.keys.to(device),
+                              None if self.offsets is None else self.offsets.to(device), self.kernel, self.union)
+
+    def mask_tables(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per axis, (N, U_axis) additive masks: 0 where the union position is inside the token's own window."""
+        tables = []
+        for axis, (kernel, size) in enumerate(zip(self.kernel, self.union)):
+            position = torch.arange(size, device=self.offsets.device)
+            start = self.offsets[:, axis][:, None]
+            table = torch.zeros(start.shape[0], size, dtype=dtype, device=start.device)
+            tables.append(table.masked_fill_((position < start) | (position >= start + kernel), -torch.inf))
+        return tables
+
+
+def _run_mask(tables: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Additive (..., U) mask of query ``tokens`` over their runs' unions: the per-axis masks, broadcast-summed."""
+    sizes = [t.shape[1] for t in tables]
+    f, h, w = (t[tokens] for t in tables)
+    total = f.view(*tokens.shape, sizes[0], 1, 1) + h.view(*tokens.shape, 1, sizes[1], 1)
+    return (total + w.view(*tokens.shape, 1, 1, sizes[2])).reshape(*tokens.shape, -1)
+
+
+def _tiles(tile_of: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tiles, width) tokens of each tile (padded with its first token) and which entries are real."""
+    order = torch.argsort(tile_of, stable=True)
+    counts = torch.bincount(tile_of, minlength=tiles)
+    width = int(counts.max())
+    offsets = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel()) - offsets[tile_of[order]]
+    queries = order[offsets].unsqueeze(1).repeat(1, width)  # padding: the tile's first token
+    queries[tile_of[order], slot] = order
+    return queries, torch.arange(width)[None, :] < counts[:, None]
+
+
+def _product(windows: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
+    """Token indices of the products of per-axis position lists (frames, height, width), one row per triple."""
+    wf, wh, ww = windows
+    keys = ((wf[:, None, None, :, None, None] * grid.height + wh[None, :, None, None, :, None]) * grid.width
+            + ww[None, None, :, None, None, :])
+    return keys.reshape(len(wf) * len(wh) * len(ww), -1)
+
+
 @dataclass(frozen=True)
 class NeighbourhoodPlan:
     """Query tiles and their key windows over a ``frames x height x width`` grid (token indices in grid order).
 
     ``queries`` (T, S): each tile's query tokens, padded by repeating its first token (``valid`` marks the real
-    ones); ``keys`` (T, K): each tile's window. Key density: ``K / N``.
+    ones); ``keys`` (T, K): each tile's window. Key density: ``K / N``. ``grouped``: the CPU path's runs of tiles
+    sharing one gathered key union (``None``: one run per tile).
     """
 
     queries: torch.Tensor
     valid: torch.Tensor
     keys: torch.Tensor
     num_tokens: int
+    grouped: GroupedWindows | None = None
 
     def key_density(self) -> float:
         return self.keys.shape[1] / self.num_tokens
 
     def to(self, device: torch.device) -> "NeighbourhoodPlan":
         return NeighbourhoodPlan(self.queries.to(device), self.valid.to(device), self.keys.to(device),
-                                 self.num_tokens)
+                                 self.num_tokens, None if self.grouped is None else self.grouped.to(device))
 
 
 def neighbourhood_plan(grid: TokenGrid, kernel: tuple[int, int, int], stride: tuple[int, int, int],
-                       dilation: tuple[int, int, int]) -> NeighbourhoodPlan:
-    """The plan of ``(frames, height, width)`` kernels, strides and dilations over ``grid``."""
+                       dilation: tuple[int, int, int], merge: tuple[int, int, int] | None = None
+                       ) -> NeighbourhoodPlan:
+    """The plan of ``(frames, height, width)`` kernels, strides and dilations over ``grid``. ``merge``: query
+    groups per axis that share one gathered union of windows on the CPU path (``None``: chosen by the keys read per
+    query); it changes the work, never the result."""
     sizes = (grid.frames, grid.height, grid.width)
     axes = [axis_windows(n, k, s, d) for n, k, s, d in zip(sizes, kernel, stride, dilation)]
     (gf, wf), (gh, wh), (gw, ww) = axes
     # A token's tile is the triple of its axis groups; a tile's window the product of the axis windows.
-    tile_of = (gf[:, None, None] * len(wh) + gh[None, :, None]) * len(ww) + gw[None, None, :]
-    tile_of = tile_of.reshape(-1)
-    order = torch.argsort(tile_of, stable=True)
-    counts = torch.bincount(tile_of, minlength=len(wf) * len(wh) * len(ww))
-    width = int(counts.max())
-    offsets = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(order.numel()) - offsets[tile_of[order]]
-    queries = order[offsets].unsqueeze(1).repeat(1, width)  # padding: the tile's first token
-    queries[tile_of[order], slot] = order
-    valid = torch.arange(width)[None, :] < counts[:, None]
-    keys = ((wf[:, None, None, :, None, None] * grid.height + wh[None, :, None, None, :, None]) * grid.width
-            + ww[None, None, :, None, None, :])
-    keys = keys.reshape(len(wf) * len(wh) * len(ww), -1)
-    return NeighbourhoodPlan(queries, valid, keys, grid.num_tokens)
+    tile_of = ((gf[:, None, None] * len(wh) + gh[None, :, None]) * len(ww) + gw[None, None, :]).reshape(-1)
+    queries, valid = _tiles(tile_of, len(wf) * len(wh) * len(ww))
+    keys = _product([wf, wh, ww], grid)
+    if merge is None:
+        merge = _choose_merge(axes, dilation, grid.num_tokens)
+    runs = [merged_axis(w, d, m) for (_, w), d, m in zip(axes, dilation, merge)]
+    if all(union.shape[0] == window.shape[0] for (_, union, _), (_, window) in zip(runs, axes)):
+        return NeighbourhoodPlan(queries, valid, keys, grid.num_tokens)  # every run is one tile: nothing to group
+    (rf, uf, of), (rh, uh, oh), (rw, uw, ow) = runs
+    run_of = ((rf[gf][:, None, None] * len(uh) + rh[gh][None, :, None]) * len(uw)
+              + rw[gw][None, None, :]).reshape(-1)
+    run_queries, run_valid = _tiles(run_of, len(uf) * len(uh) * len(uw))
+    offsets = torch.stack(torch.broadcast_tensors(of[gf][:, None, None], oh[gh][None, :, None],
+                                                  ow[gw][None, None, :]), -1).reshape(-1, 3)
+    exact = all(union.shape[1] == k for (_, union, _), k in zip(runs, kernel))  # unions = windows: no mask
+    grouped = GroupedWindows(run_queries, run_valid, _product([uf, uh, uw], grid), None if exact else offsets,
+                             tuple(kernel), (uf.shape[1], uh.shape[1], uw.shape[1]))
+    return NeighbourhoodPlan(queries, valid, keys, grid.num_tokens, grouped)
 
 
 def neighbourhood_mask(grid: TokenGrid, kernel: tuple[int, int, int], stride: tuple[int, int, int],
@@ -115,27 +259,41 @@ def neighbourhood_mask(grid: TokenGrid, kernel: tuple[int, int, int], stride: tu
 def neighbourhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: NeighbourhoodPlan, *,
                             text_key: torch.Tensor | None = None, text_value: torch.Tensor | None = None,
                             scale: float | None = None) -> torch.Tensor:
-    """Image queries (B, H, N, D) against their tile's window of image keys plus every text key (B, H, L, D)."""
-    batch, heads, _, dim = query.shape
-    tiles, width = plan.queries.shape
-    window = plan.keys.shape[1]
+    """Image queries (B, H, N, D) against their tile's window of image keys plus every text key (B, H, L, D).
+
+    Each run of tiles gathers its union of windows once, its queries masked to their own windows; the text keys
+    are one separate attention over all queries, merged exactly through the log-sum-exps."""
+    batch, heads, length, dim = query.shape
+    grouped = plan.grouped
+    if grouped is None:
+        grouped = GroupedWindows(plan.queries, plan.valid, plan.keys, None, (0, 0, 0), (0, 0, 0))
+    runs, width = grouped.queries.shape
+    window = grouped.keys.shape[1]
     text = 0 if text_key is None else text_key.shape[2]
-    out = query.new_empty((batch, heads, query.shape[2], value.shape[-1]))
-    chunk = max(1, _CHUNK_KEYS // max(1, batch * heads * (window + text)))
-    for first in range(0, tiles, chunk):
-        rows = slice(first, min(first + chunk, tiles))
-        q_index, k_index = plan.queries[rows], plan.keys[rows]
+    out = query.new_empty((batch, heads, length, value.shape[-1]))
+    lse = None
+    tables = None if grouped.offsets is None else grouped.mask_tables(query.dtype)
+    chunk = max(1, min(_CHUNK_KEYS // max(1, batch * heads * window), _CHUNK_MASK // (width * window)))
+    for first in range(0, runs, chunk):
+        rows = slice(first, min(first + chunk, runs))
+        q_index, k_index = grouped.queries[rows], grouped.keys[rows]
         count = q_index.shape[0]
-        q = query[:, :, q_index.reshape(-1)].reshape(batch, heads, count, width, dim)
-        k = key[:, :, k_index.reshape(-1)].reshape(batch, heads, count, window, dim)
-        v = value[:, :, k_index.reshape(-1)].reshape(batch, heads, count, window, value.shape[-1])
+        q = query.index_select(2, q_index.reshape(-1)).view(batch * heads, count, width, dim)
+        k = key.index_select(2, k_index.reshape(-1)).view(batch * heads, count, window, dim)
+        v = value.index_select(2, k_index.reshape(-1)).view(batch * heads, count, window, value.shape[-1])
+        mask = None if grouped.offsets is None else _run_mask(tables, q_index)[None]
+        part, part_lse = attention_lse(q, k, v, attn_mask=mask, scale=scale)
+        valid = grouped.valid[rows]
+        tokens = q_index[valid]
+        out[:, :, tokens] = part.view(batch, heads, count, width, -1)[:, :, valid]
         if text:
-            k = torch.cat([k, text_key[:, :, None].expand(-1, -1, count, -1, -1)], 3)
-            v = torch.cat([v, text_value[:, :, None].expand(-1, -1, count, -1, -1)], 3)
-        part = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        valid = plan.valid[rows]
-        out[:, :, q_index[valid]] = part[:, :, valid]
-    return out
+            if lse is None:
+                lse = part_lse.new_empty((batch, heads, length))
+            lse[:, :, tokens] = part_lse.view(batch, heads, count, width)[:, :, valid]
+    if not text:
+        return out
+    text_out, text_lse = attention_lse(query, text_key, text_value, scale=scale)
+    return merge_lse(out, lse, text_out, text_lse)
 
 
 # ------------------------------------------------------------------------------------------------ the plugin

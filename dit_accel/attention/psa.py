@@ -17,15 +17,17 @@ Levels are assigned per query block from the key blocks sorted by importance, by
 and at least ``thresholds[i - 1]`` of the mass gets ``levels[i]``; past the last bound it is dropped) or by fixed
 fractions of the key blocks per level (``quotas``, PSA's ``topk``: a fixed budget of ``sum(quota / level)`` keys).
 
-CPU path: every query block gathers its assigned keys from a flat key bank (all levels of all key blocks, then the
-text) and one batched SDPA with an additive bias runs them, query blocks sorted by key count and chunked: work is
-proportional to the kept (pooled) keys, and no N x N mask is ever built. On CUDA the same bank feeds the LUT
+CPU path: every query block gathers the bank runs of its kept (key block, level) pairs (the bank holds all levels of
+all key blocks, ``pyramid.py``) plus the text keys, and one batched SDPA with an additive bias runs them, query
+blocks sorted by key count and chunked: work and memory are proportional to the kept (pooled) keys; no N x N mask
+and no (query blocks x bank) table is built. On CUDA the same bank feeds the LUT
 block-sparse Triton kernel (:mod:`dit_accel.kernels.pyramid_lut`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -34,106 +36,20 @@ import torch.nn.functional as F
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
 from dit_accel.attention.curve import curve_order, inverse_order
+from dit_accel.attention.pyramid import (PyramidLayout, auto_block, kept_keys, kept_slots, key_density,  # noqa: F401
+                                         key_pyramid, level_index, padded_rows, pyramid_layout)
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
-from dit_accel.recipe import check_choice, register_config
+from dit_accel.recipe import check_choice, check_range, register_config
 
 BLOCKS = (16, 32, 64, 128)
 ESTIMATORS = ("sampled", "pooled")
 # Gathered key rows per chunk of query blocks, and scores per chunk of the sampled estimate (bound memory).
 _CHUNK_KEYS = 1 << 18
 _CHUNK_SCORES = 1 << 24
-_CHUNK_SLOTS = 1 << 22  # (query blocks x bank slots) selection table per chunk
 
 
 # ------------------------------------------------------------------------------------------------- the math
-def auto_block(num_tokens: int, max_level: int = 1) -> int:
-    """About 16 or more key blocks: the largest of 16..128 at most ``num_tokens / 16``, and at least
-    ``max_level`` (a block must hold whole pools)."""
-    block = 16
-    while block < 128 and block * 2 <= num_tokens // 16:
-        block *= 2
-    return max(block, max_level)
-
-
-@dataclass(frozen=True)
-class PyramidLayout:
-    """Where every pyramid key of a sequence sits in the flat key bank.
-
-    The bank holds, level after level, ``segments[i]`` slots per key block (``block // levels[i]`` pools, padded
-    up to a multiple of the layout's unit). Attributes (all (P,) tensors over bank slots): ``count`` the tokens a
-    slot stands for (0: padding, or a pool past the sequence end), ``owner`` its key block, ``index`` the position
-    of its level in ``levels``.
-    """
-
-    block: int
-    levels: tuple[int, ...]
-    num_tokens: int
-    segments: tuple[int, ...]
-    count: torch.Tensor
-    owner: torch.Tensor
-    index: torch.Tensor
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_tokens // self.block)
-
-    @functools.cached_property
-    def bias(self) -> torch.Tensor:
-        """``log(count)`` per slot: 0 for exact keys, ``log(l)`` for full pools, ``-inf`` for padding."""
-        return self.count.double().log()
-
-    @functools.cached_property
-    def real_keys(self) -> torch.Tensor:
-        """(key blocks, levels + 1) int64: the non-empty slots of each key block at each level (last column: a
-        dropped block, 0)."""
-        table = torch.zeros(self.num_blocks * (len(self.levels) + 1), dtype=torch.long, device=self.count.device)
-        table.index_add_(0, self.owner * (len(self.levels) + 1) + self.index, (self.count > 0).long())
-        return table.view(self.num_blocks, -1)
-
-
-@functools.lru_cache(maxsize=64)
-def pyramid_layout(num_tokens: int, block: int, levels: tuple[int, ...], unit: int = 1,
-                   device: str = "cpu") -> PyramidLayout:
-    """The bank layout of ``num_tokens`` tokens in key blocks of ``block``; each level's pools of a block padded to
-    a multiple of ``unit`` slots (1 for the CPU path, the kernel's key block on the GPU). Cached."""
-    if any(block % level for level in levels):
-        raise ValueError(f"every level {levels} must divide the block size {block}")
-    blocks = -(-num_tokens // block)
-    real = (torch.arange(blocks * block) < num_tokens).long()
-    counts, owners, indices, segments = [], [], [], []
-    for i, level in enumerate(levels):
-        pools = block // level
-        segment = -(-pools // unit) * unit
-        count = F.pad(real.view(blocks, pools, level).sum(2), (0, segment - pools))
-        counts.append(count.reshape(-1))
-        owners.append(torch.arange(blocks).repeat_interleave(segment))
-        indices.append(torch.full((blocks * segment,), i, dtype=torch.long))
-        segments.append(segment)
-    return PyramidLayout(block, tuple(levels), num_tokens, tuple(segments), torch.cat(counts).to(device),
-                         torch.cat(owners).to(device), torch.cat(indices).to(device))
-
-
-def key_pyramid(x: torch.Tensor, layout: PyramidLayout) -> torch.Tensor:
-    """The key (or value) bank (B, H, P, D) of a (B, H, N, D) sequence: every level's means, in layout order."""
-    batch, heads, length, dim = x.shape
-    blocks, block = layout.num_blocks, layout.block
-    padded = F.pad(x, (0, 0, 0, blocks * block - length))
-    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    parts, start = [], 0
-    for level, segment in zip(layout.levels, layout.segments):
-        pools = block // level
-        if level == 1:
-            pooled = padded.view(batch, heads, blocks, pools, dim)
-        else:
-            count = layout.count[start:start + blocks * segment].view(blocks, segment)[:, :pools]
-            pooled = padded.view(batch, heads, blocks, pools, level, dim).sum(4, dtype=accumulate)
-            pooled = (pooled / count.clamp(min=1).to(accumulate)[:, :, None]).to(x.dtype)
-        parts.append(F.pad(pooled, (0, 0, 0, segment - pools)).reshape(batch, heads, blocks * segment, dim))
-        start += blocks * segment
-    return torch.cat(parts, 2)
-
-
 @functools.lru_cache(maxsize=64)
 def _samples(length: int, block: int, stride: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled positions (the centre of every ``stride`` tokens, clipped to the sequence), their logit bias
@@ -166,12 +82,14 @@ def block_importance(query: torch.Tensor, key: torch.Tensor, block: int, *, scal
     stride = math.gcd(sample, block)
     per = block // stride  # samples per block
     picks, bias, live = _samples(length, block, stride, str(query.device))
-    q_s, k_s = query.index_select(2, picks).float(), key.index_select(2, picks).float()
+    q_s = query.index_select(2, picks).float().flatten(0, 1)
+    k_t = key.index_select(2, picks).float().flatten(0, 1).transpose(1, 2)
     out = query.new_empty((batch, heads, blocks, blocks), dtype=torch.float32)
     chunk = max(1, _CHUNK_SCORES // max(1, batch * heads * per * blocks * per))
     for first in range(0, blocks, chunk):
         last = min(first + chunk, blocks)
-        probs = torch.softmax(q_s[:, :, first * per:last * per] @ k_s.transpose(-1, -2) * scale + bias, -1)
+        scores = torch.baddbmm(bias, q_s[:, first * per:last * per], k_t, alpha=scale)
+        probs = scores.softmax(-1)
         mass = probs.view(batch, heads, last - first, per, blocks, per).sum(5)
         part = live[first:last]
         out[:, :, first:last] = (mass * part[:, :, None]).sum(3) / part.sum(1)[:, None]
@@ -203,81 +121,75 @@ def assign_levels(importance: torch.Tensor, levels: tuple[int, ...], *, threshol
     return torch.empty_like(order).scatter_(-1, order, table[index])
 
 
-@functools.lru_cache(maxsize=16)
-def _level_table(levels: tuple[int, ...], device: str) -> torch.Tensor:
-    table = torch.full((max(levels) + 1,), -1, dtype=torch.long)
-    table[list(levels)] = torch.arange(len(levels))
-    table[0] = len(levels)
-    return table.to(device)
+def scale_bounds(thresholds: tuple[float, ...] | None, quotas: tuple[float, ...] | None, scale: float
+                 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(thresholds, quotas)`` with every cumulative bound below 1 (a threshold, or a running sum of the quotas)
+    multiplied by ``scale`` and capped at 1; a bound of 1 ("keep the rest") stays. ``scale < 1`` moves key blocks
+    to coarser levels (faster, never finer: see :func:`assign_levels`), ``scale > 1`` to finer ones."""
+    def scaled(bounds: list[float]) -> list[float]:
+        return [b if b >= 1 - 1e-9 else min(1.0, b * scale) for b in bounds]
+
+    if scale == 1.0:
+        return thresholds, quotas
+    if quotas:
+        running = scaled(list(itertools.accumulate(quotas)))
+        return thresholds, tuple(b - a for a, b in zip([0.0, *running[:-1]], running))
+    return (None if thresholds is None else tuple(scaled(list(thresholds)))), quotas
 
 
-def level_index(assignment: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
-    """Position of every assigned level in ``levels`` (``len(levels)`` for a dropped pair); ValueError on a level
-    that is not in ``levels``."""
-    top = max(levels)
-    index = _level_table(tuple(levels), str(assignment.device))[assignment.long().clamp(0, top)]
-    if bool(((index < 0) | (assignment < 0) | (assignment > top)).any()):
-        raise ValueError(f"assignment holds levels outside {levels} and 0 (dropped)")
-    return index
-
-
-def kept_keys(assignment: torch.Tensor, layout: PyramidLayout) -> torch.Tensor:
-    """(..., nQ) int64: the image keys each query block attends (a pooled key counted once)."""
-    index = level_index(assignment, layout.levels)
-    table = layout.real_keys
-    blocks = torch.arange(layout.num_blocks, device=index.device).expand_as(index)
-    return table[blocks, index].sum(-1)
-
-
-def key_density(assignment: torch.Tensor, layout: PyramidLayout) -> float:
-    """Mean attended image keys per query over the number of image tokens (pooled keys counted once)."""
-    length, block = layout.num_tokens, layout.block
-    queries = (length - torch.arange(layout.num_blocks, device=assignment.device) * block).clamp(0, block)
-    keys = kept_keys(assignment, layout).double() * queries
-    return float(keys.sum()) / (keys[..., 0].numel() * float(length) ** 2)
+def _row_chunks(counts: list[int], limit: int):
+    """``(first, last)`` runs of rows (sorted by key count) whose padded gather, rows x widest count, stays within
+    ``limit`` keys (at least one row each)."""
+    first = 0
+    for index in range(1, len(counts) + 1):
+        if index == len(counts) or (index - first + 1) * counts[index] > limit:
+            yield first, index
+            first = index
 
 
 def gathered_pyramid_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, assignment: torch.Tensor,
                                layout: PyramidLayout, *, text_key: torch.Tensor | None = None,
                                text_value: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """The PyTorch path of :func:`pyramid_attention` (same arguments, plus the CPU-unit layout)."""
+    """The PyTorch path of :func:`pyramid_attention` (same arguments, plus the CPU-unit layout).
+
+    Each row (batch, head, query block) gathers the bank runs of its kept (key block, level) pairs plus the text
+    keys, rows sorted by key count and chunked so a chunk pads little; one SDPA per chunk with each slot's
+    ``log(count)`` as an additive bias."""
     batch, heads, length, dim = query.shape
     blocks, block = layout.num_blocks, layout.block
     text = 0 if text_key is None else text_key.shape[2]
-    bank_k, bank_v = key_pyramid(key, layout), key_pyramid(value, layout)
-    if text:  # text keys join every row's bank, always kept, bias 0
-        bank_k, bank_v = torch.cat([bank_k, text_key], 2), torch.cat([bank_v, text_value], 2)
-    bank_k, bank_v = bank_k.flatten(0, 1), bank_v.flatten(0, 1)
-    bias = F.pad(layout.bias.to(query.dtype), (0, text))
+    # One zero slot after each head's bank: the padding of short rows (bias -inf).
+    bank_k, bank_v = key_pyramid(key, layout, extra=1), key_pyramid(value, layout, extra=1)
+    slots_per_head = bank_k.shape[2]
+    bank_k, bank_v = bank_k.flatten(0, 2), bank_v.flatten(0, 2)
+    bias = F.pad(layout.bias.to(query.dtype), (0, 1), value=-math.inf)
     q = F.pad(query, (0, 0, 0, blocks * block - length)).reshape(-1, block, dim)  # rows: (batch, head, q block)
     index = level_index(assignment, layout.levels).reshape(-1, blocks)
-    counts = layout.real_keys[torch.arange(blocks, device=index.device), index].sum(1) + text
-    live = layout.count > 0
+    counts = layout.real_keys[torch.arange(blocks, device=index.device), index].sum(1)
     total = q.shape[0]
-    chunk = max(1, min(_CHUNK_KEYS // (int(counts.max()) + 1), _CHUNK_SLOTS // bias.numel()))
-    # Rows with similar key counts share a chunk (little padding); one chunk keeps the natural row order.
-    ranked = None if chunk >= total else torch.argsort(counts, stable=True)
-    out = None if ranked is None else query.new_empty((total, block, value.shape[-1]))
-    for first in range(0, total, chunk):
-        rows = slice(None) if ranked is None else ranked[first:first + chunk]
-        kept = (index[rows][:, layout.owner] == layout.index) & live
-        weights = torch.where(F.pad(kept, (0, text), value=True), bias, -math.inf)
-        # Kept slots first (finite bias), the rest -inf; key order does not change a softmax.
-        weights, slots = torch.sort(weights, dim=1, descending=True, stable=True)
-        width = max(1, int(counts[rows].max()))
-        weights, slots = weights[:, :width], slots[:, :width]
-        owner = torch.arange(total, device=q.device)[rows] // blocks  # the (batch, head) of each row
-        flat = (slots + (owner * bank_k.shape[1])[:, None]).reshape(-1)
-        keys = bank_k.flatten(0, 1).index_select(0, flat).view(*slots.shape, dim)
-        values = bank_v.flatten(0, 1).index_select(0, flat).view(*slots.shape, -1)
-        part = F.scaled_dot_product_attention(q[rows][None], keys[None], values[None],
-                                              attn_mask=weights[None, :, None], scale=scale)[0]
+    ranked = torch.argsort(counts, stable=True)
+    out = query.new_empty((total, block, value.shape[-1]))
+    text_k = None if not text else text_key.reshape(batch * heads, text, dim)
+    text_v = None if not text else text_value.reshape(batch * heads, text, -1)
+    for first, last in _row_chunks((counts[ranked] + text).tolist(), _CHUNK_KEYS):
+        rows = ranked[first:last]
+        slots, lengths = kept_slots(index[rows], layout)
+        table, valid = padded_rows(slots, lengths, slots_per_head - 1)
+        owner = rows // blocks  # the (batch, head) of each row
+        flat = (table + (owner * slots_per_head)[:, None]).reshape(-1)
+        keys = bank_k.index_select(0, flat).view(*table.shape, dim)
+        values = bank_v.index_select(0, flat).view(*table.shape, -1)
+        weights = bias[table]
+        if text:  # text keys join every row, always kept, bias 0
+            keys = torch.cat([keys, text_k[owner]], 1)
+            values = torch.cat([values, text_v[owner]], 1)
+            weights = F.pad(weights, (0, text))
+        mask = None if bool((weights == 0).all()) else weights[None, :, None]
+        part = F.scaled_dot_product_attention(q[rows][None], keys[None], values[None], attn_mask=mask,
+                                              scale=scale)[0]
         if not text:  # a query block that kept nothing gets zeros (as the kernel), not NaN
-            part = part.masked_fill((counts[rows] == 0)[:, None, None], 0.0)
-        if ranked is None:
-            out = part
-        else:
-            out[rows] = part
+            part = part.masked_fill((lengths == 0)[:, None, None], 0.0)
+        out[rows] = part
     return out.reshape(batch, heads, blocks * block, -1)[:, :, :length]
 
 
@@ -315,11 +227,11 @@ def psa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
                   quotas: tuple[float, ...] | None = None, estimator: str = "sampled", sample: int = 4,
                   text_key: torch.Tensor | None = None, text_value: torch.Tensor | None = None,
                   scale: float | None = None, order: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  ) -> tuple[torch.Tensor, float]:
+                  bound_scale: float = 1.0) -> tuple[torch.Tensor, float]:
     """PSA of (B, H, N, D) image tokens in grid (raster, frame-major) order: curve order, importance, levels,
     pyramid attention, natural order back. ``quotas`` replaces ``thresholds`` when given; ``block=0`` picks
-    :func:`auto_block`; ``order`` may pass the precomputed ``(curve order, inverse)``. Returns the output and the
-    key density."""
+    :func:`auto_block`; ``order`` may pass the precomputed ``(curve order, inverse)``; ``bound_scale`` scales the
+    bounds (:func:`scale_bounds`). Returns the output and the key density."""
     if order is None:
         forward = curve_order(grid.frames, grid.height, grid.width).to(query.device)
         order = (forward, inverse_order(forward))
@@ -329,6 +241,7 @@ def psa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     q, k, v = (x.index_select(2, forward) for x in (query, key, value))
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else scale
     importance = block_importance(q, k, block, scale=scale, estimator=estimator, sample=sample)
+    thresholds, quotas = scale_bounds(None if quotas else thresholds, quotas or None, bound_scale)
     assignment = assign_levels(importance, levels, thresholds=None if quotas else thresholds, quotas=quotas)
     out = pyramid_attention(q, k, v, assignment, block=block, levels=levels, text_key=text_key,
                             text_value=text_value, scale=scale)
@@ -345,8 +258,8 @@ class PSAConfig(ImageAttentionConfig):
     Args:
         block (`int`, defaults to `0`): query and key block size in tokens (along the curve); 0 picks 16-128 by
             the grid, about 16 or more blocks. Allowed: 0, 16, 32, 64, 128; at least the largest level.
-        levels (`tuple[int, ...]`, defaults to `(1, 2, 4, 8)`): pyramid levels, ascending powers of two 1-32
-            (1 = full resolution, ``l`` = means of ``l`` tokens). 1-6 levels.
+        levels (`tuple[int, ...]`, defaults to `(1, 2, 4, 8)`): pyramid levels, ascending powers of two 1-64
+            (1 = full resolution, ``l`` = means of ``l`` tokens). 1-7 levels.
         thresholds (`tuple[float, ...]`, defaults to `(0.4, 0.5, 0.6, 0.8)`): one cumulative-importance bound per
             level (PSA's balanced setting): key blocks whose more important blocks hold less than
             ``thresholds[0]`` of the mass get level ``levels[0]``, below ``thresholds[1]`` ``levels[1]``, ...,
@@ -357,6 +270,10 @@ class PSAConfig(ImageAttentionConfig):
         estimator (`str`, defaults to `"sampled"`): block importance from sampled attention (``"sampled"``) or
             from mean queries x mean keys (``"pooled"``, cheaper, blunter).
         sample (`int`, defaults to `4`): stride of the sampled tokens (1 = every token). Allowed: 1, 2, 4, 8, 16.
+        bound_scale (`float`, defaults to `1.0`): the speed knob (``ditaccel tune`` searches it): every cumulative
+            bound below 1 (each threshold, or each running sum of the quotas) is multiplied by it, capped at 1; a
+            bound of 1 (keep every block left) stays. Below 1 moves key blocks to coarser levels (fewer keys,
+            faster), above 1 to finer ones. Allowed: 0.05-2.
         start / end: fractions of the schedule to act on; ``start=0.2`` keeps the first steps dense (PSA keeps
             about the first 30 %).
     """
@@ -367,6 +284,7 @@ class PSAConfig(ImageAttentionConfig):
     quotas: tuple[float, ...] = ()
     estimator: str = "sampled"
     sample: int = 4
+    bound_scale: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -377,11 +295,11 @@ class PSAConfig(ImageAttentionConfig):
                 raise ValueError(f"{name}.{field} = {value!r} is not allowed; allowed: a list of numbers")
             object.__setattr__(self, field, tuple(value))
         levels = self.levels
-        if (not 1 <= len(levels) <= 6 or any(isinstance(l, bool) or not isinstance(l, int) or l not in
-                                             (1, 2, 4, 8, 16, 32) for l in levels)
+        if (not 1 <= len(levels) <= 7 or any(isinstance(l, bool) or not isinstance(l, int) or l not in
+                                             (1, 2, 4, 8, 16, 32, 64) for l in levels)
                 or list(levels) != sorted(set(levels))):
-            raise ValueError(f"{name}.levels = {levels!r} is not allowed; allowed: 1-6 ascending distinct powers of "
-                             "two from 1, 2, 4, 8, 16, 32, e.g. (1, 2, 4, 8)")
+            raise ValueError(f"{name}.levels = {levels!r} is not allowed; allowed: 1-7 ascending distinct powers of "
+                             "two from 1, 2, 4, 8, 16, 32, 64, e.g. (1, 2, 4, 8)")
         check_choice(self, "block", (0, *BLOCKS))
         if self.block and self.block < levels[-1]:
             raise ValueError(f"{name}.block = {self.block} is smaller than the largest level {levels[-1]}; "
@@ -397,6 +315,7 @@ class PSAConfig(ImageAttentionConfig):
                                  "(0, 1]")
         check_choice(self, "estimator", ESTIMATORS)
         check_choice(self, "sample", (1, 2, 4, 8, 16))
+        check_range(self, "bound_scale", 0.05, 2.0)
 
     def _check_numbers(self, field: str, values: tuple, low: float) -> None:
         if len(values) != len(self.levels) or any(
@@ -421,4 +340,4 @@ class PSAPlugin(ImageAttentionPlugin):
         return psa_attention(query, key, value, grid, block=config.block, levels=config.levels,
                              thresholds=config.thresholds, quotas=config.quotas or None, estimator=config.estimator,
                              sample=config.sample, text_key=text_key, text_value=text_value,
-                             scale=call.options.get("scale"), order=order)
+                             scale=call.options.get("scale"), order=order, bound_scale=config.bound_scale)

@@ -146,9 +146,13 @@ def cluster_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     q_order = torch.argsort(q_labels, dim=1, stable=True)
     k_order = torch.argsort(k_labels, dim=1, stable=True)
-    k_sorted_labels = k_labels.gather(1, k_order)
     q_counts, k_counts = cluster_counts(q_labels, num_q), cluster_counts(k_labels, num_k)
     q_start = torch.cumsum(q_counts, 1) - q_counts
+    # Keys and values sorted by cluster once per call: a key cluster is then one contiguous run of ``k_sorted``.
+    k_flat_order = (k_order + (torch.arange(groups, device=device) * length)[:, None]).reshape(-1)
+    k_sorted, v_sorted = k_flat.index_select(0, k_flat_order), v_flat.index_select(0, k_flat_order)
+    k_run = (torch.cumsum(k_counts, 1) - k_counts).reshape(-1)  # start of every (group, cluster) run, flat
+    k_run = k_run + (torch.arange(groups, device=device) * length).repeat_interleave(num_k)
     kept = (selection.long() * k_counts[:, None, :]).sum(-1)  # (G, Cq) keys per query cluster
 
     # One batch row per query cluster, its queries padded to whole pieces (repeats of its last query, not written
@@ -164,12 +168,19 @@ def cluster_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         group, cluster = own // num_q, own % num_q
         n_kept = kept[group, cluster]
         width = int(n_kept.max())
-        # Keys (in cluster order) of the selected clusters, compacted to the front; padding: token 0, masked.
-        take = selection[group, cluster].gather(1, k_sorted_labels[group])
-        position = torch.where(take, torch.cumsum(take, 1) - 1, width)
-        k_tokens = torch.zeros(own.numel(), width + 1, dtype=torch.long, device=device)
-        k_tokens.scatter_(1, position, k_order[group])
-        k_tokens = k_tokens[:, :width] + (group * length)[:, None]
+        # The runs of the selected key clusters, back to back; padding: position 0, masked.
+        rows, chosen = torch.nonzero(selection[group, cluster], as_tuple=True)
+        runs = group[rows] * num_k + chosen
+        size = k_counts.reshape(-1)[runs]
+        before = torch.cumsum(size, 0) - size
+        total = int(size.sum())
+        flat = torch.repeat_interleave(k_run[runs] - before, size, output_size=total)
+        flat += torch.arange(total, device=device)
+        row_start = torch.cumsum(n_kept, 0) - n_kept
+        position = torch.arange(width, device=device)
+        k_tokens = flat[(row_start[:, None] + position).clamp(max=max(total - 1, 0))] if total else \
+            torch.zeros(own.numel(), width, dtype=torch.long, device=device)
+        k_tokens = k_tokens.masked_fill_(position[None, :] >= n_kept[:, None], 0)
         rows_per = int(parts[own[0]]) * piece
         count = q_counts[group, cluster]
         offset = torch.arange(rows_per, device=device)
@@ -178,8 +189,8 @@ def cluster_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         q_tokens = q_order[group[:, None], rows] + (group * length)[:, None]
         n = own.numel()
         q = q_flat.index_select(0, q_tokens.reshape(-1)).view(n, rows_per, dim)
-        k = k_flat.index_select(0, k_tokens.reshape(-1)).view(n, width, dim)
-        v = v_flat.index_select(0, k_tokens.reshape(-1)).view(n, width, dim_v)
+        k = k_sorted.index_select(0, k_tokens.reshape(-1)).view(n, width, dim)
+        v = v_sorted.index_select(0, k_tokens.reshape(-1)).view(n, width, dim_v)
         if text:
             k, v = torch.cat([k, text_key[group]], 1), torch.cat([v, text_value[group]], 1)
         mask = None

@@ -51,6 +51,8 @@ KNOBS: dict[str, tuple[str, list[Any]]] = {
     "clusca": ("interval", [3, 4, 5, 6]),
     "freqca": ("interval", [3, 4, 6, 8]),
     "gna": ("coverage", [0.6, 0.5, 0.35, 0.25]),  # window side / grid side: a quarter of it keeps 1/16 of the keys
+    "svg2": ("top_p", [0.95, 0.9, 0.8, 0.6]),  # softmax mass of the key clusters each query cluster keeps
+    "psa": ("bound_scale", [1.0, 0.8, 0.6, 0.4]),  # scales every cumulative bound < 1: coarser levels, fewer keys
 }
 # plugin type -> (field, values): searched as an outer loop around the speed knob (each value gets its own search)
 SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {
