@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.attention.curve import curve_order, inverse_order
 from dit_accel.attention.gna import neighbourhood_attention, neighbourhood_plan
 from dit_accel.attention.psa import psa_attention
@@ -121,11 +121,10 @@ def methods_for(grid: TokenGrid) -> dict[str, Method]:
         num_q, num_k = config.cluster_numbers(n)
         methods[name] = Method(f"{num_q} query / {num_k} key clusters, top-p {top_p}, at least {ratio:.0%}",
                                math.nan, _svg2_method(config, num_q, num_k))
-    for name, levels, thresholds in (("psa", (1, 2, 4, 8), (0.6, 0.75, 0.9, 1.0)),
-                                     ("psa-fast", (1, 2, 4, 8), (0.4, 0.5, 0.6, 0.8)),
-                                     ("psa-max", (1, 4, 16), (0.3, 0.5, 0.8))):
-        methods[name] = Method(f"levels {levels}, bounds {thresholds}", math.nan, _psa_method(grid, order, levels,
-                                                                                                thresholds))
+    for name in ("psa", "psa-fast", "psa-max", "psa-ultra"):  # the recipes' settings
+        config = next(p for p in load_recipe(name).plugins if p.type_name == "psa")
+        bounds = f"quotas {config.quotas}" if config.quotas else f"bounds {config.thresholds}"
+        methods[name] = Method(f"levels {config.levels}, {bounds}", math.nan, _psa_method(grid, order, config))
     methods["window-residual"] = Method(
         f"local tile {residual_tile}, neighbours 1, no pooling, + cached residual",
         curve_density(n, residual_tile, 1, 0, False), hilbert(residual_tile, False), residual=True)
@@ -168,12 +167,14 @@ def _svg2_method(config: SVG2Config, num_q: int, num_k: int) -> Callable:
     return run
 
 
-def _psa_method(grid: TokenGrid, order, levels, thresholds) -> Callable:
+def _psa_method(grid: TokenGrid, order, config) -> Callable:
     tracker = _DataDependent()
 
     def run(q, k, v, tk, tv, s):
-        out, density = psa_attention(q, k, v, grid, levels=levels, thresholds=thresholds, text_key=tk,
-                                     text_value=tv, scale=s, order=order)
+        out, density = psa_attention(q, k, v, grid, block=config.block, levels=config.levels,
+                                     thresholds=config.thresholds, quotas=config.quotas or None,
+                                     estimator=config.estimator, sample=config.sample, text_key=tk, text_value=tv,
+                                     scale=s, order=order, bound_scale=config.bound_scale)
         tracker.note(density)
         return out
 
@@ -424,7 +425,7 @@ def end_to_end(args) -> dict:
 
 
 # -- (d) ---------------------------------------------------------------------------------------------------------
-FORWARD_RECIPES = ["hilbert", "gna", "gna-fast", "svg2", "svg2-fast", "psa", "psa-fast"]
+FORWARD_RECIPES = ["hilbert", "gna", "gna-fast", "svg2", "svg2-fast", "psa", "psa-fast", "psa-ultra"]
 
 
 def flux_forward_setup(side: int, *, layers: int, single_layers: int, heads: int, head_dim: int, text_tokens: int):

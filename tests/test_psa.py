@@ -14,6 +14,7 @@ from dit_accel.attention.psa import (
     PSAConfig,
     assign_levels,
     auto_block,
+    auto_sample,
     block_importance,
     gathered_pyramid_attention,
     key_density,
@@ -138,6 +139,11 @@ def test_layout_and_key_density():
     assert kept_keys(assignment, layout).tolist() == [[[9, 4]]]
     assert key_density(assignment, layout) == pytest.approx((16 * 9 + 4 * 4) / 400)
     assert auto_block(64, 8) == 16 and auto_block(4096, 8) == 128 and auto_block(8, 32) == 32
+    # Off the kernel's path: about 32 blocks of up to 512 tokens where the sequence allows, never smaller.
+    for tokens in (64, 1024, 4096, 8192, 16384, 65536):
+        assert auto_block(tokens, 8, kernel=False) >= auto_block(tokens, 8)
+    assert [auto_block(n, 8, kernel=False) for n in (4096, 8192, 16384, 65536)] == [128, 256, 512, 512]
+    assert [auto_sample(b) for b in (16, 128, 256, 512)] == [4, 4, 4, 8]
     with pytest.raises(ValueError, match="outside"):
         kept_keys(torch.tensor([[3, 1], [1, 1]]), layout)
 

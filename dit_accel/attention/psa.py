@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin
 from dit_accel.attention.curve import curve_order, inverse_order
-from dit_accel.attention.pyramid import (PyramidLayout, auto_block, kept_keys, kept_slots, key_density,  # noqa: F401
-                                         key_pyramid, level_index, padded_rows, pyramid_layout)
+from dit_accel.attention.pyramid import (PyramidLayout, auto_block, auto_sample, kept_keys,  # noqa: F401
+                                         kept_slots, key_density, key_pyramid, level_index, padded_rows,
+                                         pyramid_layout)
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_choice, check_range, register_config
@@ -224,20 +225,22 @@ def pyramid_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def psa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: TokenGrid, *, block: int = 0,
                   levels: tuple[int, ...] = (1, 2, 4, 8), thresholds: tuple[float, ...] | None = (0.4, 0.5, 0.6, 0.8),
-                  quotas: tuple[float, ...] | None = None, estimator: str = "sampled", sample: int = 4,
+                  quotas: tuple[float, ...] | None = None, estimator: str = "sampled", sample: int = 0,
                   text_key: torch.Tensor | None = None, text_value: torch.Tensor | None = None,
                   scale: float | None = None, order: tuple[torch.Tensor, torch.Tensor] | None = None,
                   bound_scale: float = 1.0) -> tuple[torch.Tensor, float]:
     """PSA of (B, H, N, D) image tokens in grid (raster, frame-major) order: curve order, importance, levels,
     pyramid attention, natural order back. ``quotas`` replaces ``thresholds`` when given; ``block=0`` picks
-    :func:`auto_block`; ``order`` may pass the precomputed ``(curve order, inverse)``; ``bound_scale`` scales the
-    bounds (:func:`scale_bounds`). Returns the output and the key density."""
+    :func:`auto_block` (larger blocks off the CUDA kernel's path), ``sample=0`` :func:`auto_sample`; ``order``
+    may pass the precomputed ``(curve order, inverse)``; ``bound_scale`` scales the bounds (:func:`scale_bounds`).
+    Returns the output and the key density."""
     if order is None:
         forward = curve_order(grid.frames, grid.height, grid.width).to(query.device)
         order = (forward, inverse_order(forward))
     forward, inverse = order
     levels = tuple(levels)
-    block = block or auto_block(query.shape[2], max(levels))
+    block = block or auto_block(query.shape[2], max(levels), kernel=query.is_cuda)
+    sample = sample or auto_sample(block)
     q, k, v = (x.index_select(2, forward) for x in (query, key, value))
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else scale
     importance = block_importance(q, k, block, scale=scale, estimator=estimator, sample=sample)
@@ -257,7 +260,9 @@ class PSAConfig(ImageAttentionConfig):
 
     Args:
         block (`int`, defaults to `0`): query and key block size in tokens (along the curve); 0 picks 16-128 by
-            the grid, about 16 or more blocks. Allowed: 0, 16, 32, 64, 128; at least the largest level.
+            the grid, about 16 or more blocks, and off CUDA up to 512 where that leaves about 32 blocks (512 at
+            16384 tokens; :func:`~dit_accel.attention.pyramid.auto_block`). Allowed: 0, 16, 32, 64, 128; at least
+            the largest level.
         levels (`tuple[int, ...]`, defaults to `(1, 2, 4, 8)`): pyramid levels, ascending powers of two 1-64
             (1 = full resolution, ``l`` = means of ``l`` tokens). 1-7 levels.
         thresholds (`tuple[float, ...]`, defaults to `(0.4, 0.5, 0.6, 0.8)`): one cumulative-importance bound per
@@ -269,7 +274,8 @@ class PSAConfig(ImageAttentionConfig):
             Empty (use thresholds) or one per level, each in [0, 1], summing to (0, 1].
         estimator (`str`, defaults to `"sampled"`): block importance from sampled attention (``"sampled"``) or
             from mean queries x mean keys (``"pooled"``, cheaper, blunter).
-        sample (`int`, defaults to `4`): stride of the sampled tokens (1 = every token). Allowed: 1, 2, 4, 8, 16.
+        sample (`int`, defaults to `0`): stride of the sampled tokens (1 = every token); 0 picks PSA's 4, or
+            ``block / 64`` for blocks over 256 (64 samples a block). Allowed: 0, 1, 2, 4, 8, 16.
         bound_scale (`float`, defaults to `1.0`): the speed knob (``ditaccel tune`` searches it): every cumulative
             bound below 1 (each threshold, or each running sum of the quotas) is multiplied by it, capped at 1; a
             bound of 1 (keep every block left) stays. Below 1 moves key blocks to coarser levels (fewer keys,
@@ -283,7 +289,7 @@ class PSAConfig(ImageAttentionConfig):
     thresholds: tuple[float, ...] = (0.4, 0.5, 0.6, 0.8)
     quotas: tuple[float, ...] = ()
     estimator: str = "sampled"
-    sample: int = 4
+    sample: int = 0
     bound_scale: float = 1.0
 
     def validate(self) -> None:
@@ -314,7 +320,7 @@ class PSAConfig(ImageAttentionConfig):
                 raise ValueError(f"{name}.quotas = {self.quotas!r} sum to {sum(self.quotas):g}; allowed: a sum in "
                                  "(0, 1]")
         check_choice(self, "estimator", ESTIMATORS)
-        check_choice(self, "sample", (1, 2, 4, 8, 16))
+        check_choice(self, "sample", (0, 1, 2, 4, 8, 16))
         check_range(self, "bound_scale", 0.05, 2.0)
 
     def _check_numbers(self, field: str, values: tuple, low: float) -> None:

@@ -13,13 +13,28 @@ import torch
 import torch.nn.functional as F
 
 
-def auto_block(num_tokens: int, max_level: int = 1) -> int:
-    """About 16 or more key blocks: the largest of 16..128 at most ``num_tokens / 16``, and at least
-    ``max_level`` (a block must hold whole pools)."""
+def auto_block(num_tokens: int, max_level: int = 1, kernel: bool = True) -> int:
+    """The block size for ``block=0``, at least ``max_level`` (a block must hold whole pools).
+
+    For the CUDA kernel (``kernel=True``): about 16 or more key blocks, the largest of 16..128 at most
+    ``num_tokens / 16``. For the PyTorch path the same, or larger where the sequence allows about 32 blocks of up
+    to 512 tokens (as the ``hilbert`` plugin's ~32 tiles): each query block is one run of the CPU flash kernel,
+    which is ~1.3x slower per score on 128-query runs than on whole sequences, and the per-block work (importance,
+    level lists, gathers) falls with the number of blocks. Unchanged up to 4096 tokens; 512 at 16384.
+    """
     block = 16
     while block < 128 and block * 2 <= num_tokens // 16:
         block *= 2
+    if not kernel:
+        while block < 512 and block * 2 <= num_tokens // 32:
+            block *= 2
     return max(block, max_level)
+
+
+def auto_sample(block: int) -> int:
+    """The sampling stride for ``sample=0``: PSA's 4, or ``block / 64`` for larger blocks (64 sampled tokens per
+    block, as many as a 256-token block has at stride 4)."""
+    return max(4, block // 64)
 
 
 @dataclass(frozen=True)
