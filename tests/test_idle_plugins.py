@@ -22,10 +22,10 @@ def _generate(pipe, name: str, steps: int, **extra) -> list[str]:
 
 def test_taylorseer_on_four_steps_names_first_steps():
     pipe = pipes.build("flux")
-    handle = accelerate_dit(pipe, "taylorseer")  # first_steps=4: a 4-step schedule is all warm-up
+    handle = accelerate_dit(pipe, "taylorseer")  # first_steps=3 and the final step (anchor="end"): all 4 are full
     try:
         messages = _generate(pipe, "flux", steps=4)
-        assert len(messages) == 1 and "first_steps=4" in messages[0] and "taylorseer" in messages[0]
+        assert len(messages) == 1 and "first_steps=3" in messages[0] and "taylorseer" in messages[0]
         assert "did nothing" in handle.summary() and "first_steps" in handle.summary()
         assert _generate(pipe, "flux", steps=4) == []  # once per reason
         assert _generate(pipe, "flux", steps=12) == []  # acts: nothing to report
