@@ -650,7 +650,8 @@ def main() -> None:
     parser.add_argument("--forward-heads", type=int, default=8, help="heads of 64 channels in (d)")
     parser.add_argument("--forward-repeats", type=int, default=2)
     parser.add_argument("--forward-recipes", nargs="*", default=FORWARD_RECIPES)
-    parser.add_argument("--merge", action="store_true", help="keep the previous results of the parts skipped now")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the previous results of the parts skipped now (and of (d)'s other grid sides)")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -665,7 +666,8 @@ def main() -> None:
         old = json.loads(previous.read_text())
         results.update({key: old[key] for key in ("attention", "goal", "captured", "end_to_end", "forward")
                         if key in old})
-        results["meta"]["merged_into"] = old.get("meta", {}).get("command")
+        earlier = [old.get("meta", {}).get(key) for key in ("command", "merged_into")]
+        results["meta"]["merged_into"] = "; ".join(c for c in earlier if c)  # every run whose parts are kept
     if not args.skip_a:
         results["attention"] = attention_only(args)
         results["goal"] = goal_check(results["attention"])
@@ -674,7 +676,9 @@ def main() -> None:
     if not args.skip_c:
         results["end_to_end"] = end_to_end(args)
     if not args.skip_d:
-        results["forward"] = transformer_forward(args)
+        # Merging keeps the grid sides this run does not measure.
+        forward = {**(results.get("forward", {}) if args.merge else {}), **transformer_forward(args)}
+        results["forward"] = dict(sorted(forward.items(), key=lambda item: item[1]["side"]))
     if "attention" in results:
         results["goal"] = goal_check(results["attention"], results.get("forward"))
     (args.out / "attention-cpu.json").write_text(json.dumps(results, indent=2, default=str))
