@@ -51,7 +51,7 @@ from dit_accel.pipelines import zoo
 
 RECIPES = ["todo", "proxy", "proxy-fast", "hilbert", "hilbert-fast", "window-residual", "taylorseer-hilbert",
            "fora-todo"]
-STEPS = {"dit": 50, "mmdit": 28}
+STEPS = {"dit": 50, "mmdit": 28, "flowdit": 50}
 REAL_SEED = 3_000_000_019
 HEAD_CHUNK = 8  # heads per call when measuring fidelity (bounds the memory of gathered tiles)
 
@@ -651,7 +651,8 @@ def main() -> None:
     parser.add_argument("--forward-repeats", type=int, default=2)
     parser.add_argument("--forward-recipes", nargs="*", default=FORWARD_RECIPES)
     parser.add_argument("--merge", action="store_true",
-                        help="keep the previous results of the parts skipped now (and of (d)'s other grid sides)")
+                        help="keep the previous results of the parts skipped now (and of (c)'s other recipes, (d)'s other grid "
+                             "sides)")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -674,7 +675,15 @@ def main() -> None:
     if not args.skip_b:
         results["captured"] = captured_fidelity(args)
     if not args.skip_c:
-        results["end_to_end"] = end_to_end(args)
+        fresh = end_to_end(args)
+        if args.merge:  # keep the recipes (and models) this run does not measure
+            for model, part in fresh.items():
+                kept = results.get("end_to_end", {}).get(model, {}).get("rows", {})
+                if "none" in kept:  # fd is against a run's own real sample: keep each run's dense reference
+                    part["rows"]["none (merged run)"] = part["rows"].pop("none")
+                part["rows"] = {**kept, **part["rows"]}
+            fresh = {**results.get("end_to_end", {}), **fresh}
+        results["end_to_end"] = fresh
     if not args.skip_d:
         # Merging keeps the grid sides this run does not measure.
         forward = {**(results.get("forward", {}) if args.merge else {}), **transformer_forward(args)}
