@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_accel.attention.base import ImageAttentionConfig, ImageAttentionPlugin, dense_image_attention
+from dit_accel.attention.ranges import attention_lse, merge_lse
 from dit_accel.core.blocks import TokenGrid
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import check_range, register_config
@@ -29,7 +30,6 @@ from dit_accel.recipe import check_range, register_config
 _CHUNK_KEYS = 1 << 20
 _CHUNK_MASK = 1 << 22
 _RUN_COST = 16.0  # queries' worth of per-run overhead (gather, kernel set-up): few queries per key set are slow
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 # ------------------------------------------------------------------------------------------------- the math
@@ -86,33 +86,6 @@ def merged_axis(window: torch.Tensor, dilation: int, merge: int) -> tuple[torch.
     union = first_start[:, None] + dilation * steps
     offset = (window[:, 0] - first_start[run]) // dilation
     return run, union, offset
-
-
-def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                  attn_mask: torch.Tensor | None = None, scale: float | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-D SDPA with each query's log-sum-exp (FP32, FP64 for FP64 input): torch's CPU flash kernel, the math
-    form elsewhere."""
-    if query.device.type == "cpu" and _FLASH_CPU is not None:
-        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=attn_mask, scale=scale)
-        return out, lse if lse.dtype == torch.float64 else lse.float()
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query.to(work) @ key.to(work).transpose(-1, -2)) * scale
-    if attn_mask is not None:
-        scores = scores + attn_mask.to(work)
-    lse = scores.logsumexp(-1)
-    return ((scores - lse[..., None]).exp() @ value.to(work)).to(query.dtype), lse
-
-
-def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from each set's output and log-sum-exp (both finite)."""
-    top = torch.maximum(lse_a, lse_b)
-    weight_a, weight_b = (lse_a - top).exp(), (lse_b - top).exp()
-    total = weight_a + weight_b
-    work = lse_a.dtype
-    return (out_a.to(work) * (weight_a / total)[..., None] + out_b.to(work) * (weight_b / total)[..., None]
-            ).to(out_a.dtype)
 
 
 def _choose_merge(axes: list[tuple[torch.Tensor, torch.Tensor]], dilation: tuple[int, int, int], num_tokens: int,

@@ -21,29 +21,33 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA that also returns the log-sum-exp of each query's scores: (out (..., Lq, Dv), lse (..., Lq) fp32).
+    """SDPA that also returns the log-sum-exp of each query's scores: (out (..., Lq, Dv), lse (..., Lq) fp32, fp64
+    for fp64 input).
 
     On CPU this is torch's flash kernel (strided, even overlapping, key views are read in place); elsewhere the
     math form (the Triton kernels add the GPU path).
     """
     if query.device.type == "cpu" and _FLASH_CPU is not None and query.ndim == 4:
         out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=attn_mask, scale=scale)
-        return out, lse.float()
+        return out, lse if lse.dtype == torch.float64 else lse.float()
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    scores = (query.to(work) @ key.to(work).transpose(-1, -2)) * scale
     if attn_mask is not None:
-        scores = scores + attn_mask.float()
+        scores = scores + attn_mask.to(work)
     lse = scores.logsumexp(-1)
-    return ((scores - lse[..., None]).exp() @ value.float()).to(query.dtype), lse
+    return ((scores - lse[..., None]).exp() @ value.to(work)).to(query.dtype), lse
 
 
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """The attention over the union of two disjoint key sets, from each set's output and log-sum-exp."""
+    """The attention over the union of two disjoint key sets, from each set's output and log-sum-exp (computed in
+    the log-sum-exps' dtype)."""
     out_b = torch.where(torch.isfinite(lse_b)[..., None], out_b, torch.zeros((), dtype=out_b.dtype))
     top = torch.maximum(lse_a, lse_b)
     weight_a, weight_b = (lse_a - top).exp(), (lse_b - top).exp()
     total = weight_a + weight_b
-    return ((out_a.float() * (weight_a / total)[..., None] + out_b.float() * (weight_b / total)[..., None])
+    work = lse_a.dtype
+    return ((out_a.to(work) * (weight_a / total)[..., None] + out_b.to(work) * (weight_b / total)[..., None])
             .to(out_a.dtype))
 
 
