@@ -19,7 +19,7 @@ def auto_block(num_tokens: int, max_level: int = 1, kernel: bool = True) -> int:
     For the CUDA kernel (``kernel=True``): about 16 or more key blocks, the largest of 16..128 at most
     ``num_tokens / 16``. For the PyTorch path the same, or larger where the sequence allows about 32 blocks of up
     to 512 tokens (as the ``hilbert`` plugin's ~32 tiles): each query block is one run of the CPU flash kernel,
-    which is ~1.3x slower per score on 128-query runs than on whole sequences, and the per-block work (importance,
+    which is less efficient per score on short query runs than on long ones, and the per-block work (importance,
     level lists, gathers) falls with the number of blocks. Unchanged up to 4096 tokens; 512 at 16384.
     """
     block = 16
