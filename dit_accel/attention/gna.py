@@ -332,6 +332,13 @@ class GNAPlugin(ImageAttentionPlugin):
         density = plan.key_density()
         if density >= 1.0:
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
-        out = neighbourhood_attention(query, key, value, plan, text_key=text_key, text_value=text_value,
-                                      scale=call.options.get("scale"))
+        scale = call.options.get("scale")
+        if query.is_cuda:
+            from dit_accel.kernels.window_lut import window_attention, window_kernel_usable
+
+            if window_kernel_usable(query, key, value, text_key, text_value):
+                out = window_attention(query, key, value, plan, text_key=text_key, text_value=text_value,
+                                       scale=scale)
+                return out, density
+        out = neighbourhood_attention(query, key, value, plan, text_key=text_key, text_value=text_value, scale=scale)
         return out, density

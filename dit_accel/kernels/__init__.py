@@ -10,6 +10,10 @@ their modules (``from dit_accel.kernels.int8_attention import int8_attention``).
   ``block_sparse_attention`` and ``block_sparse_reference``.
 * :mod:`.tile_lut`: a :class:`~dit_accel.attention.tiled.TilePlan` as block-sparse lookup tables, the GPU path of
   ``tiled_attention`` / ``curve_tile_attention`` (plugins ``proxy``, ``hilbert``, ``window-residual``).
+* :mod:`.window_lut`: exact generalized neighbourhood attention over a
+  :class:`~dit_accel.attention.gna.NeighbourhoodPlan`'s runs of tiles (queries and key unions by index, each
+  (query, key) masked to the query's window in-kernel), the GPU path of plugin ``gna``; registers its own custom op
+  ``torch.ops.dit_accel.window_attention``.
 * :mod:`.ops`: both kernels as ``torch.library`` custom ops (``torch.ops.dit_accel.*``) with fake implementations,
   so ``torch.compile`` traces through them.
 
