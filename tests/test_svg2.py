@@ -3,6 +3,9 @@ references, the Triton kernel path (interpreter), and the plugin on every pipeli
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,8 @@ from dit_accel.attention.svg2 import (
     plan_clusters,
     top_p_selection,
 )
+from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId
+from dit_accel.core.blocks import TokenGrid, TokenLayout
 from dit_accel.kernels import triton_importable
 
 
@@ -168,9 +173,139 @@ def test_config_validation_and_cluster_sizing():
         SVG2Config(num_k_clusters=2.5)
     with pytest.raises(ValueError, match="recluster_interval"):
         SVG2Config(recluster_interval=0)
+    for name in ("min_q_clusters", "min_k_clusters"):
+        with pytest.raises(ValueError, match=rf"{name} = 0 is out of range"):
+            SVG2Config(**{name: 0})
+        with pytest.raises(ValueError, match=name):
+            SVG2Config(**{name: 70000})
+        with pytest.raises(ValueError, match=name):
+            SVG2Config(**{name: 2.5})
     assert SVG2Config().cluster_numbers(4096) == (32, 128)
-    assert SVG2Config().cluster_numbers(100) == (1, 4)
+    assert SVG2Config().cluster_numbers(100) == (16, 32)  # the floors
+    assert SVG2Config(min_q_clusters=1, min_k_clusters=1).cluster_numbers(100) == (1, 4)  # floors off
     assert SVG2Config(num_q_clusters=500, num_k_clusters=7).cluster_numbers(300) == (300, 7)
+
+
+def test_cluster_floor_on_small_grids():
+    config = SVG2Config()
+    assert config.cluster_numbers(64) == (16, 32) and config.dense_reason(64) is None  # the zoo's 8x8 grid
+    assert config.cluster_numbers(300) == (16, 32) and config.cluster_numbers(1024) == (16, 32)
+    assert SVG2Config(min_q_clusters=64, min_k_clusters=48).cluster_numbers(64) == (32, 32)  # >= 2 tokens a cluster
+    assert SVG2Config(num_q_clusters=3, num_k_clusters=5).cluster_numbers(64) == (3, 5)  # set counts: no floor
+    assert SVG2Config(num_q_clusters=3, num_k_clusters=5).dense_reason(3) is None
+    reason = config.dense_reason(63)
+    assert "at least 64 image tokens" in reason and "8x8" in reason and "min_k_clusters=32" in reason
+    assert "at least 32 image tokens" in SVG2Config(min_k_clusters=16).dense_reason(31)
+    assert SVG2Config(min_k_clusters=16).dense_reason(32) is None
+    # Without a key floor the first call with two key clusters is k_cluster_tokens + 1 tokens long.
+    assert "at least 33 image tokens" in SVG2Config(min_k_clusters=1).dense_reason(32)
+    assert SVG2Config(min_k_clusters=1).dense_reason(33) is None
+    assert "num_k_clusters=1" in SVG2Config(num_k_clusters=1).dense_reason(4096)
+    assert "two key clusters" in SVG2Config(num_k_clusters=4).dense_reason(1)
+
+
+def test_floor_not_binding_keeps_the_previous_sizing():
+    def previous(config, tokens):  # the sizing before the floors existed
+        def size(fixed, per):
+            return max(1, min(tokens, fixed or -(-tokens // per)))
+        return (size(config.num_q_clusters, config.q_cluster_tokens),
+                size(config.num_k_clusters, config.k_cluster_tokens))
+
+    for config in (SVG2Config(), SVG2Config(q_cluster_tokens=64, k_cluster_tokens=8, min_q_clusters=3),
+                   SVG2Config(num_q_clusters=5, k_cluster_tokens=16), SVG2Config(min_q_clusters=1, min_k_clusters=1)):
+        for tokens in list(range(1, 600)) + [1023, 1024, 1921, 2048, 4096, 4097, 16384, 65536]:
+            now, before = config.cluster_numbers(tokens), previous(config, tokens)
+            q_free = config.num_q_clusters or before[0] >= config.min_q_clusters
+            k_free = config.num_k_clusters or before[1] >= config.min_k_clusters
+            assert now[0] >= before[0] and now[1] >= before[1]  # a floor only ever adds clusters
+            if q_free:
+                assert now[0] == before[0], (config, tokens)
+            if k_free:
+                assert now[1] == before[1], (config, tokens)
+            if config.min_q_clusters == config.min_k_clusters == 1:
+                assert now == before  # floors of 1 are the previous sizing everywhere
+
+
+def _plugin_call(config, grid, text=0):
+    """An SVG2 plugin outside a pipeline and one of its calls (no context: no state is kept)."""
+    plugin = svg2.SVG2Plugin.__new__(svg2.SVG2Plugin)
+    plugin.config, plugin.target, plugin.states = config, None, {}
+    plugin.fallbacks, plugin._warned = Counter(), set()
+    plugin.key_padding = KeyPaddingReader()
+    layout = TokenLayout("joint" if text else "self", grid, num_text_tokens=text, text_position="last")
+    options = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    return plugin, AttentionCall(layer=LayerId("blocks", 0, "attn", layout.kind), layout=layout, context=None,
+                                 index=0, options=options)
+
+
+def _spy_plans(monkeypatch):
+    plans = []
+    plan = svg2.plan_clusters
+
+    def spy(*args, **kwargs):
+        plans.append((kwargs, plan(*args, **kwargs)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(svg2, "plan_clusters", spy)
+    return plans
+
+
+def test_too_small_call_falls_back_counted_and_warned_once(monkeypatch):
+    plans = _spy_plans(monkeypatch)
+    plugin, call = _plugin_call(SVG2Config(), TokenGrid(1, 6, 6), text=4)
+    q, k, v, _, _ = qkv(batch=1, heads=2, length=40, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"needs at least 64 image tokens .*8x8.*this call has 36 \(6x6\)"):
+        out = plugin._attend(q, k, v, call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reason
+        plugin._attend(q, k, v, call)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=0)
+    assert sum(plugin.fallbacks.values()) == 2 and not plans  # counted, and no clustering was done
+    assert "needs at least 64 image tokens" in plugin.idle_reason(4)
+    # A lower floor clusters the same call: 16 query (the floor) and 16 key clusters (capped at 36 // 2 = 18).
+    plugin, call = _plugin_call(SVG2Config(min_k_clusters=16, top_p=0.5, min_kc_ratio=0.0), TokenGrid(1, 6, 6), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plugin._attend(q, k, v, call)
+    assert not plugin.fallbacks and [(p["num_q_clusters"], p["num_k_clusters"]) for p, _ in plans] == [(16, 16)]
+    # One key cluster set by hand: dense, never in silence.
+    plugin, call = _plugin_call(SVG2Config(num_k_clusters=1), TokenGrid(1, 6, 6), 4)
+    with pytest.warns(UserWarning, match="num_k_clusters=1 puts every key in one cluster"):
+        plugin._attend(q, k, v, call)
+    assert sum(plugin.fallbacks.values()) == 1
+
+
+def test_64_tokens_are_clustered_with_the_floor(monkeypatch):
+    """The zoo's 8x8 grid: 16 query and 32 key clusters (not 1 and 2), sparse, exact within the selection."""
+    plans = _spy_plans(monkeypatch)
+    plugin, call = _plugin_call(SVG2Config(), TokenGrid(1, 8, 8), text=5)
+    q, k, v, _, _ = qkv(batch=2, heads=2, length=69, dtype=torch.float64, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = plugin._attend(q, k, v, call)
+    (kwargs, plan), = plans
+    assert (kwargs["num_q_clusters"], kwargs["num_k_clusters"]) == (16, 32) and not plugin.fallbacks
+    assert 0.0 < plan.key_density() < 1.0
+    q_img, k_img, v_img = q[:, :, :64], k[:, :, :64], v[:, :, :64]
+    mask = cluster_mask(plan.q_labels, plan.k_labels, plan.selection)
+    expected = dense(q_img, k_img, v_img, k[:, :, 64:], v[:, :, 64:], mask)
+    torch.testing.assert_close(out[:, :, :64], expected, atol=1e-12, rtol=0)
+
+
+def test_larger_grid_plans_are_bit_identical_to_the_previous_sizing(monkeypatch):
+    """At 2048 tokens neither floor binds: the plan and output equal those of floors of 1 (the previous sizing)."""
+    plans = _spy_plans(monkeypatch)
+    q, k, v, _, _ = qkv(batch=1, heads=2, length=2048 + 3, dim=8, dtype=torch.float32, seed=6)
+    outs = []
+    for config in (SVG2Config(kmeans_iters_init=3), SVG2Config(kmeans_iters_init=3, min_q_clusters=1,
+                                                               min_k_clusters=1)):
+        plugin, call = _plugin_call(config, TokenGrid(1, 32, 64), text=3)
+        outs.append(plugin._attend(q, k, v, call))
+    (first, floored), (second, previous) = plans
+    assert (first["num_q_clusters"], first["num_k_clusters"]) == (16, 64) == (second["num_q_clusters"],
+                                                                             second["num_k_clusters"])
+    assert all(torch.equal(a, b) for a, b in zip(floored.tensors(), previous.tensors()))
+    assert torch.equal(outs[0], outs[1]) and floored.key_density() < 1.0
 
 
 def test_every_cluster_kept_on_every_family_equals_dense(family, monkeypatch):

@@ -6,6 +6,8 @@ set of whole key clusters chosen from centroid scores: ``c_q . c_k * scale + log
 size makes a centroid stand for the softmax mass of all its tokens), key clusters taken in descending order until
 their softmax mass reaches ``top_p`` (the crossing cluster kept), and at least ``min_kc_ratio`` of them. Within the
 selection attention is exact, every text key is attended exactly, and the output comes back in natural order.
+Cluster counts follow the token count with a floor (``min_*_clusters``) so small grids still select finely; a call
+too small to meet the key floor runs dense through the counted, warned fallback.
 
 The CPU path gathers, once per query cluster, the keys of its selected clusters, and runs one batched SDPA per
 chunk of query clusters (queries padded to whole ``piece``-row pieces, keys padded to the chunk's largest count and
@@ -212,10 +214,19 @@ class SVG2Config(ImageAttentionConfig):
         num_q_clusters (`int`, defaults to `0`): query clusters per head; 0 sizes them by ``q_cluster_tokens`` so
             one setting fits every resolution. Allowed: 0-65536 (capped at the number of image tokens).
         num_k_clusters (`int`, defaults to `0`): key clusters per head; 0 sizes them by ``k_cluster_tokens``.
-            Allowed: 0-65536.
+            Allowed: 0-65536. A count of 1 (set, or at a 1-token call) selects nothing: such calls run dense,
+            counted in the plugin's fallbacks.
         q_cluster_tokens (`int`, defaults to `128`) / k_cluster_tokens (`int`, defaults to `32`): mean tokens per
             cluster when the counts are 0. Smaller key clusters select more finely and cost more k-means work.
             Allowed: 1-65536.
+        min_q_clusters (`int`, defaults to `16`) / min_k_clusters (`int`, defaults to `32`): floors of the
+            automatic counts (``num_*_clusters=0``), each capped at half the image tokens (clusters of >= 2 tokens
+            on average); from 2048 / 1024 image tokens up (at the default ``*_cluster_tokens``) they do not bind
+            and the counts are ``ceil(tokens / *_cluster_tokens)``. Small grids otherwise get one or two clusters
+            and top-p drops whole halves of the keys. A call with fewer than ``2 * min_k_clusters`` image tokens
+            (64 by default, an 8x8 grid) cannot meet the key floor and runs dense, counted in the plugin's
+            fallbacks and warned once; lower ``min_k_clusters`` (or set ``num_k_clusters``) to cluster it anyway.
+            ``1`` turns a floor off. Allowed: 1-65536.
         top_p (`float`, defaults to `0.9`): softmax mass of the key clusters each query cluster keeps; 1 keeps
             every key (dense attention, no clustering). Recommended 0.8-0.95. Allowed: 0-1.
         min_kc_ratio (`float`, defaults to `0.1`): fraction of the key clusters always kept; 1 keeps them all
@@ -233,6 +244,15 @@ class SVG2Config(ImageAttentionConfig):
     num_k_clusters: int = 0
     q_cluster_tokens: int = 128
     k_cluster_tokens: int = 32
+    # Chosen on zoo:dit and zoo:mmdit at their 8x8 = 64-token grids, CALIBRATION seeds 100-103 only (2 class labels
+    # a seed, 20 steps, recipe svg2), PSNR of the images against dense attention (dit / mmdit, mean key density):
+    # no floor (1 query / 2 key clusters) 15.5 / 15.6 dB (0.93 / 0.96); 4/8 19.2 / 20.3 dB; 8/16 20.5 / 23.1 dB;
+    # 16/16 22.4 / 23.1 dB; 8/32 22.1 / 22.6 dB; 16/32 24.3 / 25.1 dB (0.59 / 0.59); 32/32 28.0 / 27.0 dB (0.59 /
+    # 0.57). 16/32 rather than 32/32: 2-token query clusters each fill a whole padded query piece (CPU) or block
+    # (kernel), and a query floor of 32 would bind up to 4096 tokens. With 16/32, svg2-fast 21.2 / 20.9 dB and
+    # svg2-max 17.2 / 17.8 dB (without a floor 15.5 / 15.3 and 15.4 / 15.2 dB).
+    min_q_clusters: int = 16
+    min_k_clusters: int = 32
     top_p: float = 0.9
     min_kc_ratio: float = 0.1
     kmeans_iters_init: int = 20
@@ -245,6 +265,8 @@ class SVG2Config(ImageAttentionConfig):
         check_range(self, "num_k_clusters", 0, 65536, integer=True)
         check_range(self, "q_cluster_tokens", 1, 65536, integer=True)
         check_range(self, "k_cluster_tokens", 1, 65536, integer=True)
+        check_range(self, "min_q_clusters", 1, 65536, integer=True)
+        check_range(self, "min_k_clusters", 1, 65536, integer=True)
         check_range(self, "top_p", 0.0, 1.0)
         check_range(self, "min_kc_ratio", 0.0, 1.0)
         check_range(self, "kmeans_iters_init", 1, 200, integer=True)
@@ -252,10 +274,45 @@ class SVG2Config(ImageAttentionConfig):
         check_range(self, "recluster_interval", 1, 100, integer=True)
 
     def cluster_numbers(self, num_tokens: int) -> tuple[int, int]:
-        """(query clusters, key clusters) at ``num_tokens`` image tokens."""
-        def size(fixed: int, tokens: int) -> int:
-            return max(1, min(num_tokens, fixed or -(-num_tokens // tokens)))
-        return size(self.num_q_clusters, self.q_cluster_tokens), size(self.num_k_clusters, self.k_cluster_tokens)
+        """(query clusters, key clusters) at ``num_tokens`` image tokens: a set count capped at the tokens, else
+        ``ceil(num_tokens / *_cluster_tokens)`` raised to ``min_*_clusters`` capped at ``num_tokens // 2``."""
+        def size(fixed: int, tokens: int, floor: int) -> int:
+            # The floor only ever raises the token-sized count, so wherever it does not bind the count is unchanged.
+            count = fixed or max(-(-num_tokens // tokens), min(floor, num_tokens // 2))
+            return max(1, min(num_tokens, count))
+        return (size(self.num_q_clusters, self.q_cluster_tokens, self.min_q_clusters),
+                size(self.num_k_clusters, self.k_cluster_tokens, self.min_k_clusters))
+
+    def min_tokens(self) -> int:
+        """The fewest image tokens a call needs for svg2 to cluster it (see :meth:`dense_reason`)."""
+        if self.num_k_clusters:
+            return 2 if self.num_k_clusters > 1 else 0  # 0: never, one key cluster keeps every key
+        if self.min_k_clusters > 1:
+            return 2 * self.min_k_clusters
+        return self.k_cluster_tokens + 1  # no floor: two token-sized key clusters
+
+    def dense_reason(self, num_tokens: int) -> str | None:
+        """Why a call of ``num_tokens`` image tokens is too small to select from sparsely (it then runs dense),
+        ``None`` when it is not: the key floor cannot be met with clusters of >= 2 tokens, or one key cluster
+        would hold every key (top-p could only keep it)."""
+        needed = self.min_tokens()
+        if needed == 0:
+            return ("num_k_clusters=1 puts every key in one cluster, which every query keeps; set 0 (automatic) or "
+                    "at least 2")
+        if num_tokens >= needed:
+            return None
+        side = math.isqrt(needed - 1) + 1
+        if not self.num_k_clusters and self.min_k_clusters > 1:
+            why = (f"min_k_clusters={self.min_k_clusters} key clusters of >= 2 tokens each; lower min_k_clusters "
+                   "or set num_k_clusters to cluster smaller grids anyway")
+        else:
+            why = "two key clusters (one would hold every key)"
+        return f"svg2 needs at least {needed} image tokens (e.g. a token grid of {side}x{side}) for {why}"
+
+
+def _grid_text(grid) -> str:
+    sides = (grid.height, grid.width) if grid.frames == 1 else (grid.frames, grid.height, grid.width)
+    return "x".join(map(str, sides))
 
 
 @register_plugin(SVG2Config)
@@ -285,7 +342,11 @@ class SVG2Plugin(ImageAttentionPlugin):
 
     def image_attention(self, query, key, value, text_key, text_value, grid, layer, call):
         config = self.config
-        if config.top_p >= 1.0 or config.cluster_numbers(query.shape[2])[1] == 1:  # every key kept: no clustering
+        if config.top_p >= 1.0:  # every key kept, as asked: no clustering (idle_reason says so)
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
+        reason = config.dense_reason(query.shape[2])
+        if reason is not None:  # too few tokens to select from: dense, but never in silence
+            self._fallback(f"{reason}; this call has {query.shape[2]} ({_grid_text(grid)})", call)
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         plan = self._plan(query, key, layer, call)
         scale = call.options.get("scale")
