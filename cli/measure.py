@@ -171,6 +171,7 @@ def bench(
         seed=seed, repeats=repeats, batch=batch, out_dir=output, resume=resume,
         overrides=parse_overrides(overrides or []), guidance_scale=guidance_scale, device=device,
         fid_weights=fid_weights, clip_model=clip_model,
+        parallel="auto" if setting is None else {"kind": setting.kind, "degree": setting.processes},
         command="ditaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     try:

@@ -257,6 +257,133 @@ def test_cli_parallel_errors_and_relaunch(monkeypatch, tmp_path):
     assert result.exit_code == 0 and calls[-1][0] == 2, result.output
 
 
+# ------------------------------------------------------------------------------- bench rows record the setting
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_config(**fields):
+    from dit_accel.bench.harness import BenchConfig
+
+    return BenchConfig(**{"model": "zoo:dit", "recipes": ["none", "fora"], "num_samples": 2, "batch": 2, **fields})
+
+
+def test_bench_keys_name_the_parallel_setting_and_single_process_keys_are_unchanged():
+    from dit_accel.bench.harness import plan
+
+    # committed rows (written before the setting was recorded) still resume: their dense keys are reproduced
+    for model in ("dit", "mmdit", "flowdit"):
+        rows = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / f"bench-zoo-{model}" /
+                                              "rows.jsonl").read_text().splitlines() if line.strip()]
+        dense = next(row for row in rows if row["kind"] == "dense")
+        assert "parallel" not in dense["env"]
+        for parallel in ("auto", None):
+            config = _bench_config(model=dense["model"], recipes=[], num_samples=dense["num_samples"],
+                                   seed=dense["seed"], batch=dense["batch"], parallel=parallel)
+            assert plan(config, dense["steps"])[0].key == dense["key"]
+    single = [entry.key for entry in plan(_bench_config(parallel=None), 2)]
+    patch2 = [entry.key for entry in plan(_bench_config(parallel={"kind": "patch", "degree": 2}), 2)]
+    others = [[entry.key for entry in plan(_bench_config(parallel=setting), 2)]
+              for setting in ({"kind": "patch", "degree": 4}, {"kind": "ulysses", "degree": 2})]
+    assert all("|parallel=patch=2|" in key for key in patch2) and not any("parallel" in key for key in single)
+    keys = [*single, *patch2, *others[0], *others[1]]
+    assert len(set(keys)) == len(keys) == 12  # no row of one setting is served for another
+    for bad in ({"kind": "mpi", "degree": 2}, {"kind": "patch", "degree": 1}, {"kind": "patch"}, "patch=2",
+                {"kind": "ring", "degree": True}):
+        with pytest.raises(ValueError, match="is not a parallel setting; allowed: None"):
+            plan(_bench_config(parallel=bad), 2)
+
+
+def test_parallel_setting_is_read_from_the_pipeline_and_the_recipes(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    import dit_accel
+    from dit_accel.bench.distributed import parallel_setting
+
+    recipes = [dit_accel.load_recipe("none"), dit_accel.load_recipe("fora+patch-parallel")]
+    pipe = SimpleNamespace(transformer=SimpleNamespace(_parallel_config=None))
+    assert parallel_setting(pipe, recipes) is None  # patch-parallel without torch.distributed: one process
+    for degrees, expected in [({"ulysses_degree": 2}, {"kind": "ulysses", "degree": 2}),
+                              ({"ring_degree": 4}, {"kind": "ring", "degree": 4}),
+                              ({"ulysses_degree": 2, "ring_degree": 2}, {"kind": "ulysses+ring", "degree": 4})]:
+        pipe.transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+        assert parallel_setting(pipe, recipes[:1]) == expected
+    pipe.transformer._parallel_config = None
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    assert parallel_setting(pipe, recipes) == {"kind": "patch", "degree": 3}
+    assert parallel_setting(pipe, recipes[:1]) is None  # a data-parallel launch: each generation in one process
+
+
+def _row(config: str, env: dict) -> dict:
+    return {"model": "zoo:dit", "steps": 2, "num_samples": 2, "seed": 0, "batch": 2, "config": config,
+            "kind": "dense" if config == "dense" else "dit_accel", "wall_speedup": 1.0, "psnr": 30.0, "env": env}
+
+
+def test_results_markdown_shows_the_parallel_setting_only_when_split():
+    from dit_accel.bench import report
+
+    rows = [_row("dense", {"device": "cpu"}),  # written before the setting was recorded
+            _row("fora", {"device": "cpu", "parallel": None}),
+            _row("fora+patch-parallel", {"device": "cpu", "parallel": {"kind": "patch", "degree": 2}})]
+    assert [report.parallel_of(row) for row in rows] == [None, None, {"kind": "patch", "degree": 2}]
+    markdown = report.markdown(rows)
+    assert markdown.count("- device: cpu\n") == 1 and "- device: cpu, parallel: patch=2" in markdown
+    assert "## zoo:dit: 2 steps, 2 samples (seed 0, batch 2)\n" in markdown
+    assert "(seed 0, batch 2), each generation split over processes: --parallel patch=2" in markdown
+    assert "parallel: None" not in markdown and markdown.count("## zoo:dit") == 2
+    assert report.markdown(rows[:1]) == report.markdown([{**rows[0], "env": {"device": "cpu", "parallel": None}}])
+
+
+def test_bench_resume_never_serves_rows_across_parallel_settings(tmp_path):
+    from pipelines_for_tests import zoo_weights_present
+
+    if not zoo_weights_present("zoo:dit"):
+        pytest.skip("zoo weights not exported")
+    from dit_accel.bench import report
+    from dit_accel.bench.harness import plan, run_bench
+    from dit_accel.cli.app import load_model
+
+    single = _bench_config(recipes=["none"], steps=2, num_samples=1, batch=1, repeats=1, out_dir=tmp_path,
+                           resume=True)
+    # single-process rows as an earlier dit_accel wrote them: no parallel field in env
+    old = [{**_row(entry.label, {"device": "cpu", "processes": 1}), "key": entry.key, "num_samples": 1, "batch": 1,
+            "psnr": float("inf")} for entry in plan(single, 2)]
+    report.write_rows(tmp_path / report.ROWS_FILE, old)
+    pipe, family = load_model("zoo:dit")
+    split = {"kind": "ulysses", "degree": 2}  # as if the launcher had split the model (one process here)
+    rows = run_bench(_bench_config(**{**single.__dict__, "parallel": split}), progress=False, pipe=pipe,
+                     family=family)
+    assert [row["env"]["parallel"] for row in rows] == [split, split] and "timestamp" in rows[0]
+    assert all("|parallel=ulysses=2|" in row["key"] for row in rows)
+    assert report.load_rows(tmp_path / report.ROWS_FILE)[:2] == old  # kept
+    served = run_bench(single, progress=False, pipe=pipe, family=family)  # "auto": this pipeline is not split
+    assert served == old
+    assert "--parallel ulysses=2" in (tmp_path / report.RESULTS_FILE).read_text()
+
+
+@pytest.mark.slow  # about 35 s: two processes (torchrun) that each import torch and build tiny:flux
+def test_bench_with_patch_parallel_records_the_setting_in_every_row(tmp_path):
+    from dit_accel.bench import report
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "dit_accel.cli.app", "bench", "--model", "tiny:flux", "--recipes",
+                             "none", "--steps", "2", "--num-samples", "1", "--batch", "1", "--repeats", "1",
+                             "--parallel", "patch=2", "--quiet", "-o", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = report.load_rows(out / report.ROWS_FILE)
+    assert [row["config"] for row in rows] == ["dense", "none+patch-parallel"]
+    for row in rows:
+        assert row["env"]["parallel"] == {"kind": "patch", "degree": 2}, row["env"]
+        assert "|parallel=patch=2|" in row["key"]
+    assert "--parallel patch=2" in (out / report.RESULTS_FILE).read_text()
+
+
 # ------------------------------------------------------------------------------------------ two processes
 SCRIPT = Path(__file__).parent / "distributed" / "plugins_context_parallel.py"
 

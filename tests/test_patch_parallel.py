@@ -388,12 +388,57 @@ def test_corrections_never_outlive_their_generation_or_fit_another_output():
 
 
 def test_correction_and_refresh_config():
-    assert PatchParallelConfig().correction == "detail" and PatchParallelConfig().refresh_interval == 0
-    for bad, match in [({"correction": "exact"}, "correction = 'exact' is not allowed"),
-                       ({"refresh_interval": -1}, "refresh_interval = -1 is out of range"),
-                       ({"refresh_interval": 1.5}, "refresh_interval")]:
+    pcpp = PatchParallelConfig(mode="pcpp")
+    assert pcpp.active_correction == "detail" and pcpp.active_refresh_interval == 0
+    assert (pcpp.exchange_band, pcpp.exchange_pool) == (2, 4)  # the pcpp defaults of the unset fields
+    for bad, match in [({"mode": "pcpp", "correction": "exact"}, "correction = 'exact' is not allowed"),
+                       ({"mode": "pcpp", "refresh_interval": -1}, "refresh_interval = -1 is out of range"),
+                       ({"mode": "pcpp", "refresh_interval": 1.5}, "refresh_interval"),
+                       ({"correction": "exact"}, "correction = 'exact' is not allowed")]:
         with pytest.raises(ValueError, match=match):
             PatchParallelConfig(**bad)
+
+
+@pytest.mark.parametrize("field, value", [("correction", "detail"), ("correction", "residual"), ("band", 2),
+                                          ("band", 0), ("pool", 4), ("pool", 0), ("refresh_interval", 3)])
+def test_pcpp_only_fields_are_refused_under_distrifusion_not_ignored(field, value):
+    with pytest.raises(ValueError, match=rf"{field} = {value!r}: this field only applies to mode='pcpp'.*"
+                                         r"Allowed with 'distrifusion': band, pool and correction unset"):
+        PatchParallelConfig(mode="distrifusion", **{field: value})
+    PatchParallelConfig(mode="pcpp", **{field: value})  # the same value is fine where it means something
+
+
+def test_distrifusion_accepts_the_off_values_and_names_every_ignored_field():
+    plain = PatchParallelConfig()
+    assert (plain.band, plain.pool, plain.correction, plain.refresh_interval) == (None, None, None, 0)
+    assert (plain.exchange_band, plain.exchange_pool, plain.active_correction, plain.active_refresh_interval) == (
+        None, 0, "none", 0)
+    assert PatchParallelConfig(correction="none", refresh_interval=0).active_correction == "none"
+    with pytest.raises(ValueError, match=r"band = 1, correction = 'residual', refresh_interval = 2: these fields "
+                                         r"only apply to mode='pcpp'"):
+        PatchParallelConfig(band=1, correction="residual", refresh_interval=2)
+    # recipes and overrides go through the same validation: switching the pcpp recipe's mode is refused
+    with pytest.raises(ValueError, match="band = 2, pool = 4, correction = 'detail'"):
+        load_recipe("patch-parallel-pcpp", mode="distrifusion")
+    assert load_recipe("patch-parallel", mode="pcpp").plugins[0].exchange_band == 2
+
+
+def test_pcpp_detail_correction_needs_tiles():
+    with pytest.raises(ValueError, match="correction = 'detail' corrects the pooled tiles, and pool = 0 makes none"):
+        PatchParallelConfig(mode="pcpp", band=1, pool=0, correction="detail")
+    assert PatchParallelConfig(mode="pcpp", band=1, pool=0).active_correction == "none"  # unset: nothing to correct
+    assert PatchParallelConfig(mode="pcpp", band=1, pool=0, correction="residual").active_correction == "residual"
+    with pytest.raises(ValueError, match="exchanges nothing"):
+        PatchParallelConfig(mode="pcpp", band=0, pool=0, correction="residual")
+
+
+def test_shipped_recipes_validate_and_say_what_they_mean():
+    for name in ("patch-parallel", "patch-parallel-pcpp"):
+        config = load_recipe(name).plugins[0]
+        config.validate()
+        assert PatchParallelConfig(**{k: v for k, v in config.to_dict().items() if k != "type"}) == config
+    pcpp = load_recipe("patch-parallel-pcpp").plugins[0]
+    assert (pcpp.band, pcpp.pool, pcpp.correction) == (2, 4, "detail")
 
 
 @pytest.mark.slow  # ~50 s on this 2-core machine: 3 processes, a tiny Flux transformer over 4 steps 9 times

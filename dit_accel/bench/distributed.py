@@ -16,6 +16,9 @@ How the work is split, so that the rows equal those of a one-process run:
   process, over all samples; only the main process writes ``rows.jsonl`` and the reports;
 * latency is timed on the main process alone while the others wait at a barrier: it is the latency of one pipeline,
   undisturbed by the other processes' generations (on a shared CPU they would compete for cores).
+
+The other way to use several processes, ``--parallel``, splits each generation instead (every process takes part
+in every one); :func:`parallel_setting` reads which setting a run is under, so that its rows record it.
 """
 
 from __future__ import annotations
@@ -93,4 +96,47 @@ class Ranks:
         return f"Ranks(index={self.index}, count={self.count})"
 
 
-__all__ = ["Ranks", "launched_distributed"]
+# ------------------------------------------------------------------------------------------ split generations
+# How one generation may be split over processes (``--parallel``); a setting is {"kind": ..., "degree": N >= 2}.
+PARALLEL_KINDS = ("ulysses", "ring", "ulysses+ring", "tensor", "patch")
+
+
+def check_parallel(value: Any) -> dict[str, Any] | None:
+    """``value`` as a parallel setting, ``{"kind": kind, "degree": N}`` or ``None`` (one process); ValueError
+    saying what is allowed otherwise."""
+    if value is None:
+        return None
+    ok = (isinstance(value, dict) and set(value) == {"kind", "degree"} and value["kind"] in PARALLEL_KINDS
+          and isinstance(value["degree"], int) and not isinstance(value["degree"], bool) and value["degree"] >= 2)
+    if not ok:
+        raise ValueError(f"parallel = {value!r} is not a parallel setting; allowed: None (one process per "
+                         f"generation) or {{'kind': K, 'degree': N}} with K one of {', '.join(PARALLEL_KINDS)} and "
+                         "an integer N >= 2")
+    return {"kind": value["kind"], "degree": value["degree"]}
+
+
+def parallel_setting(pipe: Any, recipes: list[Any]) -> dict[str, Any] | None:
+    """The setting every generation of ``pipe`` is split under, as ``ditaccel bench --parallel`` leaves it before
+    the harness runs: diffusers' context (or tensor) parallelism enabled on a transformer of ``pipe``, or a
+    ``patch-parallel`` plugin in one of ``recipes`` (:class:`~dit_accel.recipe.Recipe`) in an initialised
+    ``torch.distributed`` world of N > 1 processes; ``None`` when each generation runs in one process."""
+    for name in ("transformer", "transformer_2"):
+        config = getattr(getattr(pipe, name, None), "_parallel_config", None)
+        context = getattr(config, "context_parallel_config", None)
+        if context is not None:
+            ulysses, ring = context.ulysses_degree or 1, context.ring_degree or 1
+            if ulysses > 1 or ring > 1:
+                kind = "ulysses+ring" if ulysses > 1 and ring > 1 else "ring" if ring > 1 else "ulysses"
+                return {"kind": kind, "degree": ulysses * ring}
+        degree = getattr(getattr(config, "tensor_parallel_config", None), "tp_degree", None) or 1
+        if degree > 1:
+            return {"kind": "tensor", "degree": degree}
+    if any(plugin.type_name == "patch-parallel" for recipe in recipes for plugin in recipe.plugins):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return {"kind": "patch", "degree": dist.get_world_size()}
+    return None
+
+
+__all__ = ["PARALLEL_KINDS", "Ranks", "check_parallel", "launched_distributed", "parallel_setting"]

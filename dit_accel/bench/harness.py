@@ -15,8 +15,14 @@ What a run does (see ``docs/evaluation.md``):
    the caches' memory, PSNR/SSIM/relative L1 against the dense output, and the distribution metrics (zoo: fd to
    real data and class consistency; other models: FID/CLIP only with user-supplied weights, else a note);
 4. rows are appended to ``out_dir/rows.jsonl`` as they finish; ``resume=True`` keeps the rows already there
-   (same key: model, configuration, steps, samples, seed, batch) and measures only the rest. At the end
-   ``results.md`` and ``pareto.png`` are written from every row in the file.
+   (same key: model, configuration, steps, samples, seed, batch, and the parallel setting) and measures only the
+   rest. At the end ``results.md`` and ``pareto.png`` are written from every row in the file.
+
+Under ``--parallel`` (each generation split over processes) every row records the setting in its ``env``
+(``"parallel": {"kind": "patch", "degree": 2}``; ``None`` for one process) and in its key, so a resumed run never
+takes a single-process row for a split one or the other way round. A single-process row's key is what it was
+before the setting was recorded (rows.jsonl files from then still resume, and rows without the field are single
+process).
 
 Recipes and baselines are written ``name`` or ``name@field=value,field=value`` (values: numbers, true/false,
 strings, lists in brackets). The baselines' defaults are :data:`DEFAULT_BASELINE_SETTINGS`; given fields replace
@@ -40,7 +46,7 @@ import torch
 
 from dit_accel.bench import report
 from dit_accel.bench.baselines import BASELINES
-from dit_accel.bench.distributed import Ranks
+from dit_accel.bench.distributed import Ranks, check_parallel, parallel_setting
 from dit_accel.bench.quality import Quality
 from dit_accel.bench.runner import Entry, Session, dense_reference, measure, timing_dict
 from dit_accel.recipe import parse_value
@@ -84,6 +90,9 @@ class BenchConfig:
     fid_weights: Path | None = None
     clip_model: Path | None = None
     command: str | None = None  # the command line, quoted in results.md
+    # How each generation is split over processes: {"kind": "patch", "degree": 2}, None for one process, or "auto":
+    # read from the pipeline and the recipes when the run starts (distributed.parallel_setting).
+    parallel: dict[str, Any] | None | str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -184,6 +193,7 @@ def plan(config: BenchConfig, steps: int) -> list[Entry]:
 
     base = {"model": config.model, "steps": steps, "samples": config.num_samples, "seed": config.seed,
             "batch": config.batch, "guidance": config.guidance_scale}
+    parallel = check_parallel(None if config.parallel == "auto" else config.parallel)
     entries = [Entry("dense", "dense", "dense")]
     used: set[str] = set()
     for item in split_items(config.recipes):
@@ -213,10 +223,19 @@ def plan(config: BenchConfig, steps: int) -> list[Entry]:
     for entry in entries:
         if labels.count(entry.label) > 1:
             raise ValueError(f"configuration {entry.label!r} is listed twice")
-        content = entry.recipe.to_dict() if entry.recipe is not None else entry.setting
-        entry.key = (f"{config.model}|{entry.label}|steps={steps}|samples={config.num_samples}|seed={config.seed}|"
-                     f"batch={config.batch}|{_digest([base, content])}")
+        entry.key = row_key(config, entry, steps, base, parallel)
     return entries
+
+
+def row_key(config: BenchConfig, entry: Entry, steps: int, base: dict[str, Any],
+            parallel: dict[str, Any] | None) -> str:
+    """The resume key of ``entry``'s row: readable fields and a digest of everything the row depends on. The
+    parallel setting joins both only when there is one, so single-process keys stay what they always were."""
+    content = entry.recipe.to_dict() if entry.recipe is not None else entry.setting
+    split = f"|parallel={parallel['kind']}={parallel['degree']}" if parallel is not None else ""
+    digested = [base, content] if parallel is None else [{**base, "parallel": parallel}, content]
+    return (f"{config.model}|{entry.label}|steps={steps}|samples={config.num_samples}|seed={config.seed}|"
+            f"batch={config.batch}{split}|{_digest(digested)}")
 
 
 def resolve_steps(config: BenchConfig, pipe: Any) -> int:
@@ -254,6 +273,10 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
         pipe, family = load_model(config.model)
     steps = resolve_steps(config, pipe)
     entries = plan(config, steps)
+    if config.parallel == "auto":  # read from the pipeline as the launcher left it, then keyed by it
+        recipes = [entry.recipe for entry in entries if entry.recipe is not None]
+        config = dataclasses.replace(config, parallel=parallel_setting(pipe, recipes))
+        entries = plan(config, steps)
     if config.device == "auto":
         device = ranks.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -280,7 +303,7 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
         try:
             quality = (Quality(config.model, config.num_samples, config.fid_weights, config.clip_model)
                        if ranks.is_main else None)
-            env = {**report.environment(pipe, device), "processes": ranks.count}
+            env = {**report.environment(pipe, device), "processes": ranks.count, "parallel": config.parallel}
             bar.set_postfix_str("dense")
             dense, conditioning = dense_reference(session, entries[0].key, out_dir, config.resume)
             for entry in todo:
@@ -310,5 +333,5 @@ def run_bench(config: BenchConfig, progress: bool = True, *, pipe: Any = None, f
     return [results[e.key] for e in entries]
 
 
-__all__ = ["BenchConfig", "DEFAULT_BASELINE_SETTINGS", "Entry", "parse_item", "plan", "run_bench", "split_items",
-           "timing_dict"]
+__all__ = ["BenchConfig", "DEFAULT_BASELINE_SETTINGS", "Entry", "parse_item", "plan", "row_key", "run_bench",
+           "split_items", "timing_dict"]

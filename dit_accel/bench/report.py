@@ -114,6 +114,29 @@ def environment(pipe: Any, device: torch.device) -> dict[str, Any]:
             "diffusers": diffusers.__version__, "dit_accel": dit_accel.__version__, "git": git_commit()}
 
 
+def parallel_of(row: dict) -> dict[str, Any] | None:
+    """The parallel setting a row was measured under (``{"kind": "patch", "degree": 2}``), from its env; ``None``
+    for one process per generation, which rows written before the setting was recorded all are."""
+    env = row.get("env")
+    setting = env.get("parallel") if isinstance(env, dict) else None
+    return setting if isinstance(setting, dict) else None
+
+
+def parallel_label(setting: dict[str, Any] | None) -> str | None:
+    """``"patch=2"`` (as ``--parallel`` writes it) for a setting, ``None`` for one process."""
+    return None if setting is None else f"{setting.get('kind')}={setting.get('degree')}"
+
+
+def _env_line(env: dict[str, Any]) -> dict[str, Any]:
+    """An env as results.md lists it: the parallel setting as ``patch=2``, left out for one process (so rows from
+    before it was recorded list alike)."""
+    env = dict(env)
+    setting = env.pop("parallel", None)
+    if isinstance(setting, dict):
+        env["parallel"] = parallel_label(setting)
+    return env
+
+
 # ---------------------------------------------------------------------------------------------------- markdown
 def format_number(value: Any, spec: str = ".2f") -> str:
     """A table cell: ``–`` for a missing value, ``∞``/``-∞``, ``nan``, else ``format(value, spec)``; numbers stored
@@ -144,7 +167,7 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
     lines = [f"# {title}", ""]
     if command:
         lines += [f"`{command}`", ""]
-    envs = {json.dumps(r.get("env", {}), sort_keys=True) for r in rows}
+    envs = {json.dumps(_env_line(r.get("env") or {}), sort_keys=True) for r in rows}
     for env in sorted(envs):
         data = json.loads(env)
         if data:
@@ -157,12 +180,13 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
         "identical). Peak memory: see each group's scope. Notes say which metrics were skipped and why.",
     ]
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in rows:  # a parallel setting gets its own table: its speedups are against its own dense runs
         groups.setdefault((row.get("model"), row.get("steps"), row.get("num_samples"), row.get("seed"),
-                           row.get("batch")), []).append(row)
-    for (model, steps, samples, seed, batch), group in groups.items():
+                           row.get("batch"), parallel_label(parallel_of(row))), []).append(row)
+    for (model, steps, samples, seed, batch, parallel), group in groups.items():
         scopes = sorted({r["peak_memory_scope"] for r in group if r.get("peak_memory_scope")})
-        lines += ["", f"## {model}: {steps} steps, {samples} samples (seed {seed}, batch {batch})", ""]
+        split = f", each generation split over processes: --parallel {parallel}" if parallel else ""
+        lines += ["", f"## {model}: {steps} steps, {samples} samples (seed {seed}, batch {batch}){split}", ""]
         if scopes:
             lines += [f"Peak memory: {'; '.join(scopes)}.", ""]
         lines += ["| configuration | kind | wall × | transformer × | FLOPs × | latency s | dense latency s | "
@@ -222,7 +246,9 @@ def plot(rows: list[dict], path: Path) -> str | None:
             x = r["wall_speedup"]
             style = {"dense": ("D", "black"), "baseline": ("s", "tab:red")}.get(r.get("kind"), ("o", "tab:blue"))
             axis.scatter(x, y, marker=style[0], color=style[1], zorder=3)
-            axis.annotate(str(r["config"]).replace("diffusers:", "d:"), (x, y), fontsize=6,
+            parallel = parallel_label(parallel_of(r))
+            label = str(r["config"]).replace("diffusers:", "d:") + (f" [{parallel}]" if parallel else "")
+            axis.annotate(label, (x, y), fontsize=6,
                           xytext=(3, 3), textcoords="offset points")
             points.append((x, y))
         if finite:

@@ -35,7 +35,7 @@ class Exchange:
     ``pool`` tiles, :func:`~dit_accel.parallel.patches.share`). ``sent`` counts the bytes this rank handed over.
     """
 
-    def __init__(self, tokens: torch.Tensor, grid: PatchGrid, full: bool, *, rank: int, band: int, pool: int,
+    def __init__(self, tokens: torch.Tensor, grid: PatchGrid, full: bool, *, rank: int, band: int | None, pool: int,
                  group) -> None:
         cut = None if full else band
         self.grid, self.full, self.rank, self.pool = grid, full, rank, pool

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -51,10 +50,10 @@ from dit_accel.attention.base import split_text
 from dit_accel.core.attention import AttentionCall, key_padding, unsupported_options
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import Plugin, register_plugin
-from dit_accel.parallel.correction import CORRECTIONS, Corrections, far_detail, is_sync_step
+from dit_accel.parallel.config import PatchParallelConfig
+from dit_accel.parallel.correction import Corrections, far_detail, is_sync_step
 from dit_accel.parallel.exchange import Exchange as _Exchange, Remote as _Remote, extrapolated
 from dit_accel.parallel.patches import PatchGrid, attend_patches
-from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
 HOOK_PREFIX = "dit_accel.patch-parallel"
 
@@ -65,64 +64,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {"FluxTransformer2DModel": "flux", "WanTran
 _TEXT_INPUTS = frozenset({"encoder_hidden_states", "encoder_hidden_states_mask", "encoder_attention_mask", "txt_ids"})
 _TEXT_OUTPUTS = {("QwenImageTransformer2DModel", "pos_embed"): 1}  # (image freqs, text freqs)
 
-
-@register_config("patch-parallel")
-@dataclass(frozen=True)
-class PatchParallelConfig(PluginConfig):
-    """Displaced patch parallelism over ``torch.distributed`` ranks (one patch of token rows per rank).
-
-    Args:
-        mode (`str`, defaults to `"distrifusion"`): ``"distrifusion"`` exchanges every row of every patch (one step
-            stale); ``"pcpp"`` only ``band`` rows next to the receiving patch plus ``pool`` tiles of the rest.
-        warmup_steps (`int`, defaults to `2`): the first steps exchange synchronously and are exact (the first
-            step always is: nothing to reuse yet). A value >= the number of steps makes the whole generation exact,
-            with no overlap (a correctness check). DistriFusion used 4 of 50. Allowed: 0-10000.
-        band (`int`, defaults to `2`): pcpp: rows of the other patches on each side of this rank's patch that are
-            exchanged exact. Allowed: 0-4096.
-        pool (`int`, defaults to `4`): pcpp: side in tokens of the tiles that summarise the rest of the other patches
-            (mean key and value, ``log(count)`` logit bias); 0 drops the rest. Allowed: 0-256.
-        extrapolate (`bool`, defaults to `True`): forecast the other patches' keys and values at this step from
-            the last two exchanged ones (linear in the step index) instead of using the last one as it is: no extra
-            bytes, twice the memory for the remote patches. On zoo:mmdit (2 processes, 20 steps, calibration
-            seed 7, benchmarks/results/patch-parallel-calibration-seed7-cpu.md) DistriFusion went from 30.8 to
-            43.9 dB PSNR against the single-process run; PCPP's error there is its pooled summary, not staleness
-            (20.1 -> 20.2 dB).
-        correction (`str`, defaults to `"detail"`): pcpp: what a rank learns on its synchronous steps to correct
-            the pooled tiles on the others, at no extra bytes: ``"detail"`` (the far tokens less their tile mean,
-            added back to later tiles), ``"residual"`` (exact minus PCPP output, added to later outputs) or
-            ``"none"``; see :mod:`dit_accel.parallel.correction`. Ignored by ``distrifusion``. Allowed: "detail",
-            "residual", "none".
-        refresh_interval (`int`, defaults to `0`): pcpp: every ``refresh_interval``-th step after the warm-up is
-            synchronous again (a full exchange, exact, and the correction re-measured; the step before it posts
-            nothing, and its bytes count in :attr:`PatchParallelPlugin.bytes_per_step`); 0 never refreshes.
-            Allowed: 0-10000.
-
-    ``steps`` and ``layers`` must stay unset: every rank needs the other patches at every attention layer.
-    """
-
-    kind = "parallel"
-    mode: str = "distrifusion"
-    warmup_steps: int = 2
-    band: int = 2
-    pool: int = 4
-    extrapolate: bool = True
-    correction: str = "detail"
-    refresh_interval: int = 0
-
-    def validate(self) -> None:
-        check_choice(self, "mode", ("distrifusion", "pcpp"))
-        check_choice(self, "correction", CORRECTIONS)
-        check_bool(self, "extrapolate")
-        check_range(self, "refresh_interval", 0, 10000, integer=True)
-        check_range(self, "warmup_steps", 0, 10000, integer=True)
-        check_range(self, "band", 0, 4096, integer=True)
-        check_range(self, "pool", 0, 256, integer=True)
-        if self.mode == "pcpp" and self.band == 0 and self.pool == 0:
-            raise ValueError("PatchParallelConfig: mode='pcpp' with band = 0 and pool = 0 exchanges nothing (patches "
-                             "would never see each other); set band >= 1 or pool >= 1")
-        if self.steps is not None or self.layers is not None:
-            raise ValueError("PatchParallelConfig: steps and layers must be unset; patch-parallel splits every "
-                             "attention layer at every step (a layer left out would attend within its patch only)")
+__all__ = ["PatchParallelConfig", "PatchParallelPlugin", "environment_problem", "image_plan"]  # the config: config.py
 
 
 def environment_problem(transformer: torch.nn.Module, world: int | None) -> str | None:
@@ -331,16 +273,15 @@ class PatchParallelPlugin(Plugin):
         steps = context.num_steps if context is not None else None
         last = context is None or (steps is not None and step >= steps - 1)
         config = self.config
-        band = config.band if config.mode == "pcpp" else None
-        interval = config.refresh_interval if band is not None else 0
-        correct = config.correction if band is not None and context is not None else "none"
+        band, pool, interval = config.exchange_band, config.exchange_pool, config.active_refresh_interval
+        correct = config.active_correction if context is not None else "none"
         attend = lambda remote: self._attention(query, tokens, remote, k_txt, v_txt, text_first,  # noqa: E731
                                                 k_img.shape[-1], call)
         stale = (previous is not None and step is not None
                  and not is_sync_step(step, config.warmup_steps, interval, steps)
                  and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
         if stale:
-            remote = previous.remote(band, config.pool) if isinstance(previous, _Exchange) else previous
+            remote = previous.remote(band, pool) if isinstance(previous, _Exchange) else previous
             if config.extrapolate:
                 remote = self._extrapolated(slot, remote, step - 1)
             if not last and not is_sync_step(step + 1, config.warmup_steps, interval, steps):
@@ -355,18 +296,19 @@ class PatchParallelPlugin(Plugin):
         remote = exchange.remote(None, 0)
         out = attend(remote)
         if not last:
-            self._state[slot] = exchange.remote(band, config.pool) if band is not None else remote
+            self._state[slot] = exchange.remote(band, pool) if band is not None else remote
             if config.extrapolate and step is not None:
                 self._history[slot] = (step, self._state[slot])  # this step's keys: the first trend's origin
             if correct == "residual":  # the same keys and values, as PCPP would have seen them
                 self.corrections.learn(slot, context.generation, out, attend(self._state[slot]))
             elif correct == "detail":
                 self.corrections.learn_detail(slot, context.generation,
-                                              far_detail(exchange.parts(), grid, self.rank, band, config.pool))
+                                              far_detail(exchange.parts(), grid, self.rank, band, pool))
         return out
 
     def _exchange(self, tokens: torch.Tensor, grid: PatchGrid, full: bool) -> _Exchange:
-        return _Exchange(tokens, grid, full, rank=self.rank, band=self.config.band, pool=self.config.pool,
+        return _Exchange(tokens, grid, full, rank=self.rank, band=self.config.exchange_band,
+                         pool=self.config.exchange_pool,
                          group=self.group)
 
     def _extrapolated(self, slot: tuple, remote: _Remote, made: int) -> _Remote:
