@@ -24,6 +24,7 @@ import torch
 
 from dit_accel.bench.runner import pair_speedup
 from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS, TAYLORSEER_IDENTIFIERS
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
 from dit_accel.bench.metrics import psnr, ssim
 from dit_accel.bench.report import format_number
@@ -31,22 +32,29 @@ from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer
 from dit_accel.pipelines import zoo
 
-RECIPES = ["fora", "fora-fast", "fora-max", "taylorseer", "taylorseer-fast", "taylorseer-max", "toca", "toca-fast",
-           "toca-max", "fbcache", "fbcache-fast", "fbcache-max", "fbcache-taylorseer", "delta-dit", "delta-dit-fast",
-           "delta-dit-max", "cfg-share", "taylorseer+cfg-share", "magcache", "magcache-fast", "magcache-max"]
+# Every caching family at the rungs that reach a speed-quality front (the other rungs: earlier tables in git
+# history and the `ditaccel bench` runs).
+RECIPES = ["fora", "taylorseer", "taylorseer-foca", "fbcache", "fbcache-fast", "fbcache-max", "delta-dit", "cfg-share",
+           "cfg-cache", "magcache", "magcache-fast", "magcache-max", "magcache-ultra", "magcache-cfg",
+           "magcache-cfg-max", "magcache-cfg-ultra", "speca", "speca-cfg", "speca-cfg-max", "clusca", "freqca"]
 ANCHORS = [
     ("diffusers:fbcache", {"threshold": 0.05}),
     ("diffusers:fbcache", {"threshold": 0.1}),
     ("diffusers:fbcache", {"threshold": 0.2}),
-    ("diffusers:taylorseer", {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3}),
-    ("diffusers:taylorseer", {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3}),
+    # diffusers' default identifiers name Flux's modules only: without ours it caches nothing on the zoo models.
+    ("diffusers:taylorseer", {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3,
+                              "cache_identifiers": TAYLORSEER_IDENTIFIERS}),
+    ("diffusers:taylorseer", {"cache_interval": 5, "max_order": 1, "disable_cache_before_step": 3,
+                              "cache_identifiers": TAYLORSEER_IDENTIFIERS}),
     ("diffusers:magcache", {"threshold": 0.06}),
     ("diffusers:magcache", {"threshold": 0.12}),
     ("diffusers:magcache", {"threshold": 0.24, "max_skip_steps": 4}),
     ("cache-dit:dbcache", {"residual_diff_threshold": 0.08, "max_warmup_steps": 2}),
     ("cache-dit:dbcache", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),
     ("cache-dit:dbcache+taylorseer", {"residual_diff_threshold": 0.16, "max_warmup_steps": 2}),
-]
+] + [(name, DEFAULT_BASELINE_SETTINGS[name]) for name in ("cache-dit:dbcache+foca", "cache-dit:dbcache+dmd",
+                                                          "cache-dit:dbcache+scm", "diffusers:fastercache",
+                                                          "diffusers:pab")]
 REAL_SEED = 3_000_000_019
 
 
@@ -116,7 +124,7 @@ def main() -> None:
             remove_acceleration(pipe)
             print(model, recipe, rows[recipe], flush=True)
         for name, setting in ([] if args.no_anchors else ANCHORS):
-            label = name + "(" + ", ".join(f"{k}={v}" for k, v in setting.items()) + ")"
+            label = name + "(" + ", ".join(f"{k}={v}" for k, v in setting.items() if k != "cache_identifiers") + ")"
             setting = dict(setting)
             try:
                 if name == "diffusers:magcache":  # calibrate once, on its own seed
@@ -204,6 +212,13 @@ def row(images, dense, speedups, flops_fraction, evaluator, labels, real, kind):
 
 
 
+def achieved(r: dict) -> float | None:
+    """Wall speedup over FLOPs speedup: how much of the work saved shows up as time saved (None for anchors)."""
+    if r.get("flops_speedup") is None or r.get("wall_speedup") is None:
+        return None
+    return r["wall_speedup"] / r["flops_speedup"]
+
+
 def meta_line(meta: dict) -> str:
     return f"{meta['machine']}, torch {meta['torch']}, {meta['samples']} samples, {meta['steps']} steps"
 
@@ -219,19 +234,20 @@ def write_markdown(results: dict, path: Path) -> None:
         "a dense run in the same process; quality on "
         f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
         "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
-        "report one)." + "".join(f" Rows added later by {entry}." for entry in meta.get("merged", [])),
+        "report one); achieved/ideal is wall × over FLOPs ×." + "".join(f" Rows added later by {entry}." for entry in meta.get("merged", [])),
     ]
     for model, rows in results["models"].items():
         lines += ["", f"## zoo:{model}", "",
-                  "| configuration | wall × | transformer × | FLOPs × | PSNR dB | SSIM | fd | class consistency |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| configuration | wall × | transformer × | FLOPs × | achieved/ideal | PSNR dB | SSIM | fd | class consistency |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             if "unavailable" in r:
-                lines.append(f"| {name} | not applicable: {r['unavailable']} ||||||| ")
+                lines.append(f"| {name} | not applicable: {r['unavailable']} |||||||| ")
                 continue
             lines.append(
                 f"| {name} | {format_number(r['wall_speedup'], '.2f')} | {format_number(r['transformer_speedup'], '.2f')} | "
-                f"{format_number(r['flops_speedup'], '.2f')} | {format_number(r['psnr'], '.2f')} | {format_number(r['ssim'], '.3f')} | "
+                f"{format_number(r['flops_speedup'], '.2f')} | {format_number(achieved(r), '.2f')} | "
+                f"{format_number(r['psnr'], '.2f')} | {format_number(r['ssim'], '.3f')} | "
                 f"{format_number(r['fd'], '.3f')} | {format_number(r['class_consistency'], '.3f')} |"
             )
     if "taylorseer_distance" in results:

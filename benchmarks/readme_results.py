@@ -56,7 +56,7 @@ def caching_section() -> str:
     names = list(dict.fromkeys(name for rows in models.values() for name in rows))
     chosen = set()
     for rows in models.values():
-        points = {n: (r["transformer_speedup"], _psnr(r["psnr"])) for n, r in rows.items()
+        points = {n: (r["wall_speedup"], _psnr(r["psnr"])) for n, r in rows.items()
                   if n != "none" and not r.get("unavailable")}
         chosen |= {n for n in _front(points) if rows[n]["kind"] == "dit_accel"}
     anchors = [n for n in names if any(rows.get(n, {}).get("kind") == "anchor" for rows in models.values())]
@@ -64,22 +64,28 @@ def caching_section() -> str:
     table_rows = []
     for name in ordered:
         cells = [f"`{name}`" if ":" not in name else name.replace("(", " (")]
-        for model in ("dit", "mmdit"):
+        for model in models:
             r = models[model].get(name)
             if r is None or r.get("unavailable"):
-                cells += ["n/a", "–", "–"]
+                cells += ["n/a", "–"]
             else:
-                cells += [format_number(r["transformer_speedup"]), format_number(_psnr(r["psnr"])), format_number(r["fd"], ".3f")]
+                cells += [format_number(r["wall_speedup"]), format_number(_psnr(r["psnr"]))]
         table_rows.append(cells)
-    header = ["configuration", "zoo:dit transformer ×", "PSNR dB", "fd", "zoo:mmdit transformer ×", "PSNR dB", "fd"]
+    header = ["configuration"] + [cell for model in models for cell in (f"zoo:{model} wall ×", "PSNR dB")]
+    verdicts = []
+    for model, rows in models.items():
+        listed = [dict(r, config=n, kind="baseline" if r["kind"] == "anchor" else r["kind"]) for n, r in rows.items()
+                  if not r.get("unavailable")]
+        verdicts += [f"**zoo:{model}.** " + dominance(listed, "config", "kind")]
+    stale = data["meta"].get("stale")
     return "\n\n".join([
         "### Caching recipes vs. the anchors (zoo models, CPU)",
         _method(RESULTS / "caching-cpu.md"),
-        "Not re-measured since this wave's caching fixes (verified TaylorSeer forecasts, fbcache computing only its "
-        "rows, single-stream blocks served at proj_out): the `ditaccel bench` runs above are. "
-        "dit_accel recipes on the speed–PSNR Pareto front of either model, and every anchor (all rows, wall and "
-        "FLOPs speedups, SSIM and class consistency: `benchmarks/results/caching-cpu.md`):",
+        *([stale] if stale else []),
+        "dit_accel recipes on the wall-speedup–PSNR Pareto front of any model, and every anchor (all rows, transformer "
+        "and FLOPs speedups, achieved/ideal, SSIM, fd and class consistency: `benchmarks/results/caching-cpu.md`):",
         _table(header, table_rows),
+        *verdicts,
         "![caching Pareto](benchmarks/results/caching-cpu.png)",
     ])
 
