@@ -97,7 +97,7 @@ def test_configs_and_recipes():
     assert config_from_dict({"type": "magcache", "ratios": [1, 1.1]}).ratios == (1.0, 1.1)
     recipes = [load_recipe(n).plugins[0] for n in ("magcache", "magcache-fast", "magcache-max")]
     assert all(isinstance(c, MagCacheConfig) and c.forecast_order == 1 and c.ratios == () for c in recipes)
-    assert [(c.threshold, c.max_skips, c.last_steps) for c in recipes] == [(0.06, 3, 1), (0.1, 3, 1), (0.24, 4, 0)]
+    assert [(c.threshold, c.max_skips, c.last_steps) for c in recipes] == [(0.06, 3, 1), (0.1, 3, 1), (0.24, 4, 1)]
     pipe = pipes.build("dit")
     with pytest.raises(ValueError, match="does not take `layers`"):
         accelerate_dit(pipe, "magcache", layers=("transformer_blocks.1",))
