@@ -107,7 +107,9 @@ class _AcceleratedTransformer:
         )
         self.stats = StatsRecorder(transformer, self.spec)
         try:
-            self.attention = AttentionInterceptor(transformer, self.spec, self.tracker)
+            self.attention = AttentionInterceptor(
+                transformer, self.spec, self.tracker,
+                attach_hooks=any(plugin_for(config).may_route_attention() for config in recipe.plugins))
             target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins)
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:

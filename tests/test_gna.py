@@ -54,6 +54,25 @@ def test_plan_equals_masked_dense_reference(grid, kernel, stride, dilation):
     assert plan.key_density() == pytest.approx(kernel[0] * kernel[1] * kernel[2] / n)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("stride", [1, 4])
+def test_value_head_size_may_differ_from_the_query_head_size(dtype, atol, stride):
+    """Values of another head size than queries and keys (SDPA allows it; torch's CPU flash kernel does not): the
+    plan still equals the masked dense reference, in both dtypes."""
+    grid, kernel = TokenGrid(1, 16, 16), (1, 7, 7)
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 3, 256, 16, dtype=dtype), torch.randn(2, 3, 256, 16, dtype=dtype)
+    v, tk, tv = (torch.randn(2, 3, 256, 8, dtype=dtype), torch.randn(2, 3, 5, 16, dtype=dtype),
+                 torch.randn(2, 3, 5, 8, dtype=dtype))
+    plan = neighbourhood_plan(grid, kernel, (1, stride, stride), (1, 1, 1))
+    out = neighbourhood_attention(q, k, v, plan, text_key=tk, text_value=tv)
+    mask = torch.cat([neighbourhood_mask(grid, kernel, (1, stride, stride), (1, 1, 1)),
+                      torch.ones(256, 5, dtype=torch.bool)], 1)
+    reference = F.scaled_dot_product_attention(q, torch.cat([k, tk], 2), torch.cat([v, tv], 2), attn_mask=mask)
+    assert out.shape == (2, 3, 256, 8)
+    assert torch.allclose(out, reference, atol=atol)
+
+
 def test_full_neighbourhood_is_dense_attention():
     grid = TokenGrid(1, 6, 5)
     torch.manual_seed(1)

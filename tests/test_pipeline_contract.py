@@ -9,6 +9,7 @@ from diffusers.hooks import HookRegistry
 from dit_accel import Recipe, accelerate_dit, get_handle, remove_acceleration
 from dit_accel.api import TRACKER_HOOK
 from dit_accel.core.attention import HOOK_NAME
+from dit_accel.core.blocks import spec_for
 import pipelines_for_tests as pipes
 from dit_accel.pipelines import tiny
 from plugins_for_tests import CounterConfig, ProbeConfig, ReuseConfig, ScaleConfig
@@ -233,6 +234,37 @@ class TestAttentionInterception:
         registry.hooks[HOOK_NAME].fn_ref.original_forward = no_sdpa_forward
         with pytest.raises(RuntimeError, match="could not intercept attention"):
             generate(pipe, "flux", steps=1)
+
+
+def _attention_hooked(pipe) -> list[bool]:
+    modules = [getattr(block, sub.name) for _, _, block, contract in spec_for(pipe.transformer).blocks(pipe.transformer)
+               for sub in contract.sublayers if sub.role == "attention" and getattr(block, sub.name, None) is not None]
+    return [HOOK_NAME in getattr(vars(m).get("_diffusers_hook"), "hooks", {}) for m in modules]
+
+
+def test_attention_layers_are_hooked_only_when_a_plugin_routes_attention():
+    """A recipe without attention routing leaves every attention layer unhooked (a hook that only calls through
+    costs time on every call); one with it hooks them all; removal unhooks."""
+    pipe = pipes.build("flux")
+    handle = accelerate_dit(pipe, "magcache")
+    assert handle.transformers[0].attention.layers and not any(_attention_hooked(pipe))
+    remove_acceleration(pipe)
+    accelerate_dit(pipe, Recipe((CounterConfig(),)))
+    assert all(_attention_hooked(pipe))
+    remove_acceleration(pipe)
+    assert not any(_attention_hooked(pipe))
+
+
+def test_a_plugin_routing_attention_undeclared_is_refused_and_rolled_back(monkeypatch):
+    from plugins_for_tests import CounterPlugin
+
+    monkeypatch.setattr(CounterPlugin, "kind", "schedule")  # neither declared nor an attention/parallel kind
+    pipe = pipes.build("dit")
+    reference = generate(pipe, "dit", steps=2)
+    with pytest.raises(RuntimeError, match="routes_attention = True"):
+        accelerate_dit(pipe, Recipe((CounterConfig(),)))
+    assert get_handle(pipe) is None and not any(_attention_hooked(pipe))
+    assert torch.equal(generate(pipe, "dit", steps=2), reference)
 
 
 def test_plugins_on_disjoint_steps_share_a_layer():

@@ -24,10 +24,12 @@ def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *
     """SDPA that also returns the log-sum-exp of each query's scores: (out (..., Lq, Dv), lse (..., Lq) fp32, fp64
     for fp64 input).
 
-    On CPU this is torch's flash kernel (strided, even overlapping, key views are read in place); elsewhere the
-    math form (the Triton kernels add the GPU path).
+    On CPU this is torch's flash kernel (strided, even overlapping, key views are read in place); elsewhere, and
+    where the value head size differs from the query's (the flash kernel refuses it), the math form (the Triton
+    kernels add the GPU path).
     """
-    if query.device.type == "cpu" and _FLASH_CPU is not None and query.ndim == 4:
+    if (query.device.type == "cpu" and _FLASH_CPU is not None and query.ndim == 4
+            and value.shape[-1] == query.shape[-1] == key.shape[-1]):
         out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=attn_mask, scale=scale)
         return out, lse if lse.dtype == torch.float64 else lse.float()
     work = torch.float64 if query.dtype == torch.float64 else torch.float32

@@ -54,8 +54,8 @@ def block_streams(block: torch.nn.Module, contract: BlockContract, args: tuple, 
 
 
 class RangePolicy(Protocol):
-    def decide(self, context: CallContext, hidden: torch.Tensor, encoder: torch.Tensor | None) -> torch.Tensor:
-        """Per-row bool tensor (B,): which rows skip the range at this call."""
+    def decide(self, context: CallContext, hidden: torch.Tensor, encoder: torch.Tensor | None) -> torch.Tensor | bool:
+        """Per-row bool tensor (B,): which rows skip the range at this call; or one ``bool`` for every row."""
 
     def computed(self, context: CallContext, rows: torch.Tensor) -> None:
         """The range computed for ``rows`` (bool (B,)) at this call."""
@@ -143,6 +143,7 @@ class BlockRange:
         self.forecast_order = forecast_order
         self.forecaster = forecaster if forecaster is not None else Forecaster(forecast_order)
         self.history: dict[int, tuple[Any, Any]] = {}
+        self._stores: dict[int, int] = {}  # computed calls per slot this generation (cache size reported)
         self.call: _Call | None = None
         self._modules = []
         self.sublayers = []
@@ -156,9 +157,13 @@ class BlockRange:
                                    if getattr(block, s.name, None) is not None]
 
     def begin(self, context: CallContext, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
-        skip_rows = self.policy.decide(context, hidden, encoder)
+        decision = self.policy.decide(context, hidden, encoder)
         cached = context.slot in self.residuals
-        skip_rows = skip_rows & cached
+        if isinstance(decision, bool):  # one decision for the whole call: no per-row tensors to build
+            skip_rows = torch.full((hidden.shape[0],), decision and cached, dtype=torch.bool, device=hidden.device)
+            self.call = _Call(skip_rows, hidden, encoder, passthrough=decision and cached)
+            return
+        skip_rows = decision & cached
         skipping = int(skip_rows.sum()) if cached else 0
         self.call = _Call(skip_rows, hidden, encoder, passthrough=skipping == skip_rows.numel())
         if 0 < skipping < skip_rows.numel():
@@ -196,7 +201,10 @@ class BlockRange:
         else:
             self._store(context, new, mixed)
         self.policy.computed(context, ~call.skip_rows)
-        self.target.stats.set_cache_bytes(self.nbytes())
+        stored = self._stores.get(context.slot, 0)
+        if stored <= self.forecast_order + 1:  # the cache stops growing once the forecast has all its points
+            self._stores[context.slot] = stored + 1
+            self.target.stats.set_cache_bytes(self.nbytes())
         return contract.join_output(hidden, encoder)
 
     def _store(self, context: CallContext, new: tuple, mixed: bool) -> None:
@@ -247,10 +255,7 @@ class BlockRange:
         history = self.history.get(context.slot) if self.forecast_order else None
         state = None if history is None else next((s for s in history if s is not None), None)
         event = "forecast" if state is not None and self.forecaster.points(state) > 1 else "reused"
-        for name in self.sublayers:
-            self.target.stats.record(context, name, event)
-        for block in self.blocks:
-            self.target.stats.record_block(context, block)
+        self.target.stats.record_skipped(context, self.sublayers, self.blocks, event)
 
     def nbytes(self) -> int:
         return tensor_bytes(list(self.residuals.values())) + tensor_bytes(
@@ -259,6 +264,7 @@ class BlockRange:
     def clear(self) -> None:
         self.residuals.clear()
         self.history.clear()
+        self._stores.clear()
         self.call = None
 
     def remove(self) -> None:

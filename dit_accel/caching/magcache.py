@@ -330,68 +330,69 @@ class MagCachePlugin(Plugin):
                         f"{steps} steps (calibrated: {', '.join(sorted(curves))}); it uses their mean", UserWarning)
         return tuple(sum(values) / len(values) for values in zip(*curves.values()))
 
-    def _slot_state(self, context: CallContext, batch: int, device) -> dict:
+    def _slot_state(self, context: CallContext, batch: int) -> dict:
+        # Per row: its curve and accumulators (ratio, error, count) as Python floats: a few rows decided in Python
+        # cost microseconds, tensor arithmetic per call cost a tenth of a skipped call.
         state = self._state.get(context.slot)
-        if state is None or state["gamma"].shape[0] != batch:
+        if state is None or len(state["gamma"]) != batch:
             steps = context.num_steps
-            gamma = torch.tensor([self._curve(branch_key(context, row), steps) for row in range(batch)],
-                                 dtype=torch.float64)
-            state = self._state[context.slot] = {"gamma": gamma}
+            state = self._state[context.slot] = {"gamma": [self._curve(branch_key(context, row), steps)
+                                                           for row in range(batch)]}
             self._restart(state)
         return state
 
     @staticmethod
     def _restart(state: dict) -> None:
-        batch = state["gamma"].shape[0]
-        state["acc"] = (torch.ones(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64),
-                        torch.zeros(batch, dtype=torch.long))
+        state["acc"] = [(1.0, 0.0, 0)] * len(state["gamma"])
 
     def needs_whole_calls(self) -> bool:
         return self._mode == "calibrate"
 
     # ----------------------------------------------------------------------------------- RangePolicy
-    def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> torch.Tensor:
+    def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> bool:
         if context.generation != self._generation:
             self._begin(context)
         batch = hidden.shape[0]
-        never = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
         if self._mode != "cache":
             if self._mode == "calibrate":
                 self._keys[context.slot] = tuple(branch_key(context, row) for row in range(batch))
-            return never
+            return False
         config, steps, step = self.config, context.num_steps, context.step
         full = self._state.get(context.slot)
-        if context.rows is not None and full is not None and max(context.rows) < full["gamma"].shape[0]:
+        if context.rows is not None and full is not None and max(context.rows) < len(full["gamma"]):
             # A call on some rows of the slot (cfg-cache): the accumulators of those rows and of their followers
             # (which take their partner's fresh residual when it computes), written back after.
-            index = torch.tensor(context.rows + (context.followers or ()))
-            state = {"gamma": full["gamma"][index], "acc": tuple(a[index] for a in full["acc"]),
+            index = list(context.rows + (context.followers or ()))
+            state = {"gamma": [full["gamma"][i] for i in index], "acc": [full["acc"][i] for i in index],
                      "last": full.get("last")}
         else:
-            index, state = None, self._slot_state(context, batch, hidden.device)
+            index, state = None, self._slot_state(context, batch)
         first = max(retention_steps(config.retention, steps), 1)
+        threshold, max_skips = config.threshold, config.max_skips
         # Steps this slot was not called at (cfg-cache rebuilt the unconditional call) still add their error.
         last = state.get("last")
         for missed in range(max(first, last + 1), min(step, steps)) if last is not None else ():
-            state["acc"] = tuple(accumulate(*state["acc"], state["gamma"][:, missed], config.threshold,
-                                            config.max_skips)[1:])
+            state["acc"] = [accumulate(*acc, gamma[missed], threshold, max_skips)[1:]
+                            for acc, gamma in zip(state["acc"], state["gamma"])]
         state["last"] = step
         skip = False
         if not first <= step < steps - config.last_steps or not self.target.in_scope(config, context):
             self._restart(state)
         else:
-            rows, *after = accumulate(*state["acc"], state["gamma"][:, step], config.threshold, config.max_skips)
-            rows = rows[:batch]  # the call's own rows decide; followers go along
-            skip = bool(rows.all()) and context.slot in self.range.residuals
+            results = [accumulate(*acc, gamma[step], threshold, max_skips)
+                       for acc, gamma in zip(state["acc"], state["gamma"])]
+            rows = [bool(result[0]) for result in results[:batch]]  # the call's own rows decide; followers go along
+            skip = all(rows) and context.slot in self.range.residuals
             if skip:
-                state["acc"] = tuple(after)
+                state["acc"] = [result[1:] for result in results]
             else:
                 self._restart(state)
-            self.decisions.append((step, context.slot, rows.tolist(), skip))
+            self.decisions.append((step, context.slot, rows, skip))
         if index is not None:
-            full["acc"] = tuple(a.index_copy(0, index, part) for a, part in zip(full["acc"], state["acc"]))
+            for i, acc in zip(index, state["acc"]):
+                full["acc"][i] = acc
             full["last"] = step
-        return never if not skip else torch.ones(batch, dtype=torch.bool, device=hidden.device)
+        return skip  # the whole call skips or computes
 
     def computed(self, context: CallContext, rows: torch.Tensor) -> None:
         if self._mode != "calibrate":

@@ -219,8 +219,12 @@ class AttentionLayerHook(ModelHook):
 class AttentionInterceptor:
     """Owns the attention hooks of one transformer and the routing table layer -> plugin function."""
 
-    def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec, tracker: StepTracker) -> None:
+    def __init__(self, transformer: torch.nn.Module, spec: TransformerSpec, tracker: StepTracker,
+                 attach_hooks: bool = True) -> None:
+        # attach_hooks=False: no plugin of the recipe routes attention, so no layer pays for a hook that only calls
+        # through (a diffusers hook registry per attention layer costs ~1 % of a small model's call).
         self.transformer = transformer
+        self.attached = attach_hooks
         self.hooks: dict[str, AttentionLayerHook] = {}
         for list_attr, index, block, contract in spec.blocks(transformer):
             for sublayer in contract.sublayers:
@@ -231,7 +235,8 @@ class AttentionInterceptor:
                     continue
                 layer = LayerId(list_attr, index, sublayer.name, sublayer.kind)
                 hook = AttentionLayerHook(layer, tracker)
-                attach(module, hook, HOOK_NAME)
+                if attach_hooks:
+                    attach(module, hook, HOOK_NAME)
                 self.hooks[layer.name] = hook
 
     @property
@@ -249,6 +254,10 @@ class AttentionInterceptor:
     ) -> None:
         """Send the attention of ``layers`` (all if ``None``) to ``fn`` whenever ``when(context)`` holds (always if
         ``None``). Several owners may route one layer only on disjoint ``steps`` ranges; otherwise this raises."""
+        if not self.attached:
+            raise RuntimeError(
+                f"{getattr(owner, 'name', owner)!r} routes attention, but the recipe was installed without attention "
+                "hooks: its plugin class must declare `routes_attention = True` (attention and parallel plugins do)")
         targets = self.hooks.values() if layers is None else [self.hooks[layer.name] for layer in layers]
         for hook in targets:
             for other, _, _, other_steps in hook.routes:
@@ -265,8 +274,9 @@ class AttentionInterceptor:
             hook.routes = [route for route in hook.routes if route[0] is not owner]
 
     def remove(self) -> None:
-        for hook in self.hooks.values():
-            detach(_module_by_layer(self.transformer, hook.layer), HOOK_NAME)
+        if self.attached:
+            for hook in self.hooks.values():
+                detach(_module_by_layer(self.transformer, hook.layer), HOOK_NAME)
         self.hooks.clear()
 
 

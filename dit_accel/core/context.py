@@ -235,9 +235,8 @@ class StepTracker:
         grid = self._grid_cache[grid_key]
 
         batch = int(hidden.shape[0])
-        branches = tuple(
-            BranchId(self._slot, row, self._role(self._slot, row, batch, context_name, kwargs)) for row in range(batch)
-        )
+        branches = tuple(BranchId(self._slot, row, role)
+                         for row, role in enumerate(self._roles(self._slot, batch, context_name, kwargs)))
         self.current = CallContext(
             generation=self.generation,
             step=self._step,
@@ -276,27 +275,26 @@ class StepTracker:
         return self._slot_names.setdefault(context_name, len(self._slot_names) if self._slot_names else default)
 
     # ------------------------------------------------------------------------------------------------ roles
-    def _role(self, slot: int, row: int, batch: int, context_name: str | None, kwargs: dict) -> str | None:
+    def _roles(self, slot: int, batch: int, context_name: str | None, kwargs: dict) -> list[str | None]:
+        """The CFG role of every row of the call (``None`` where the pipeline's convention is unknown)."""
         if context_name in ("cond", "uncond"):
-            return context_name
+            return [context_name] * batch
         if self._declared_cfg == "none":
-            return "cond"
+            return ["cond"] * batch
         convention = self._declared_cfg or self.cfg_convention
         if convention == "separate-cond-first":
-            return "cond" if slot == 0 else "uncond" if slot == 1 else None
+            return ["cond" if slot == 0 else "uncond" if slot == 1 else None] * batch
         if convention is None or not convention.startswith("batched"):
-            return None
+            return [None] * batch
         class_labels = kwargs.get("class_labels")
         if self._null_class_label is not None and isinstance(class_labels, torch.Tensor) and class_labels.numel() == batch:
             # DiT: the unconditional rows carry the null class label.
-            return "uncond" if int(class_labels[row]) == self._null_class_label else "cond"
+            return ["uncond" if label == self._null_class_label else "cond" for label in class_labels.flatten().tolist()]
         if batch % 2 and slot in (0, 1):
             # An odd batch cannot hold both halves: the pipeline calls the branches separately (or runs no CFG).
-            return "cond" if slot == 0 else "uncond"
+            return ["cond" if slot == 0 else "uncond"] * batch
         guided = True if self._declared_cfg else self._guidance_probe() if self._guidance_probe is not None else None
         if not guided or batch % 2:
-            return "cond" if guided is False else None
-        first_half = row < batch // 2
+            return ["cond" if guided is False else None] * batch
         cond_first = convention == "batched-cond-first"
-        return "cond" if first_half == cond_first else "uncond"
-
+        return ["cond" if (row < batch // 2) == cond_first else "uncond" for row in range(batch)]

@@ -83,6 +83,10 @@ class _CountingStats:
         self._plugin.actions += 1
         self._recorder.record_block(*args, **kwargs)
 
+    def record_skipped(self, context, sublayers: list[str], blocks: list[str], event) -> None:
+        self._plugin.actions += len(sublayers) + len(blocks)
+        self._recorder.record_skipped(context, sublayers, blocks, event)
+
     def __getattr__(self, name: str):
         return getattr(self._recorder, name)
 
@@ -97,6 +101,13 @@ class Plugin:
 
     kind: str = "schedule"
     actions: int = 0
+    # Whether install() may route attention (``target.route_attention``): attention and parallel plugins by default.
+    # The transformer's attention layers are hooked only when some plugin of the recipe does.
+    routes_attention: bool | None = None
+
+    @classmethod
+    def may_route_attention(cls) -> bool:
+        return cls.routes_attention if cls.routes_attention is not None else cls.kind in ("attention", "parallel")
 
     def __init__(self, config: "PluginConfig", target: InstallTarget) -> None:
         self.config = config

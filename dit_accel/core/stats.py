@@ -211,6 +211,7 @@ class StatsRecorder:
         self._flops_cache: dict[tuple, dict[str, float]] = {}
         self._core_cache: dict[tuple, dict[str, float]] = {}
         self.sublayer_names: list[str] = [name for name, *_ in self._layers]
+        self._known = frozenset(self.sublayer_names)
 
     def finish(self) -> None:
         """Close the running generation (if any) and keep it as ``last``."""
@@ -314,7 +315,7 @@ class StatsRecorder:
         """
         if self.current is None:
             return
-        if sublayer not in self.current.names:
+        if sublayer not in self._known:
             raise KeyError(f"unknown sub-layer {sublayer!r}; known: {', '.join(self.current.names)}")
         stats = self.current.events.setdefault(sublayer, SubLayerStats())
         per_call = self._dense_flops(context)[sublayer]
@@ -324,6 +325,26 @@ class StatsRecorder:
         else:
             setattr(stats, event, getattr(stats, event) + 1)
             stats.flops += per_call
+
+    def record_skipped(self, context: CallContext, sublayers: list[str], blocks: list[str], event: Event) -> None:
+        """Blocks ``blocks`` were skipped whole in this call, their ``sublayers`` served by ``event`` (``reused`` or
+        ``forecast``): :meth:`record` of each sub-layer and :meth:`record_block` of each block, in one call."""
+        if self.current is None:
+            return
+        if event not in ("reused", "forecast"):
+            raise ValueError(f"record_skipped takes the events 'reused' or 'forecast', not {event!r}")
+        flops, events = self._dense_flops(context), self.current.events
+        for name in sublayers:
+            if name not in self._known:
+                raise KeyError(f"unknown sub-layer {name!r}; known: {', '.join(self.current.names)}")
+            stats = events.get(name)
+            if stats is None:
+                stats = events[name] = SubLayerStats()
+            setattr(stats, event, getattr(stats, event) + 1)
+            stats.flops += flops[name]
+        if self._call_key is not None:
+            share = context.batch_size / self._call_key[0]
+            self._skipped_blocks += [(block, share) for block in blocks]
 
     def set_cache_bytes(self, nbytes: int) -> None:
         if self.current is not None:
