@@ -119,6 +119,7 @@ def capture_attention(pipe: Any, generate: Callable[[], Any], *, step: int | Ite
     handle = accelerate_dit(pipe, "none")
     try:
         interceptor = handle.transformers[0].attention
+        interceptor.attach_hooks()  # "none" hooks no attention layer by itself
         routed = [layer for layer in interceptor.layers if layer.kind in ("self", "joint")]
         if layers is not None:
             routed = routed[:layers]

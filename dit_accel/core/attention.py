@@ -224,7 +224,7 @@ class AttentionInterceptor:
         # attach_hooks=False: no plugin of the recipe routes attention, so no layer pays for a hook that only calls
         # through (a diffusers hook registry per attention layer costs ~1 % of a small model's call).
         self.transformer = transformer
-        self.attached = attach_hooks
+        self.attached = False
         self.hooks: dict[str, AttentionLayerHook] = {}
         for list_attr, index, block, contract in spec.blocks(transformer):
             for sublayer in contract.sublayers:
@@ -234,10 +234,18 @@ class AttentionInterceptor:
                 if module is None:
                     continue
                 layer = LayerId(list_attr, index, sublayer.name, sublayer.kind)
-                hook = AttentionLayerHook(layer, tracker)
-                if attach_hooks:
-                    attach(module, hook, HOOK_NAME)
-                self.hooks[layer.name] = hook
+                self.hooks[layer.name] = AttentionLayerHook(layer, tracker)
+        if attach_hooks:
+            self.attach_hooks()
+
+    def attach_hooks(self) -> None:
+        """Hook every attention layer (done at install when a plugin of the recipe routes attention). Afterwards
+        only where nothing else hooks the attention layers yet (``"none"``, attention plugins), so that routing stays
+        the innermost hook."""
+        if not self.attached:
+            for hook in self.hooks.values():
+                attach(_module_by_layer(self.transformer, hook.layer), hook, HOOK_NAME)
+            self.attached = True
 
     @property
     def layers(self) -> list[LayerId]:
