@@ -244,13 +244,12 @@ class SVG2Config(ImageAttentionConfig):
     num_k_clusters: int = 0
     q_cluster_tokens: int = 128
     k_cluster_tokens: int = 32
-    # Chosen on zoo:dit and zoo:mmdit at their 8x8 = 64-token grids, CALIBRATION seeds 100-103 only (2 class labels
-    # a seed, 20 steps, recipe svg2), PSNR of the images against dense attention (dit / mmdit, mean key density):
-    # no floor (1 query / 2 key clusters) 15.5 / 15.6 dB (0.93 / 0.96); 4/8 19.2 / 20.3 dB; 8/16 20.5 / 23.1 dB;
-    # 16/16 22.4 / 23.1 dB; 8/32 22.1 / 22.6 dB; 16/32 24.3 / 25.1 dB (0.59 / 0.59); 32/32 28.0 / 27.0 dB (0.59 /
-    # 0.57). 16/32 rather than 32/32: 2-token query clusters each fill a whole padded query piece (CPU) or block
-    # (kernel), and a query floor of 32 would bind up to 4096 tokens. With 16/32, svg2-fast 21.2 / 20.9 dB and
-    # svg2-max 17.2 / 17.8 dB (without a floor 15.5 / 15.3 and 15.4 / 15.2 dB).
+    # Chosen on zoo:dit and zoo:mmdit at their 8x8 = 64-token grids, calibration seeds 100-103, 20 steps, recipe
+    # svg2 (benchmarks/results/svg2-floor-cpu.md; dit / mmdit PSNR against dense attention): no floor 15.6 / 15.9 dB;
+    # 8/16 20.8 / 22.9; 16/16 22.5 / 22.9; 16/32 23.7 / 24.1; 32/32 26.5 / 26.6. 16/32 rather than 32/32: 2-token
+    # query clusters each fill a whole padded query piece (CPU) or block (kernel), and a query floor of 32 would bind
+    # up to 4096 tokens. Checked on the evaluation-only zoo:flowdit (256 tokens, pipeline and custom loop alike):
+    # svg2 22.9 against 19.0 dB without floors, svg2-fast 19.2 / 18.2, svg2-max 16.3 / 16.7 (the one loss).
     min_q_clusters: int = 16
     min_k_clusters: int = 32
     top_p: float = 0.9
