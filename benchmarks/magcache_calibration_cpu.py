@@ -30,9 +30,11 @@ from dit_accel.pipelines import zoo
 SEEDS = (100, 101, 102, 103)
 CALIBRATION_SEED = 10_000
 STEPS = 50
-VARIANTS = [("magcache-max", {}), ("magcache-max", {"last_steps": 0}), ("magcache-max", {"forecast_order": 0}),
-            ("magcache-ultra", {}), ("magcache-ultra", {"last_steps": 1}), ("magcache-cfg-max", {}),
-            ("magcache-cfg-max", {"magcache__last_steps": 0}), ("magcache", {})]
+VARIANTS = [("magcache-max", {}), ("magcache-max", {"bounded_forecast": False}), ("magcache-max", {"last_steps": 0}),
+            ("magcache-max", {"forecast_order": 0}), ("magcache-ultra", {}),
+            ("magcache-ultra", {"bounded_forecast": False}), ("magcache-ultra", {"last_steps": 1}),
+            ("magcache-cfg-max", {}), ("magcache-cfg-max", {"bounded_forecast": False}),
+            ("magcache-cfg-max", {"magcache__last_steps": 0}), ("magcache", {}), ("magcache", {"bounded_forecast": False})]
 ANCHORS = [(0.24, 4), (0.06, 3)]
 
 

@@ -14,6 +14,9 @@ from dit_accel.caching.forecasters import (
     hermite_forecast,
     taylor_forecast,
     update_differences,
+    bounded_position,
+    config_forecaster,
+    make_forecaster,
 )
 
 
@@ -181,3 +184,34 @@ def test_forecaster_settings_are_validated():
     with pytest.raises(ValueError, match=r"MagCacheConfig\.sigma"):
         MagCacheConfig(forecaster="hermite", sigma=0.0)
     assert TaylorSeerConfig(forecaster="foca", order=0).order == 0  # order 0 reuses whatever the forecaster
+
+
+def test_bounded_position_holds_beyond_the_horizon():
+    assert bounded_position([10.0, 12.0], 7.0, 1.0) == 8.0  # two units past the newest, one gap allowed
+    assert bounded_position([10.0, 12.0], 9.0, 1.0) == 9.0  # within reach: unchanged
+    assert bounded_position([10.0, 12.0], 4.0, 2.0) == 6.0
+    assert bounded_position([10.0, 12.0], 4.0, None) == 4.0
+    assert bounded_position([10.0], 4.0, 1.0) == 4.0  # one full step: nothing to bound by
+
+
+def test_bounded_taylor_and_hermite_extrapolate_a_line_one_gap_then_hold():
+    line = lambda x: torch.tensor([3.0 * x + 1.0])
+    for forecaster in (make_forecaster("taylor", 1, horizon=1.0, bounded=True),
+                       make_forecaster("hermite", 1, sigma=1 / math.sqrt(2), horizon=1.0, bounded=True)):
+        state = forecaster.update(forecaster.update(None, line(20.0), 20.0), line(18.0), 18.0)
+        assert torch.allclose(forecaster.predict(state, 17.0)[0], line(17.0))  # within one gap: exact
+        assert torch.allclose(forecaster.predict(state, 16.0)[0], line(16.0))  # exactly one gap
+        assert torch.allclose(forecaster.predict(state, 12.0)[0], line(16.0))  # beyond: held
+    unbounded = make_forecaster("taylor", 1, horizon=1.0)
+    state = unbounded.update(unbounded.update(None, line(20.0), 20.0), line(18.0), 18.0)
+    assert torch.allclose(unbounded.predict(state, 12.0)[0], line(12.0))
+    assert make_forecaster("taylor", 0, horizon=1.0, bounded=True).horizon is None  # reuse has nothing to bound
+
+
+def test_magcache_bounds_its_forecast_by_default():
+    from dit_accel.caching.magcache import MagCacheConfig
+
+    assert config_forecaster(MagCacheConfig()).horizon == 1.0
+    assert config_forecaster(MagCacheConfig(bounded_forecast=False)).horizon is None
+    with pytest.raises(ValueError, match="bounded_forecast"):
+        MagCacheConfig(bounded_forecast="yes")

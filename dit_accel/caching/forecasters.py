@@ -44,6 +44,18 @@ def update_differences(previous: tuple[list[float], list[torch.Tensor]] | None, 
     return ([position] + old_positions)[: len(differences)], differences
 
 
+def bounded_position(positions: list[float], position: float, horizon: float | None) -> float:
+    """``position`` moved to at most ``horizon`` gaps of the two newest full steps past the newest one (``positions``
+    newest first); unchanged with ``horizon=None`` or a single full step. A polynomial through two full steps is
+    trusted over the span it was measured on: extrapolated four gaps out (magcache's first skips after the dense
+    warm-up, whose full steps are adjacent) its slope error grows fourfold."""
+    if horizon is None or len(positions) < 2:
+        return position
+    reach = horizon * abs(positions[0] - positions[1])
+    distance = position - positions[0]
+    return position if abs(distance) <= reach else positions[0] + math.copysign(reach, distance)
+
+
 def taylor_forecast(state: tuple[list[float], list[torch.Tensor]], position: float) -> torch.Tensor:
     """The Newton polynomial of the state at ``position``: ``sum_i F[x0..xi] * prod_{j<i} (position - xj)``."""
     return _newton_sum(state, position, None)
@@ -147,14 +159,17 @@ class Forecaster:
 
     name = "taylor"
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, horizon: float | None = None) -> None:
         self.order = order
+        # None: extrapolate as far as asked. A number: at most that many newest full-step gaps past the newest full
+        # step; beyond, the forecast holds its value (see :func:`bounded_position`).
+        self.horizon = horizon
 
     def update(self, state, value: torch.Tensor, position: float):
         return update_differences(state, value, position, self.order)
 
     def predict(self, state, position: float) -> tuple[torch.Tensor, object]:
-        return taylor_forecast(state, position), state
+        return taylor_forecast(state, bounded_position(state[0], position, self.horizon)), state
 
     def points(self, state) -> int:
         """Full values the state extrapolates from (1: the prediction is plain reuse)."""
@@ -167,12 +182,12 @@ class Forecaster:
 class HermiteForecaster(Forecaster):
     name = "hermite"
 
-    def __init__(self, order: int, sigma: float) -> None:
-        super().__init__(order)
+    def __init__(self, order: int, sigma: float, horizon: float | None = None) -> None:
+        super().__init__(order, horizon)
         self.sigma = sigma
 
     def predict(self, state, position: float) -> tuple[torch.Tensor, object]:
-        return hermite_forecast(state, position, self.sigma), state
+        return hermite_forecast(state, bounded_position(state[0], position, self.horizon), self.sigma), state
 
 
 class FoCaForecaster(Forecaster):
@@ -200,19 +215,23 @@ class FoCaForecaster(Forecaster):
         return list(unique.values())
 
 
-def make_forecaster(kind: str, order: int, *, sigma: float = 0.5, horizon: float = 1.0) -> Forecaster:
-    """The forecaster ``kind`` (one of :data:`FORECASTERS`); ``order`` 0 always reuses, whatever the kind."""
+def make_forecaster(kind: str, order: int, *, sigma: float = 0.5, horizon: float = 1.0,
+                    bounded: bool = False) -> Forecaster:
+    """The forecaster ``kind`` (one of :data:`FORECASTERS`); ``order`` 0 always reuses, whatever the kind. FoCa
+    always holds its forecast beyond ``horizon`` full-step gaps; Taylor and Hermite only when ``bounded``."""
     if kind not in FORECASTERS:
         raise ValueError(f"unknown forecaster {kind!r}; allowed: {', '.join(FORECASTERS)}")
+    reach = horizon if bounded else None
     if order == 0 or kind == "taylor":
-        return Forecaster(order)
-    return HermiteForecaster(order, sigma) if kind == "hermite" else FoCaForecaster(horizon)
+        return Forecaster(order, None if order == 0 else reach)
+    return HermiteForecaster(order, sigma, reach) if kind == "hermite" else FoCaForecaster(horizon)
 
 
 def config_forecaster(config, order_field: str = "forecast_order") -> Forecaster:
-    """The forecaster a plugin config's ``forecaster``/``sigma``/``horizon`` fields and its order field describe."""
+    """The forecaster a plugin config's ``forecaster``/``sigma``/``horizon`` fields (and ``bounded_forecast``, where
+    it has one) and its order field describe."""
     return make_forecaster(config.forecaster, getattr(config, order_field), sigma=config.sigma,
-                           horizon=config.horizon)
+                           horizon=config.horizon, bounded=getattr(config, "bounded_forecast", False))
 
 
 def check_forecaster(config, order_field: str) -> None:
@@ -227,6 +246,7 @@ def check_forecaster(config, order_field: str) -> None:
                          "forecaster is first order (it reads two full values); use 0 (reuse) or 1")
 
 
-__all__ = ["FORECASTERS", "FoCaForecaster", "FoCaState", "Forecaster", "HermiteForecaster", "check_forecaster",
+__all__ = ["FORECASTERS", "FoCaForecaster", "FoCaState", "Forecaster", "HermiteForecaster", "bounded_position",
+           "check_forecaster",
            "config_forecaster", "foca_forecast", "foca_update", "hermite_coefficients", "hermite_forecast",
            "make_forecaster", "taylor_forecast", "update_differences"]

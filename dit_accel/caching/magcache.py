@@ -138,8 +138,14 @@ class MagCacheConfig(PluginConfig):
             (HiCache's scaled Hermite forecast), ``"foca"`` (FoCa's predictor-corrector, first order).
         sigma (`float`, defaults to `0.5`): the Hermite forecaster's scale (HiCache's default; 1/sqrt(2) gives
             probabilists' Hermite, linear extrapolation at order 1). Allowed: 0.01-4.
-        horizon (`float`, defaults to `1.0`): the FoCa forecaster's horizon in full-step gaps: beyond it the forecast
-            holds its value. Allowed: 0.1-100.
+        horizon (`float`, defaults to `1.0`): how far the forecast reaches, in gaps of the two newest computed steps
+            past the newest one: beyond it the forecast holds its value (FoCa always; Taylor and Hermite with
+            ``bounded_forecast``). Allowed: 0.1-100.
+        bounded_forecast (`bool`, defaults to `True`): bound the Taylor/Hermite forecast by ``horizon``. Chosen on
+            calibration seeds 100-103 (``benchmarks/results/magcache-calibration-cpu.md``): magcache-max +1.3 dB on
+            zoo:dit and +4.0 dB on zoo:mmdit, magcache-ultra +3.3 / +1.0 dB, magcache +0.0 / +0.8 dB: the first
+            skips after the dense warm-up extrapolate a slope measured over one step up to ``max_skips`` steps out.
+            Recipes written before this field existed forecast unbounded: set False to reproduce them.
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per
             branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
@@ -165,6 +171,7 @@ class MagCacheConfig(PluginConfig):
     forecaster: str = "taylor"
     sigma: float = 0.5
     horizon: float = 1.0
+    bounded_forecast: bool = True
     ratios: tuple[float, ...] = ()
     recalibrate: bool = True
 
@@ -176,6 +183,7 @@ class MagCacheConfig(PluginConfig):
         check_range(self, "forecast_order", 0, 4, integer=True)
         check_forecaster(self, "forecast_order")
         check_bool(self, "recalibrate")
+        check_bool(self, "bounded_forecast")
         ratios = self.ratios
         if isinstance(ratios, (str, Path)):
             object.__setattr__(self, "ratios", load_calibration(ratios))
