@@ -117,6 +117,7 @@ def _module_input(args: tuple, kwargs: dict | None) -> torch.Tensor | None:
 @register_plugin(ToCaConfig)
 class ToCaPlugin(IntervalSubLayerPlugin):
     routes_attention = True  # attention over the recomputed token subset
+
     def install(self) -> None:
         super().install()
         self.roles = {}

@@ -313,38 +313,34 @@ class StatsRecorder:
         ``reused``/``forecast`` cost nothing (``computed_fraction`` is ignored); ``partial`` recomputed that
         fraction of the work (ToCa's token subset, a cheaper attention).
         """
+        if self.current is not None:
+            self._charge(self._dense_flops(context), sublayer, event, computed_fraction)
+
+    def record_skipped(self, context: CallContext, sublayers: list[str], blocks: list[str], event: Event) -> None:
+        """Blocks ``blocks`` were skipped whole in this call, their ``sublayers`` served by ``event`` (``reused`` or
+        ``forecast``): :meth:`record` of each sub-layer and :meth:`record_block` of each block, with the call's FLOPs
+        table looked up once."""
         if self.current is None:
             return
+        if event not in ("reused", "forecast"):
+            raise ValueError(f"record_skipped takes the events 'reused' or 'forecast', not {event!r}")
+        flops = self._dense_flops(context)
+        for name in sublayers:
+            self._charge(flops, name, event)
+        for block in blocks:
+            self.record_block(context, block)
+
+    def _charge(self, flops: dict[str, float], sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
         if sublayer not in self._known:
             raise KeyError(f"unknown sub-layer {sublayer!r}; known: {', '.join(self.current.names)}")
         stats = self.current.events.setdefault(sublayer, SubLayerStats())
-        per_call = self._dense_flops(context)[sublayer]
+        per_call = flops[sublayer]
         if event == "partial":
             stats.partial += 1
             stats.flops += per_call * (1.0 - computed_fraction)
         else:
             setattr(stats, event, getattr(stats, event) + 1)
             stats.flops += per_call
-
-    def record_skipped(self, context: CallContext, sublayers: list[str], blocks: list[str], event: Event) -> None:
-        """Blocks ``blocks`` were skipped whole in this call, their ``sublayers`` served by ``event`` (``reused`` or
-        ``forecast``): :meth:`record` of each sub-layer and :meth:`record_block` of each block, in one call."""
-        if self.current is None:
-            return
-        if event not in ("reused", "forecast"):
-            raise ValueError(f"record_skipped takes the events 'reused' or 'forecast', not {event!r}")
-        flops, events = self._dense_flops(context), self.current.events
-        for name in sublayers:
-            if name not in self._known:
-                raise KeyError(f"unknown sub-layer {name!r}; known: {', '.join(self.current.names)}")
-            stats = events.get(name)
-            if stats is None:
-                stats = events[name] = SubLayerStats()
-            setattr(stats, event, getattr(stats, event) + 1)
-            stats.flops += flops[name]
-        if self._call_key is not None:
-            share = context.batch_size / self._call_key[0]
-            self._skipped_blocks += [(block, share) for block in blocks]
 
     def set_cache_bytes(self, nbytes: int) -> None:
         if self.current is not None:
