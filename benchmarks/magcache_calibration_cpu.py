@@ -30,11 +30,13 @@ from dit_accel.pipelines import zoo
 SEEDS = (100, 101, 102, 103)
 CALIBRATION_SEED = 10_000
 STEPS = 50
-VARIANTS = [("magcache-max", {}), ("magcache-max", {"bounded_forecast": False}), ("magcache-max", {"last_steps": 0}),
-            ("magcache-max", {"forecast_order": 0}), ("magcache-ultra", {}),
-            ("magcache-ultra", {"bounded_forecast": False}), ("magcache-ultra", {"last_steps": 1}),
-            ("magcache-cfg-max", {}), ("magcache-cfg-max", {"bounded_forecast": False}),
-            ("magcache-cfg-max", {"magcache__last_steps": 0}), ("magcache", {}), ("magcache", {"bounded_forecast": False})]
+RESIDUAL = {"forecast_target": "residual"}
+VARIANTS = [("magcache-max", {}), ("magcache-max", RESIDUAL), ("magcache-max", {"bounded_forecast": False}),
+            ("magcache-max", {"last_steps": 0}), ("magcache-max", {"forecast_order": 0}),
+            ("magcache-max", {"forecast_order": 0, **RESIDUAL}), ("magcache-ultra", {}), ("magcache-ultra", RESIDUAL),
+            ("magcache-fast", {}), ("magcache-fast", RESIDUAL), ("magcache", {}), ("magcache", RESIDUAL),
+            ("magcache-cfg-max", {}), ("magcache-cfg-max", {"magcache__forecast_target": "residual"}),
+            ("magcache-cfg-ultra", {}), ("magcache-cfg-ultra", {"magcache__forecast_target": "residual"})]
 ANCHORS = [(0.24, 4), (0.06, 3)]
 
 
@@ -119,10 +121,11 @@ def cost(pipe, generate, ratios, repeats: int) -> dict:
                 "skipped_call_ms": statistics.median(skipped) * 1e3 if skipped else None}
 
     rows = {"dense": measure()}
-    accelerate_dit(pipe, "magcache-max", last_steps=0)
-    generate(CALIBRATION_SEED, 2)
-    rows["magcache-max last_steps=0"] = measure()
-    remove_acceleration(pipe)
+    for target in ("output", "residual"):
+        accelerate_dit(pipe, "magcache-max", last_steps=0, forecast_target=target)
+        generate(CALIBRATION_SEED, 2)
+        rows[f"magcache-max last_steps=0 forecast_target={target}"] = measure()
+        remove_acceleration(pipe)
     applied = apply_baseline("diffusers:magcache", pipe, num_steps=STEPS, calibration=None,
                              setting={"threshold": 0.24, "max_skip_steps": 4, "retention_ratio": 0.2,
                                       "mag_ratios": ratios})

@@ -109,7 +109,8 @@ def test_calibrates_then_skips_on_every_family(family):
     the cached one until two computed steps exist, then their linear forecast. Removal restores the model."""
     pipe = pipes.build(family)
     # Random weights give ratios far from 1: a huge budget forces the schedule to the cap K = 2.
-    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1)
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1,
+                            forecast_target="residual")
     plugin = the_plugin(handle)
     assert not plugin.calibrated
     with pytest.warns(MagCacheCalibration, match="no magnitude-ratio curve for 6 steps"):
@@ -149,6 +150,120 @@ def test_calibrates_then_skips_on_every_family(family):
         torch.testing.assert_close(seen[(4, slot)]["out"] - seen[(4, slot)]["in"], expected, rtol=1e-4, atol=1e-4)
     remove_acceleration(pipe)
     assert torch.equal(generate(pipe, family, steps=6), first), "removal restores the model; calibration is dense"
+
+
+def test_skipped_calls_forecast_the_output_on_every_family(family):
+    """The default target: a skipped call runs nothing (no block, no embedding, no final layer) and returns the
+    slot's newest computed prediction until two computed steps exist, then their bounded linear forecast over the
+    timesteps; the FLOPs of a skipped call are all saved. Removal restores the model."""
+    pipe = pipes.build(family)
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1)
+    plugin = the_plugin(handle)
+    assert plugin.config.forecast_target == "output" and plugin.whole_calls is not None
+    with pytest.warns(MagCacheCalibration):
+        first = generate(pipe, family, steps=6)
+    calls, blocks_ran = [], []
+    decide = plugin.decide
+
+    def recording_decide(context, hidden, encoder):
+        if hidden is None:  # the call-level question, asked once per call before anything runs
+            calls.append({"step": context.step, "slot": context.slot, "t": context.timestep,
+                          "blocks": len(blocks_ran)})
+        return decide(context, hidden, encoder)
+
+    plugin.decide = recording_decide
+    first_block = handle.transformers[0].spec.blocks(pipe.transformer)[0][2]
+
+    def after(module, args, kwargs, output):
+        calls[-1]["out"] = pipes.output_of(family, output).clone() if family == "x" else _prediction(output)
+        calls[-1]["ran"] = len(blocks_ran) > calls[-1]["blocks"]
+
+    hooks = [first_block.register_forward_pre_hook(lambda *_: blocks_ran.append(1)),
+             pipe.transformer.register_forward_hook(after, with_kwargs=True)]
+    second = generate(pipe, family, steps=6)
+    for hook in hooks:
+        hook.remove()
+    del plugin.decide
+    assert torch.isfinite(second).all() and not torch.equal(second, first)
+    slots = 1 if pipes.is_batched_cfg(family) else 2
+    assert len(calls) == 6 * slots
+    for slot in range(slots):
+        mine = {c["step"]: c for c in calls if c["slot"] == slot}
+        assert [mine[s]["ran"] for s in range(6)] == [T, F, F, T, F, T], "computed 0, 3, 5"
+        o0, o3 = mine[0]["out"], mine[3]["out"]
+        for s in (1, 2):
+            assert torch.equal(mine[s]["out"], o0), "reused until two computed steps exist"
+        t0, t3, t4 = (mine[s]["t"] for s in (0, 3, 4))
+        reach = min(abs(t4 - t3), abs(t3 - t0))
+        expected = o3 + (o3 - o0) / (t3 - t0) * math.copysign(reach, t4 - t3)
+        torch.testing.assert_close(mine[4]["out"], expected, rtol=1e-4, atol=1e-5)
+    stats = handle.stats
+    assert stats.flops_fraction == pytest.approx(0.5), "a skipped call runs nothing at all"
+    assert stats.blocks_skipped == 3 * slots * len(plugin.range.blocks)
+    for name in plugin.range.sublayers:
+        assert (stats.sublayers[name].reused, stats.sublayers[name].forecast) == (2 * slots, slots)
+    assert plugin.whole_calls.served == 0, "cleared with the generation"
+    remove_acceleration(pipe)
+    assert torch.equal(generate(pipe, family, steps=6), first), "removal restores the model; calibration is dense"
+
+
+def _prediction(output):
+    from dit_accel.core.outputs import output_sample
+
+    return output_sample(output).clone()
+
+
+def test_output_target_keeps_the_prediction_safe_from_the_caller():
+    """A pipeline that writes into the prediction it got (in-place guidance) must not move what later calls are
+    served: the cache holds copies."""
+    pipe = pipes.build("flux")
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=3, retention=0.0, last_steps=0,
+                            forecast_order=0)
+    plugin = the_plugin(handle)
+    plugin.curves[6] = {"cond": (1.0,) * 6, "uncond": (1.0,) * 6}
+    served = []
+
+    def scribble(module, args, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        served.append(sample.clone())
+        sample.mul_(0.0)  # what an in-place guidance step could do
+
+    hook = pipe.transformer.register_forward_hook(scribble)
+    generate(pipe, "flux", steps=6)
+    hook.remove()
+    assert [d[3] for d in plugin.last_decisions][:3] == [T, T, T]
+    for step in (1, 2, 3):  # served the step-0 prediction of its slot, untouched by the zeroing
+        for slot in range(2):
+            assert torch.equal(served[2 * step + slot], served[slot])
+    remove_acceleration(pipe)
+
+
+def test_output_target_falls_back_where_whole_calls_cannot_skip():
+    """cfg-cache runs some calls on the conditional rows alone: such a call is never served whole, and the slot's
+    predictions restart after it, so no call is served from predictions older than the partial call."""
+    pipe = pipes.build("dit")
+    handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__retention=0.0, magcache__threshold=100.0,
+                            magcache__max_skips=2, cfg_cache__start=0.0, cfg_cache__end=0.4)
+    plugin = the_plugin(handle)
+    plugin.curves[10] = {"cond": (1.0,) * 10, "uncond": (1.0,) * 10}
+    whole = plugin.whole_calls
+    events = []
+    forward = whole.forward
+
+    def recording_forward(original, args, kwargs):
+        context, served = handle.transformers[0].tracker.current, whole.served
+        output = forward(original, args, kwargs)
+        events.append("served" if whole.served > served else "partial" if context.rows is not None else "whole")
+        return output
+
+    whole.forward = recording_forward
+    generate(pipe, "dit", steps=10)
+    assert "served" in events and "partial" in events, events
+    fresh = False  # a whole computed call since the last partial call
+    for event in events:
+        assert event != "served" or fresh, events
+        fresh = event == "whole" or (fresh and event == "served")
+    remove_acceleration(pipe)
 
 
 def test_decisions_per_row_and_per_branch():

@@ -37,6 +37,7 @@ from diffusers.hooks import ModelHook
 from dit_accel.caching.blockrange import select_rows
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
+from dit_accel.core.outputs import output_sample as _sample, with_sample as _with_sample
 from dit_accel.core.plugin import Plugin, register_plugin
 from dit_accel.recipe import PluginConfig, check_choice, check_range, register_config
 
@@ -180,25 +181,6 @@ class CFGCacheConfig(PluginConfig):
 
 
 # ------------------------------------------------------------------------------------------------- the plugin
-def _sample(output: Any) -> torch.Tensor:
-    """The prediction tensor of a transformer output (a tensor, a tuple, or a diffusers output's first field)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return next(iter(output.values()))
-
-
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    """``output`` of the same structure with its prediction replaced."""
-    if isinstance(output, torch.Tensor):
-        return sample
-    if isinstance(output, (tuple, list)):
-        return type(output)((sample, *output[1:]))
-    first = next(iter(output.keys()))
-    return type(output)(**{**output, first: sample})
-
-
 @dataclass
 class _Difference:
     step: int

@@ -41,11 +41,12 @@ import torch
 
 from dit_accel.caching.blockrange import BlockRange
 from dit_accel.caching.forecasters import check_forecaster, config_forecaster
+from dit_accel.caching.output_forecast import OutputForecast
 from dit_accel.caching.calibration import CALIBRATION_FORMAT, load_calibration, model_identity, validate_calibration
 from dit_accel.core.context import CallContext
 from dit_accel.core.parallel import all_reduce_sum, parallel_setting
 from dit_accel.core.plugin import Plugin, register_plugin
-from dit_accel.recipe import PluginConfig, check_bool, check_range, register_config
+from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,13 @@ class MagCacheConfig(PluginConfig):
             zoo:dit and +4.0 dB on zoo:mmdit, magcache-ultra +3.3 / +1.0 dB, magcache +0.0 / +0.8 dB: the first
             skips after the dense warm-up extrapolate a slope measured over one step up to ``max_skips`` steps out.
             Recipes written before this field existed forecast unbounded: set False to reproduce them.
+        forecast_target (`str`, defaults to `"output"`): what a skipped call forecasts. ``"output"``: the call runs
+            nothing and returns the forecast of the transformer's prediction over the slot's computed calls
+            (:mod:`dit_accel.caching.output_forecast`; where that cannot apply, e.g. cfg-cache's partial calls or
+            sequence parallelism, the call falls back to ``"residual"``). ``"residual"``: MagCache's way, the
+            embeddings and final layers run around the forecast residual of the block stack (8-10 % of a computed
+            call on the zoo models). Chosen on calibration seeds 100-103 (``magcache-calibration-cpu.md``).
+            Recipes written before this field existed forecast the residual: set ``"residual"`` to reproduce them.
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per
             branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
@@ -172,6 +180,7 @@ class MagCacheConfig(PluginConfig):
     sigma: float = 0.5
     horizon: float = 1.0
     bounded_forecast: bool = True
+    forecast_target: str = "output"
     ratios: tuple[float, ...] = ()
     recalibrate: bool = True
 
@@ -184,6 +193,7 @@ class MagCacheConfig(PluginConfig):
         check_forecaster(self, "forecast_order")
         check_bool(self, "recalibrate")
         check_bool(self, "bounded_forecast")
+        check_choice(self, "forecast_target", ("output", "residual"))
         ratios = self.ratios
         if isinstance(ratios, (str, Path)):
             object.__setattr__(self, "ratios", load_calibration(ratios))
@@ -233,6 +243,11 @@ class MagCachePlugin(Plugin):
         self._keys: dict[int, tuple[str, ...]] = {}
         self.range = BlockRange(self.target, "dit_accel.magcache", self, 0, len(blocks),
                                forecast_order=self.config.forecast_order, forecaster=config_forecaster(self.config))
+        self.whole_calls = None
+        if self.config.forecast_target == "output":
+            self.whole_calls = OutputForecast(self.target, "dit_accel.magcache.call", self,
+                                              config_forecaster(self.config), self.range.sublayers, self.range.blocks)
+        self._decided: tuple[tuple, bool] | None = None
         self.reset()
 
     @property
@@ -258,7 +273,7 @@ class MagCachePlugin(Plugin):
     def _warn_once(self, key, message: str, category=MagCacheCalibration) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, category, stacklevel=4)
+            warnings.warn(message, category, stacklevel=5)
 
     def _begin(self, context: CallContext) -> None:
         self._generation = context.generation
@@ -357,10 +372,18 @@ class MagCachePlugin(Plugin):
         return self._mode == "calibrate"
 
     # ----------------------------------------------------------------------------------- RangePolicy
-    def decide(self, context: CallContext, hidden: torch.Tensor, encoder) -> bool:
+    def decide(self, context: CallContext, hidden: torch.Tensor | None, encoder) -> bool:
+        # Asked at the call (whole-call skipping) and again at the first block when the call runs: one answer.
+        key = (context.generation, context.step, context.slot, context.rows)
+        if self._decided is not None and self._decided[0] == key:
+            return self._decided[1]
+        skip = self._decide(context, context.batch_size if hidden is None else hidden.shape[0])
+        self._decided = (key, skip)
+        return skip
+
+    def _decide(self, context: CallContext, batch: int) -> bool:
         if context.generation != self._generation:
             self._begin(context)
-        batch = hidden.shape[0]
         if self._mode != "cache":
             if self._mode == "calibrate":
                 self._keys[context.slot] = tuple(branch_key(context, row) for row in range(batch))
@@ -448,10 +471,15 @@ class MagCachePlugin(Plugin):
         self._keys = {}
         self._state: dict[int, dict] = {}
         self.decisions: list[tuple[int, int, list[bool], bool]] = []
+        self._decided = None
         self.range.clear()
+        if self.whole_calls is not None:
+            self.whole_calls.clear()
 
     def remove(self) -> None:
         self.range.remove()
+        if self.whole_calls is not None:
+            self.whole_calls.remove()
 
     def cache_bytes(self) -> int:
-        return self.range.nbytes()
+        return self.range.nbytes() + (self.whole_calls.nbytes() if self.whole_calls is not None else 0)

@@ -83,9 +83,9 @@ class _CountingStats:
         self._plugin.actions += 1
         self._recorder.record_block(*args, **kwargs)
 
-    def record_skipped(self, context, sublayers: list[str], blocks: list[str], event) -> None:
+    def record_skipped(self, context, sublayers: list[str], blocks: list[str], event, whole_call: bool = False) -> None:
         self._plugin.actions += len(sublayers) + len(blocks)
-        self._recorder.record_skipped(context, sublayers, blocks, event)
+        self._recorder.record_skipped(context, sublayers, blocks, event, whole_call)
 
     def __getattr__(self, name: str):
         return getattr(self._recorder, name)

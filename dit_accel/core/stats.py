@@ -270,7 +270,7 @@ class StatsRecorder:
                 self.current.outside_saved_flops += fraction * sum(per_block.values())
                 continue
             self.current.outside_saved_flops += fraction * per_block.get(prefix, 0.0)
-            self.current.blocks_skipped += fraction == 1.0
+            self.current.blocks_skipped += fraction == 1.0 and prefix != ""
         self._skipped_blocks.clear()
 
     def _stop_measuring(self) -> dict[str, float]:
@@ -316,10 +316,12 @@ class StatsRecorder:
         if self.current is not None:
             self._charge(self._dense_flops(context), sublayer, event, computed_fraction)
 
-    def record_skipped(self, context: CallContext, sublayers: list[str], blocks: list[str], event: Event) -> None:
+    def record_skipped(self, context: CallContext, sublayers: list[str], blocks: list[str], event: Event,
+                       whole_call: bool = False) -> None:
         """Blocks ``blocks`` were skipped whole in this call, their ``sublayers`` served by ``event`` (``reused`` or
         ``forecast``): :meth:`record` of each sub-layer and :meth:`record_block` of each block, with the call's FLOPs
-        table looked up once."""
+        table looked up once. ``whole_call``: nothing ran, not even the layers outside every block (embeddings,
+        final layers)."""
         if self.current is None:
             return
         if event not in ("reused", "forecast"):
@@ -329,6 +331,8 @@ class StatsRecorder:
             self._charge(flops, name, event)
         for block in blocks:
             self.record_block(context, block)
+        if whole_call:
+            self.record_block(context, "")
 
     def _charge(self, flops: dict[str, float], sublayer: str, event: Event, computed_fraction: float = 0.0) -> None:
         if sublayer not in self._known:

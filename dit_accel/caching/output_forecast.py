@@ -1,0 +1,108 @@
+"""Skipping a whole transformer call: its output forecast from the outputs of the slot's computed calls.
+
+A schedule plugin (magcache) knows before a call runs whether every row of it skips. Skipping only the block stack
+still runs the patch and timestep embeddings and the final norm and projection around the forecast residual: on
+the zoo models that is 8-10 % of a computed call, paid on every skipped step. Here a skipped call runs nothing:
+its prediction is forecast over the transformer's timestep input from the predictions of the slot's computed
+calls (the plugin's forecaster; order 0 reuses the newest), and the call returns a new output of the same
+structure (a tensor, a tuple, or a diffusers output).
+
+The call computes as usual (and the block-range machinery decides again, getting the same answer) where this
+cannot apply: a call holding only some rows of its slot (cfg-cache's conditional rows), a call measuring the work
+outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside the model), or no
+computed prediction of the slot yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks import ModelHook
+
+from dit_accel.caching.forecasters import Forecaster
+from dit_accel.caching.sublayer import tensor_bytes
+from dit_accel.core.context import CallContext
+from dit_accel.core.hooks import attach, detach
+from dit_accel.core.outputs import output_sample, with_sample
+from dit_accel.core.parallel import parallel_setting
+from dit_accel.core.plugin import InstallTarget
+
+
+class CallPolicy(Protocol):
+    def decide(self, context: CallContext, hidden: torch.Tensor | None, encoder: torch.Tensor | None) -> bool:
+        """Whether every row of this call skips (``hidden`` is ``None`` at the call level: the batch is the
+        context's)."""
+
+
+class _CallHook(ModelHook):
+    def __init__(self, owner: "OutputForecast") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.owner.forward(self.fn_ref.original_forward, args, kwargs)
+
+
+class OutputForecast:
+    """Whole-call skipping for one transformer: ``history`` holds, per slot, the forecaster's state over the
+    predictions of the computed calls; ``templates`` the newest computed output (its structure is reused)."""
+
+    def __init__(self, target: InstallTarget, hook_name: str, policy: CallPolicy, forecaster: Forecaster,
+                 sublayers: list[str], blocks: list[str]) -> None:
+        self.target, self.hook_name, self.policy, self.forecaster = target, hook_name, policy, forecaster
+        self.sublayers, self.blocks = sublayers, blocks
+        self.history: dict[int, Any] = {}
+        self.templates: dict[int, Any] = {}
+        self.served = 0  # calls returned without running the transformer (this generation)
+        attach(target.transformer, _CallHook(self), hook_name)
+
+    def _applies(self, context: CallContext | None) -> bool:
+        """Whether the call holds whole slots on one process (its prediction is the slot's whole prediction)."""
+        if context is None or context.rows is not None:
+            return False
+        if parallel_setting(self.target.transformer) is not None:
+            return False
+        return not any(plugin.kind == "parallel" for plugin in self.target.plugins)
+
+    def forward(self, forward, args: tuple, kwargs: dict):
+        context = self.target.tracker.current
+        if not self._applies(context):
+            if context is not None:
+                self.history.pop(context.slot, None)  # a partial call: the slot's predictions no longer line up
+            return forward(*args, **kwargs)
+        slot = context.slot
+        skip = self.policy.decide(context, None, None)
+        state = self.history.get(slot)
+        template = self.templates.get(slot)
+        if (skip and state is not None and output_sample(template).shape[0] == context.batch_size
+                and not self.target.stats.measuring):  # a measuring call runs every layer once
+            prediction, advanced = self.forecaster.predict(state, context.timestep)
+            self.history[slot] = advanced
+            if any(prediction is kept for kept in self.forecaster.tensors(state)):
+                prediction = prediction.clone()  # the caller may write into its prediction; the cache must not move
+            event = "forecast" if self.forecaster.points(state) > 1 else "reused"
+            self.target.stats.record_skipped(context, self.sublayers, self.blocks, event, whole_call=True)
+            self.served += 1
+            return with_sample(template, prediction)
+        output = forward(*args, **kwargs)
+        if not skip:
+            sample = output_sample(output)
+            if state is not None and self.forecaster.tensors(state)[0].shape != sample.shape:
+                state = None
+            # A copy: pipelines may update the prediction in place (guidance), and the forecast reads it later.
+            self.history[slot] = self.forecaster.update(state, sample.detach().clone(), context.timestep)
+            self.templates[slot] = output
+        return output
+
+    def nbytes(self) -> int:
+        return tensor_bytes([self.forecaster.tensors(state) for state in self.history.values()])
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.templates.clear()
+        self.served = 0
+
+    def remove(self) -> None:
+        detach(self.target.transformer, self.hook_name)
+        self.clear()
