@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS))
     parser.add_argument("--recipes", nargs="*", default=RECIPES)
     parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--anchors", nargs="*", default=None,
+                        help="only the anchors of these names (diffusers:magcache, cache-dit:dbcache, ...)")
     parser.add_argument("--merge", action="store_true",
                         help="update the rows of an existing caching-cpu.json instead of starting a new one")
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
@@ -123,7 +125,8 @@ def main() -> None:
                                kind="dit_accel")
             remove_acceleration(pipe)
             print(model, recipe, rows[recipe], flush=True)
-        for name, setting in ([] if args.no_anchors else ANCHORS):
+        anchors = [] if args.no_anchors else [a for a in ANCHORS if args.anchors is None or a[0] in args.anchors]
+        for name, setting in anchors:
             label = name + "(" + ", ".join(f"{k}={v}" for k, v in setting.items() if k != "cache_identifiers") + ")"
             setting = dict(setting)
             try:
