@@ -238,31 +238,53 @@ def test_output_target_keeps_the_prediction_safe_from_the_caller():
     remove_acceleration(pipe)
 
 
-def test_output_target_falls_back_where_whole_calls_cannot_skip():
-    """cfg-cache runs some calls on the conditional rows alone: such a call is never served whole, and the slot's
-    predictions restart after it, so no call is served from predictions older than the partial call."""
-    pipe = pipes.build("dit")
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_output_target_wraps_cfg_cache(family):
+    """Stacked with cfg-cache, whole-call skipping sits outside it: a skipped call never reaches cfg-cache; a
+    computed batched call records the whole output cfg-cache returned (its rebuilt unconditional rows included), so
+    calls cut to their conditional rows do not stop later calls from being served; a separate unconditional call
+    that cfg-cache answers without running the transformer is not recorded (nor counted as computed)."""
+    pipe = pipes.build(family)
     handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__retention=0.0, magcache__threshold=100.0,
-                            magcache__max_skips=2, cfg_cache__start=0.0, cfg_cache__end=0.4)
+                            magcache__max_skips=2, cfg_cache__start=0.0)
     plugin = the_plugin(handle)
     plugin.curves[10] = {"cond": (1.0,) * 10, "uncond": (1.0,) * 10}
+    cfg = next(p for p in handle.transformers[0].plugins if p.name == "cfg-cache")
     whole = plugin.whole_calls
-    events = []
-    forward = whole.forward
+    events, reached, not_run = [], [], []
+    outer, inner = whole.forward, cfg.forward
 
-    def recording_forward(original, args, kwargs):
-        context, served = handle.transformers[0].tracker.current, whole.served
-        output = forward(original, args, kwargs)
-        events.append("served" if whole.served > served else "partial" if context.rows is not None else "whole")
+    def recording_outer(original, args, kwargs):
+        served, calls, rebuilt = whole.served, len(reached), cfg.rebuilt
+        slot = handle.transformers[0].tracker.current.slot
+        before = whole.history.get(slot)
+        output = outer(original, args, kwargs)
+        if whole.served > served:
+            events.append("served")
+            assert len(reached) == calls, "a skipped call never reaches cfg-cache"
+        elif cfg.rebuilt > rebuilt and handle.transformers[0].stats.rows_not_run >= 1.0:
+            events.append("rebuilt")  # a separate unconditional call answered without running: not a point
+            assert whole.history.get(slot) is before
+            not_run.append((handle.transformers[0].tracker.current.step, slot))
+        else:
+            events.append("rebuilt" if cfg.rebuilt > rebuilt else "computed")
+            newest = whole.forecaster.tensors(whole.history[slot])[0]
+            assert torch.equal(newest, _prediction(output)), "the whole output cfg-cache returned is recorded"
         return output
 
-    whole.forward = recording_forward
-    generate(pipe, "dit", steps=10)
-    assert "served" in events and "partial" in events, events
-    fresh = False  # a whole computed call since the last partial call
-    for event in events:
-        assert event != "served" or fresh, events
-        fresh = event == "whole" or (fresh and event == "served")
+    def recording_inner(forward, module, args, kwargs):
+        reached.append(1)
+        return inner(forward, module, args, kwargs)
+
+    whole.forward, cfg.forward = recording_outer, recording_inner
+    generate(pipe, family, steps=10)
+    del whole.forward, cfg.forward
+    assert "served" in events and "rebuilt" in events, events
+    # After a rebuilt call the slot is still served from its predictions (they hold that call's whole output).
+    assert any(a == "rebuilt" and b == "served" for a, b in zip(events, events[1:])), events
+    # ...and such a call is no decision of magcache's: the branch's budget keeps accumulating through it.
+    assert (family == "flux") == bool(not_run)
+    assert not {(step, slot) for step, slot, _, _ in plugin.last_decisions} & set(not_run)
     remove_acceleration(pipe)
 
 

@@ -248,6 +248,7 @@ class MagCachePlugin(Plugin):
             self.whole_calls = OutputForecast(self.target, "dit_accel.magcache.call", self,
                                               config_forecaster(self.config), self.range.sublayers, self.range.blocks)
         self._decided: tuple[tuple, bool] | None = None
+        self._before: tuple[tuple, dict | None] | None = None
         self.reset()
 
     @property
@@ -368,18 +369,35 @@ class MagCachePlugin(Plugin):
     def _restart(state: dict) -> None:
         state["acc"] = [(1.0, 0.0, 0)] * len(state["gamma"])
 
+    def check_companions(self, plugins: list[Plugin]) -> None:
+        if self.whole_calls is not None:
+            self.whole_calls.attach()
+
     def needs_whole_calls(self) -> bool:
         return self._mode == "calibrate"
 
     # ----------------------------------------------------------------------------------- RangePolicy
     def decide(self, context: CallContext, hidden: torch.Tensor | None, encoder) -> bool:
-        # Asked at the call (whole-call skipping) and again at the first block when the call runs: one answer.
-        key = (context.generation, context.step, context.slot, context.rows)
+        # Asked at the call (whole-call skipping) and again at the first block when the call runs, where cfg-cache
+        # may have cut the call to its conditional rows: one answer per call.
+        key = (context.generation, context.step, context.slot)
         if self._decided is not None and self._decided[0] == key:
             return self._decided[1]
+        state = self._state.get(context.slot)
+        self._before = (key, None if state is None else dict(state, acc=list(state["acc"])))
         skip = self._decide(context, context.batch_size if hidden is None else hidden.shape[0])
         self._decided = (key, skip)
         return skip
+
+    def not_run(self, context: CallContext) -> None:
+        """A call decided to compute was answered without running (cfg-cache rebuilt it): its accumulators go back
+        to before the decision, and the next call of the slot adds this step's error as a step it missed."""
+        key = (context.generation, context.step, context.slot)
+        if self._before is None or self._before[0] != key or self._before[1] is None:
+            return
+        self._state[context.slot] = self._before[1]
+        if self.decisions and self.decisions[-1][:2] == (context.step, context.slot):
+            self.decisions.pop()
 
     def _decide(self, context: CallContext, batch: int) -> bool:
         if context.generation != self._generation:
@@ -472,6 +490,7 @@ class MagCachePlugin(Plugin):
         self._state: dict[int, dict] = {}
         self.decisions: list[tuple[int, int, list[bool], bool]] = []
         self._decided = None
+        self._before = None
         self.range.clear()
         if self.whole_calls is not None:
             self.whole_calls.clear()

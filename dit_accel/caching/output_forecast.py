@@ -7,10 +7,12 @@ its prediction is forecast over the transformer's timestep input from the predic
 calls (the plugin's forecaster; order 0 reuses the newest), and the call returns a new output of the same
 structure (a tensor, a tuple, or a diffusers output).
 
-The call computes as usual (and the block-range machinery decides again, getting the same answer) where this
-cannot apply: a call holding only some rows of its slot (cfg-cache's conditional rows), a call measuring the work
-outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside the model), or no
-computed prediction of the slot yet.
+The hook wraps the other plugins' transformer-level hooks (:meth:`OutputForecast.attach`): stacked with
+cfg-cache, a skipped call never reaches it, and a computed call records the whole output cfg-cache returns, its
+rebuilt unconditional rows included. The call computes as usual (and the block-range machinery asks the same
+question again, getting the same answer) where this cannot apply: a call holding only some rows of its slot, a
+call measuring the work outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside
+the model), or no computed prediction of the slot yet.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class CallPolicy(Protocol):
         """Whether every row of this call skips (``hidden`` is ``None`` at the call level: the batch is the
         context's)."""
 
+    def not_run(self, context: CallContext) -> None:
+        """The call was to compute, but a hook inside answered it without running the transformer (cfg-cache
+        rebuilt a separate unconditional call): count it as a step the branch did not compute."""
+
 
 class _CallHook(ModelHook):
     def __init__(self, owner: "OutputForecast") -> None:
@@ -55,7 +61,16 @@ class OutputForecast:
         self.history: dict[int, Any] = {}
         self.templates: dict[int, Any] = {}
         self.served = 0  # calls returned without running the transformer (this generation)
-        attach(target.transformer, _CallHook(self), hook_name)
+        self._attached = False
+
+    def attach(self) -> None:
+        """Attach the hook outside every transformer-level hook the plugins installed so far (cfg-cache's): a
+        skipped call then skips them too, and a computed call records the whole output they return (cfg-cache's
+        rebuilt unconditional rows included), not the part the transformer computed. Called once every plugin is
+        installed (:meth:`Plugin.check_companions`): diffusers' registry cannot move a hook once others wrap it."""
+        if not self._attached:
+            attach(self.target.transformer, _CallHook(self), self.hook_name)
+            self._attached = True
 
     def _applies(self, context: CallContext | None) -> bool:
         """Whether the call holds whole slots on one process (its prediction is the slot's whole prediction)."""
@@ -86,7 +101,9 @@ class OutputForecast:
             self.served += 1
             return with_sample(template, prediction)
         output = forward(*args, **kwargs)
-        if not skip:
+        if not skip and self.target.stats.rows_not_run >= 1.0:
+            self.policy.not_run(context)  # an approximation, not a computed point of the forecast
+        elif not skip:
             sample = output_sample(output)
             if state is not None and self.forecaster.tensors(state)[0].shape != sample.shape:
                 state = None
@@ -104,5 +121,7 @@ class OutputForecast:
         self.served = 0
 
     def remove(self) -> None:
-        detach(self.target.transformer, self.hook_name)
+        if self._attached:
+            detach(self.target.transformer, self.hook_name)
+            self._attached = False
         self.clear()

@@ -290,6 +290,12 @@ class StatsRecorder:
             self._skipped_blocks.append((block, fraction * context.batch_size / self._call_key[0]))
 
     @property
+    def rows_not_run(self) -> float:
+        """The fraction of the running call's rows that no layer ran for (:meth:`record_rows_skipped`: cfg-cache
+        rebuilt them); 1.0 when the call returned without running the transformer."""
+        return sum(fraction for prefix, fraction in self._skipped_blocks if prefix == "*")
+
+    @property
     def measuring(self) -> bool:
         """Whether the running call measures the work outside the sub-layers (its rows must all compute)."""
         return self._measuring is not None
