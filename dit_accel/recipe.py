@@ -55,7 +55,8 @@ class PluginConfig:
     """Base of every plugin config.
 
     Args:
-        version: config schema version (bumped when a field's meaning changes; old files then fail loudly).
+        version: config schema version (bumped when a field's meaning or a default changes; a file of an older
+            version is carried forward by the config's :meth:`migrate` where it can be, else refused loudly).
         steps: ``(start, end)``: the plugin acts on steps ``start <= step < end`` only; ``None`` for all steps.
         layers: glob patterns over sub-layer names (``"transformer_blocks.*.attn"``, ``"single_transformer_blocks"``)
             restricting the plugin to those layers; ``None`` for all.
@@ -108,6 +109,13 @@ class PluginConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """The dict form of a config written at an older ``version``, carried to the current one (fields it did
+        not have take the values that reproduce its behaviour). The base class carries nothing: the version check
+        then refuses the file loudly."""
+        return data
+
 
 def check_range(config: PluginConfig, name: str, low: float, high: float, *, integer: bool = False) -> None:
     """Raise ``ValueError`` naming the field, the value and the allowed range unless ``low <= value <= high``."""
@@ -149,6 +157,9 @@ def config_from_dict(data: dict[str, Any]) -> PluginConfig:
     for key in ("steps", "layers"):
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
+    version = data.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and 0 < version < cls.current_version:
+        data = cls.migrate(data, version)
     return cls(**data)
 
 

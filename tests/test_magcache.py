@@ -338,3 +338,26 @@ def test_given_ratios_and_interpolated_step_counts():
     assert sorted(plugin.curves) == [4, 6] and all(len(c) == 4 for c in plugin.curves[4].values())
     assert any(d[3] for d in plugin.last_decisions) and handle.stats.flops_fraction < 1
     remove_acceleration(pipe)
+
+
+def test_version_one_files_keep_their_meaning(tmp_path):
+    """A version-1 magcache config predates bounded_forecast and forecast_target: it loads as the unbounded
+    residual forecast it meant (fields it names keep their values); current files get today's defaults; a future
+    version is refused."""
+    old = config_from_dict({"type": "magcache", "version": 1, "threshold": 0.5})
+    assert (old.version, old.bounded_forecast, old.forecast_target, old.threshold) == (2, False, "residual", 0.5)
+    named = config_from_dict({"type": "magcache", "version": 1, "bounded_forecast": True})
+    assert (named.bounded_forecast, named.forecast_target) == (True, "residual")
+    new = config_from_dict({"type": "magcache"})
+    assert (new.version, new.bounded_forecast, new.forecast_target) == (2, True, "output")
+    assert config_from_dict(new.to_dict()) == new
+    with pytest.raises(ValueError, match="reads version 2"):
+        config_from_dict({"type": "magcache", "version": 3})
+    path = tmp_path / "old.toml"
+    path.write_text('format = 1\nname = "old"\n\n[[plugins]]\ntype = "magcache"\nversion = 1\nthreshold = 0.24\n')
+    loaded = load_recipe(path).plugins[0]
+    assert (loaded.bounded_forecast, loaded.forecast_target, loaded.threshold) == (False, "residual", 0.24)
+    pipe = pipes.build("dit")
+    handle = accelerate_dit(pipe, path)
+    assert the_plugin(handle).whole_calls is None, "the residual path, as the file meant"
+    remove_acceleration(pipe)

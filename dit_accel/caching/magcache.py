@@ -146,14 +146,14 @@ class MagCacheConfig(PluginConfig):
             calibration seeds 100-103 (``benchmarks/results/magcache-calibration-cpu.md``): magcache-max +1.3 dB on
             zoo:dit and +4.0 dB on zoo:mmdit, magcache-ultra +3.3 / +1.0 dB, magcache +0.0 / +0.8 dB: the first
             skips after the dense warm-up extrapolate a slope measured over one step up to ``max_skips`` steps out.
-            Recipes written before this field existed forecast unbounded: set False to reproduce them.
+            Version-1 recipe files (written before this field existed) load with False: what they meant.
         forecast_target (`str`, defaults to `"output"`): what a skipped call forecasts. ``"output"``: the call runs
             nothing and returns the forecast of the transformer's prediction over the slot's computed calls
             (:mod:`dit_accel.caching.output_forecast`; where that cannot apply, e.g. cfg-cache's partial calls or
             sequence parallelism, the call falls back to ``"residual"``). ``"residual"``: MagCache's way, the
             embeddings and final layers run around the forecast residual of the block stack (8-10 % of a computed
             call on the zoo models). Chosen on calibration seeds 100-103 (``magcache-calibration-cpu.md``).
-            Recipes written before this field existed forecast the residual: set ``"residual"`` to reproduce them.
+            Version-1 recipe files (written before this field existed) load with ``"residual"``: what they meant.
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per
             branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
@@ -171,6 +171,9 @@ class MagCacheConfig(PluginConfig):
 
     kind = "schedule"
     path_fields: ClassVar[tuple[str, ...]] = ("ratios",)  # resolved against the folder of the recipe file
+    # 2: bounded_forecast and forecast_target, whose defaults changed what a version-1 file meant.
+    current_version: ClassVar[int] = 2
+    version: int = 2
     threshold: float = 0.06
     max_skips: int = 3
     retention: float = 0.2
@@ -183,6 +186,14 @@ class MagCacheConfig(PluginConfig):
     forecast_target: str = "output"
     ratios: tuple[float, ...] = ()
     recalibrate: bool = True
+
+    @classmethod
+    def migrate(cls, data: dict, version: int) -> dict:
+        """Version 1 files predate ``bounded_forecast`` and ``forecast_target``: what they meant was the unbounded
+        forecast of the block residual (a file that names either field keeps its value)."""
+        if version == 1:
+            data = {"bounded_forecast": False, "forecast_target": "residual", **data, "version": 2}
+        return data
 
     def validate(self) -> None:
         check_range(self, "threshold", 0.0, 100.0)
