@@ -108,8 +108,9 @@ class OutputForecast:
             if state is not None and self.forecaster.tensors(state)[0].shape != sample.shape:
                 state = None
             # A copy: pipelines may update the prediction in place (guidance), and the forecast reads it later.
-            self.history[slot] = self.forecaster.update(state, sample.detach().clone(), context.timestep)
-            self.templates[slot] = output
+            kept = sample.detach().clone()
+            self.history[slot] = self.forecaster.update(state, kept, context.timestep)
+            self.templates[slot] = with_sample(output, kept)  # the structure, without holding a second tensor
         return output
 
     def nbytes(self) -> int:
