@@ -348,6 +348,12 @@ def generate(
     with _library_logs(quiet):
         pipe, family = load_model(model)
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, num_images)
+        if model.startswith("zoo:"):  # magcache skips from this one generation with the model's shipped curves
+            from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
+
+            resolved, shipped = with_shipped_calibration(resolved, model.partition(":")[2])
+            if shipped is not None and not quiet:
+                typer.echo(f"magcache: using the calibration shipped with {model} ({shipped.name})")
         if setting is not None:
             where = par.worker_device(device)
             start_parallel_workers(pipe, setting, where, main_process)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
@@ -234,3 +235,28 @@ def test_generate_zoo_mmdit_grid(tmp_path: Path) -> None:
 def test_unknown_zoo_model(tmp_path: Path) -> None:
     result = invoke("generate", "--model", "zoo:sd9", "-o", tmp_path / "x.png")
     assert_usage_error(result, "unknown zoo model 'sd9'", "zoo:<dit|mmdit|flowdit>")
+
+
+@pytest.mark.parametrize("model", ["dit", "mmdit", "flowdit"])
+def test_generate_magcache_on_a_zoo_model_skips_from_its_only_generation(tmp_path: Path, model: str) -> None:
+    """One generation per process: without the calibration shipped with the zoo model it would run dense to
+    calibrate. A recipe that names its own ratios keeps them."""
+    import re
+
+    from dit_accel.caching.calibration import load_calibration, model_identity
+    from dit_accel.pipelines import zoo
+    from dit_accel.pipelines.zoo.calibrations import shipped_calibration
+
+    shipped = shipped_calibration(model)
+    assert shipped is not None and load_calibration(shipped)["steps"] == 50
+    assert load_calibration(shipped)["model"] == model_identity(zoo.load(model).transformer), \
+        "the shipped calibration belongs to other weights: rewrite it with `ditaccel calibrate`"
+    result = invoke("generate", "--model", f"zoo:{model}", "--recipe", "magcache-max", "-o", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert f"using the calibration shipped with zoo:{model} (magcache-50.json)" in result.output
+    fraction = float(re.search(r"estimated FLOPs ([\d.]+)% of dense", result.output).group(1))
+    assert fraction < 60.0, result.output
+    result = invoke("generate", "--model", f"zoo:{model}", "--recipe", "magcache-max", "--set", f"ratios={shipped}",
+                    "--steps", "20", "-o", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    assert "using the calibration shipped" not in result.output
