@@ -381,6 +381,7 @@ class MagCachePlugin(Plugin):
         state["acc"] = [(1.0, 0.0, 0)] * len(state["gamma"])
 
     def check_companions(self, plugins: list[Plugin]) -> None:
+        # The first moment every plugin is installed: the whole-call hook must wrap their transformer-level hooks.
         if self.whole_calls is not None:
             self.whole_calls.attach()
 

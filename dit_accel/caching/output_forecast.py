@@ -62,6 +62,7 @@ class OutputForecast:
         self.templates: dict[int, Any] = {}
         self.served = 0  # calls returned without running the transformer (this generation)
         self._attached = False
+        self._patch_parallel = False
 
     def attach(self) -> None:
         """Attach the hook outside every transformer-level hook the plugins installed so far (cfg-cache's): a
@@ -69,16 +70,16 @@ class OutputForecast:
         rebuilt unconditional rows included), not the part the transformer computed. Called once every plugin is
         installed (:meth:`Plugin.check_companions`): diffusers' registry cannot move a hook once others wrap it."""
         if not self._attached:
+            # Patch parallelism splits the grid inside the model: a rank's output is not the slot's prediction.
+            self._patch_parallel = any(plugin.kind == "parallel" for plugin in self.target.plugins)
             attach(self.target.transformer, _CallHook(self), self.hook_name)
             self._attached = True
 
     def _applies(self, context: CallContext | None) -> bool:
         """Whether the call holds whole slots on one process (its prediction is the slot's whole prediction)."""
-        if context is None or context.rows is not None:
+        if context is None or context.rows is not None or self._patch_parallel:
             return False
-        if parallel_setting(self.target.transformer) is not None:
-            return False
-        return not any(plugin.kind == "parallel" for plugin in self.target.plugins)
+        return parallel_setting(self.target.transformer) is None  # set on the model, possibly after install
 
     def forward(self, forward, args: tuple, kwargs: dict):
         context = self.target.tracker.current
