@@ -37,6 +37,9 @@ VARIANTS = [("magcache-max", {}), ("magcache-max", RESIDUAL), ("magcache-max", {
             ("magcache-fast", {}), ("magcache-fast", RESIDUAL), ("magcache", {}), ("magcache", RESIDUAL),
             ("magcache-cfg-max", {}), ("magcache-cfg-max", {"magcache__forecast_target": "residual"}),
             ("magcache-cfg-ultra", {}), ("magcache-cfg-ultra", {"magcache__forecast_target": "residual"})]
+# The forecaster and its reach, with the output target.
+VARIANTS += [(recipe, change) for recipe in ("magcache-max", "magcache-ultra")
+             for change in ({"forecaster": "foca"}, {"forecaster": "hermite"}, {"horizon": 2.0}, {"horizon": 0.5})]
 ANCHORS = [(0.24, 4), (0.06, 3)]
 
 

@@ -149,10 +149,13 @@ class MagCacheConfig(PluginConfig):
             Version-1 recipe files (written before this field existed) load with False: what they meant.
         forecast_target (`str`, defaults to `"output"`): what a skipped call forecasts. ``"output"``: the call runs
             nothing and returns the forecast of the transformer's prediction over the slot's computed calls
-            (:mod:`dit_accel.caching.output_forecast`; where that cannot apply, e.g. cfg-cache's partial calls or
-            sequence parallelism, the call falls back to ``"residual"``). ``"residual"``: MagCache's way, the
-            embeddings and final layers run around the forecast residual of the block stack (8-10 % of a computed
-            call on the zoo models). Chosen on calibration seeds 100-103 (``magcache-calibration-cpu.md``).
+            (:mod:`dit_accel.caching.output_forecast`; where that cannot apply, a call holding only some rows of
+            its slot or sequence/patch parallelism, the call falls back to ``"residual"``). ``"residual"``:
+            MagCache's way, the embeddings and final layers run around the forecast residual of the block stack
+            (9-12 % of a bare call on the zoo models, ``call-cost-cpu.md``). Quality on calibration seeds 100-103
+            (``magcache-calibration-cpu.md``), wall time in ``magcache-target-cpu.md``: better on both axes on
+            zoo:dit; on zoo:mmdit 1.0 dB for 17 % at the ultra level, but 2.2 dB for 5 % at the max level (there
+            ``"residual"`` is the better trade).
             Version-1 recipe files (written before this field existed) load with ``"residual"``: what they meant.
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per

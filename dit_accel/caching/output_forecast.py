@@ -2,10 +2,10 @@
 
 A schedule plugin (magcache) knows before a call runs whether every row of it skips. Skipping only the block stack
 still runs the patch and timestep embeddings and the final norm and projection around the forecast residual: on
-the zoo models that is 8-10 % of a computed call, paid on every skipped step. Here a skipped call runs nothing:
-its prediction is forecast over the transformer's timestep input from the predictions of the slot's computed
-calls (the plugin's forecaster; order 0 reuses the newest), and the call returns a new output of the same
-structure (a tensor, a tuple, or a diffusers output).
+the zoo models that is 9-12 % of a bare call (``call-cost-cpu.md``), paid on every skipped step. Here a skipped
+call runs nothing: its prediction is forecast over the transformer's timestep input from the predictions of the
+slot's computed calls (the plugin's forecaster; order 0 reuses the newest), and the call returns a new output of
+the same structure (a tensor, a tuple, or a diffusers output).
 
 The hook wraps the other plugins' transformer-level hooks (:meth:`OutputForecast.attach`): stacked with
 cfg-cache, a skipped call never reaches it, and a computed call records the whole output cfg-cache returns, its
