@@ -25,6 +25,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from dit_accel.caching.prediction_space import parameterization_of
 from dit_accel.core.attention import AttentionInterceptor
 from dit_accel.core.blocks import spec_for
 from dit_accel.core.compile import compile_regions
@@ -97,6 +98,7 @@ class _AcceleratedTransformer:
         self._adapters = _adapter_signature(transformer)
         self._tracker_hook: _TrackerHook | None = None
         self.attention: AttentionInterceptor | None = None
+        self.target: InstallTarget | None = None
         null_class = getattr(transformer.config, "num_embeds_ada_norm", None) if self.spec.family == "dit" else None
         self.tracker = StepTracker(
             self.spec,
@@ -110,7 +112,9 @@ class _AcceleratedTransformer:
             self.attention = AttentionInterceptor(
                 transformer, self.spec, self.tracker,
                 attach_hooks=any(plugin_for(config).may_route_attention() for config in recipe.plugins))
-            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins)
+            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins,
+                                   parameterization_of(getattr(pipe, "scheduler", None)))
+            self.target = target
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 if getattr(plugin_for(config), "skips_block_ranges", False) and getattr(pipe, "controlnet", None) is not None:
@@ -456,7 +460,10 @@ def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
         handle._restores.append(lambda: vars(pipe).pop(_CFG_FLAG, None))
 
     def on_set_timesteps(owner, result, *args, **kwargs) -> None:
+        parameterization = parameterization_of(owner)
         for acc in handle.transformers:
+            if acc.target is not None:
+                acc.target.parameterization = parameterization
             acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, getattr(owner, "timesteps", None)))
 
     def on_set_begin_index(owner, result, begin_index: int = 0, *args, **kwargs) -> None:

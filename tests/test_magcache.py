@@ -157,7 +157,8 @@ def test_skipped_calls_forecast_the_output_on_every_family(family):
     slot's newest computed prediction until two computed steps exist, then their bounded linear forecast over the
     timesteps; the FLOPs of a skipped call are all saved. Removal restores the model."""
     pipe = pipes.build(family)
-    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1)
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1,
+                            forecast_space="prediction")  # the clean space: test_prediction_space.py
     plugin = the_plugin(handle)
     assert plugin.config.forecast_target == "output" and plugin.whole_calls is not None
     with pytest.warns(MagCacheCalibration):
@@ -218,7 +219,7 @@ def test_output_target_keeps_the_prediction_safe_from_the_caller():
     served: the cache holds copies."""
     pipe = pipes.build("flux")
     handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=3, retention=0.0, last_steps=0,
-                            forecast_order=0)
+                            forecast_order=0, forecast_space="prediction")  # the clean space serves new tensors
     plugin = the_plugin(handle)
     plugin.curves[6] = {"cond": (1.0,) * 6, "uncond": (1.0,) * 6}
     served = []
@@ -246,7 +247,7 @@ def test_output_target_wraps_cfg_cache(family):
     that cfg-cache answers without running the transformer is not recorded (nor counted as computed)."""
     pipe = pipes.build(family)
     handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__retention=0.0, magcache__threshold=100.0,
-                            magcache__max_skips=2, cfg_cache__start=0.0)
+                            magcache__max_skips=2, cfg_cache__start=0.0, magcache__forecast_space="prediction")
     plugin = the_plugin(handle)
     plugin.curves[10] = {"cond": (1.0,) * 10, "uncond": (1.0,) * 10}
     cfg = next(p for p in handle.transformers[0].plugins if p.name == "cfg-cache")
@@ -342,17 +343,19 @@ def test_given_ratios_and_interpolated_step_counts():
 
 def test_version_one_files_keep_their_meaning(tmp_path):
     """A version-1 magcache config predates bounded_forecast and forecast_target: it loads as the unbounded
-    residual forecast it meant (fields it names keep their values); current files get today's defaults; a future
-    version is refused."""
+    residual forecast it meant (fields it names keep their values); a version-2 one predates forecast_space: it
+    forecasts the prediction; current files get today's defaults; a future version is refused."""
     old = config_from_dict({"type": "magcache", "version": 1, "threshold": 0.5})
-    assert (old.version, old.bounded_forecast, old.forecast_target, old.threshold) == (2, False, "residual", 0.5)
+    assert (old.version, old.bounded_forecast, old.forecast_target, old.threshold) == (3, False, "residual", 0.5)
     named = config_from_dict({"type": "magcache", "version": 1, "bounded_forecast": True})
     assert (named.bounded_forecast, named.forecast_target) == (True, "residual")
+    two = config_from_dict({"type": "magcache", "version": 2, "threshold": 0.5})
+    assert (two.version, two.forecast_target, two.forecast_space, two.threshold) == (3, "output", "prediction", 0.5)
     new = config_from_dict({"type": "magcache"})
-    assert (new.version, new.bounded_forecast, new.forecast_target) == (2, True, "output")
+    assert (new.version, new.bounded_forecast, new.forecast_target, new.forecast_space) == (3, True, "output", "auto")
     assert config_from_dict(new.to_dict()) == new
-    with pytest.raises(ValueError, match="reads version 2"):
-        config_from_dict({"type": "magcache", "version": 3})
+    with pytest.raises(ValueError, match="reads version 3"):
+        config_from_dict({"type": "magcache", "version": 4})
     path = tmp_path / "old.toml"
     path.write_text('format = 1\nname = "old"\n\n[[plugins]]\ntype = "magcache"\nversion = 1\nthreshold = 0.24\n')
     loaded = load_recipe(path).plugins[0]

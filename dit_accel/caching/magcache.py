@@ -157,6 +157,15 @@ class MagCacheConfig(PluginConfig):
             zoo:dit; on zoo:mmdit 1.0 dB for 17 % at the ultra level, but 2.2 dB for 5 % at the max level (there
             ``"residual"`` is the better trade).
             Version-1 recipe files (written before this field existed) load with ``"residual"``: what they meant.
+        forecast_space (`str`, defaults to `"auto"`): what the output target forecasts. ``"clean"``: the clean-sample
+            estimate each computed prediction implies, turned back into a prediction at the skipped call's own input
+            (:mod:`dit_accel.caching.prediction_space`: a data-prediction multistep step over the skipped span
+            instead of an Adams-Bashforth one); needs the pipeline's scheduler to say what the model predicts (flow
+            matching, or ``alphas_cumprod`` with ``prediction_type`` epsilon/v_prediction/sample). ``"prediction"``:
+            the prediction itself. ``"auto"``: ``"clean"`` where the scheduler tells, else ``"prediction"`` (a
+            transformer accelerated alone, a custom loop). Chosen on calibration seeds 100-103
+            (``magcache-space-cpu.md``). Version-2 files (written before this field existed) load with
+            ``"prediction"``. Allowed: auto, clean, prediction (clean and prediction need the output target).
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate
             automatically -- the first generation with a new number of steps runs dense and records one curve per
             branch role (``plugin.curves[steps][role]``; ``plugin.calibration(steps)`` exports it). A list: one
@@ -174,9 +183,9 @@ class MagCacheConfig(PluginConfig):
 
     kind = "schedule"
     path_fields: ClassVar[tuple[str, ...]] = ("ratios",)  # resolved against the folder of the recipe file
-    # 2: bounded_forecast and forecast_target, whose defaults changed what a version-1 file meant.
-    current_version: ClassVar[int] = 2
-    version: int = 2
+    # 2: bounded_forecast and forecast_target, whose defaults changed what a version-1 file meant; 3: forecast_space.
+    current_version: ClassVar[int] = 3
+    version: int = 3
     threshold: float = 0.06
     max_skips: int = 3
     retention: float = 0.2
@@ -187,15 +196,21 @@ class MagCacheConfig(PluginConfig):
     horizon: float = 1.0
     bounded_forecast: bool = True
     forecast_target: str = "output"
+    forecast_space: str = "auto"
     ratios: tuple[float, ...] = ()
     recalibrate: bool = True
 
     @classmethod
     def migrate(cls, data: dict, version: int) -> dict:
         """Version 1 files predate ``bounded_forecast`` and ``forecast_target``: what they meant was the unbounded
-        forecast of the block residual (a file that names either field keeps its value)."""
+        forecast of the block residual; version 2 files predate ``forecast_space``: the prediction was forecast (a
+        file that names a field keeps its value)."""
         if version == 1:
             data = {"bounded_forecast": False, "forecast_target": "residual", **data, "version": 2}
+            version = 2
+        if version == 2:
+            space = "prediction" if data.get("forecast_target", "output") == "output" else "auto"
+            data = {"forecast_space": space, **data, "version": 3}
         return data
 
     def validate(self) -> None:
@@ -208,6 +223,10 @@ class MagCacheConfig(PluginConfig):
         check_bool(self, "recalibrate")
         check_bool(self, "bounded_forecast")
         check_choice(self, "forecast_target", ("output", "residual"))
+        check_choice(self, "forecast_space", ("auto", "clean", "prediction"))
+        if self.forecast_space != "auto" and self.forecast_target != "output":
+            raise ValueError(f"MagCacheConfig.forecast_space = {self.forecast_space!r} applies to forecast_target = "
+                             f"'output' only (this config forecasts the {self.forecast_target}); use 'auto'")
         ratios = self.ratios
         if isinstance(ratios, (str, Path)):
             object.__setattr__(self, "ratios", load_calibration(ratios))
@@ -259,8 +278,16 @@ class MagCachePlugin(Plugin):
                                forecast_order=self.config.forecast_order, forecaster=config_forecaster(self.config))
         self.whole_calls = None
         if self.config.forecast_target == "output":
+            space = "prediction" if self.config.forecast_space == "prediction" else "clean"
+            if self.config.forecast_space == "clean" and self.target.parameterization is None:
+                raise ValueError(
+                    "magcache forecast_space = 'clean' needs to know what the model predicts, which dit_accel reads "
+                    "from the pipeline's scheduler (flow matching, or alphas_cumprod with prediction_type epsilon, "
+                    "v_prediction or sample); none was found (a transformer accelerated alone, or an unknown "
+                    "scheduler): use forecast_space = 'auto' or 'prediction'")
             self.whole_calls = OutputForecast(self.target, "dit_accel.magcache.call", self,
-                                              config_forecaster(self.config), self.range.sublayers, self.range.blocks)
+                                              config_forecaster(self.config), self.range.sublayers, self.range.blocks,
+                                              space=space)
         self._decided: tuple[tuple, bool] | None = None
         self._before: tuple[tuple, dict | None] | None = None
         self.reset()

@@ -13,6 +13,11 @@ rebuilt unconditional rows included. The call computes as usual (and the block-r
 question again, getting the same answer) where this cannot apply: a call holding only some rows of its slot, a
 call measuring the work outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside
 the model), or no computed prediction of the slot yet.
+
+``space = "clean"`` forecasts the clean-sample estimate each computed prediction implies and turns the forecast back
+into a prediction at the skipped call's own input (:mod:`dit_accel.caching.prediction_space`); it needs the
+pipeline scheduler's parameterization (``InstallTarget.parameterization``) and falls back to the prediction itself
+for a slot whose computed call it cannot convert. A skipped call it cannot convert back computes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from dit_accel.caching.forecasters import Forecaster
+from dit_accel.caching.prediction_space import flow_timestep_unit, from_clean, invertible, latent_part, to_clean
 from dit_accel.caching.sublayer import tensor_bytes
 from dit_accel.core.context import CallContext
 from dit_accel.core.hooks import attach, detach
@@ -55,11 +61,15 @@ class OutputForecast:
     predictions of the computed calls; ``templates`` the newest computed output (its structure is reused)."""
 
     def __init__(self, target: InstallTarget, hook_name: str, policy: CallPolicy, forecaster: Forecaster,
-                 sublayers: list[str], blocks: list[str]) -> None:
+                 sublayers: list[str], blocks: list[str], space: str = "prediction") -> None:
+        if space not in ("prediction", "clean"):
+            raise ValueError(f"OutputForecast space = {space!r}; allowed: 'prediction', 'clean'")
         self.target, self.hook_name, self.policy, self.forecaster = target, hook_name, policy, forecaster
-        self.sublayers, self.blocks = sublayers, blocks
+        self.sublayers, self.blocks, self.space = sublayers, blocks, space
         self.history: dict[int, Any] = {}
         self.templates: dict[int, Any] = {}
+        self.clean_slots: set[int] = set()  # slots whose history holds clean-sample estimates
+        self._timestep_unit: float | None = None  # flow models: timestep input per sigma, read once per generation
         self.served = 0  # calls returned without running the transformer (this generation)
         self._attached = False
         self._patch_parallel = False
@@ -81,6 +91,15 @@ class OutputForecast:
             return False
         return parallel_setting(self.target.transformer) is None  # set on the model, possibly after install
 
+    def _coefficients(self, context: CallContext) -> tuple[float, float] | None:
+        """``(c_input, c_prediction)`` of the clean-sample estimate at this call, ``None`` in prediction space."""
+        parameterization = self.target.parameterization
+        if self.space != "clean" or parameterization is None:
+            return None
+        if self._timestep_unit is None:
+            self._timestep_unit = flow_timestep_unit(context.timestep, parameterization.num_train_timesteps)
+        return parameterization.coefficients(context.timestep, self._timestep_unit)
+
     def forward(self, forward, args: tuple, kwargs: dict):
         context = self.target.tracker.current
         if not self._applies(context):
@@ -91,11 +110,20 @@ class OutputForecast:
         skip = self.policy.decide(context, None, None)
         state = self.history.get(slot)
         template = self.templates.get(slot)
+        coefficients = self._coefficients(context)
+        latent = kwargs.get(self.target.spec.hidden_arg, args[0] if args else None)
+        clean = slot in self.clean_slots
+        if clean and state is not None and not (
+                coefficients is not None and invertible(coefficients) and isinstance(latent, torch.Tensor)
+                and latent_part(latent, output_sample(template)) is not None):
+            state = None  # a clean-space forecast this call cannot turn back into a prediction: compute
         if (skip and state is not None and output_sample(template).shape[0] == context.batch_size
                 and not self.target.stats.measuring):  # a measuring call runs every layer once
             prediction, advanced = self.forecaster.predict(state, context.timestep)
             self.history[slot] = advanced
-            if any(prediction is kept for kept in self.forecaster.tensors(state)):
+            if clean:
+                prediction = from_clean(latent, prediction, coefficients)  # a new tensor
+            elif any(prediction is kept for kept in self.forecaster.tensors(state)):
                 prediction = prediction.clone()  # the caller may write into its prediction; the cache must not move
             event = "forecast" if self.forecaster.points(state) > 1 else "reused"
             self.target.stats.record_skipped(context, self.sublayers, self.blocks, event, whole_call=True)
@@ -110,7 +138,13 @@ class OutputForecast:
                 state = None
             # A copy: pipelines may update the prediction in place (guidance), and the forecast reads it later.
             kept = sample.detach().clone()
-            self.history[slot] = self.forecaster.update(state, kept, context.timestep)
+            point = None
+            if coefficients is not None and isinstance(latent, torch.Tensor):
+                point = to_clean(latent, kept, coefficients, inplace=True)
+            if (point is not None) != clean:
+                state = None  # the slot changes space: its earlier points do not line up
+                self.clean_slots.symmetric_difference_update({slot})
+            self.history[slot] = self.forecaster.update(state, kept if point is None else point, context.timestep)
             self.templates[slot] = with_sample(output, kept)  # the structure, without holding a second tensor
         return output
 
@@ -120,6 +154,8 @@ class OutputForecast:
     def clear(self) -> None:
         self.history.clear()
         self.templates.clear()
+        self.clean_slots.clear()
+        self._timestep_unit = None
         self.served = 0
 
     def remove(self) -> None:
