@@ -275,10 +275,34 @@ def test_too_small_call_falls_back_counted_and_warned_once(monkeypatch):
     assert sum(plugin.fallbacks.values()) == 1
 
 
+def test_dense_selection_runs_dense_on_the_cpu(monkeypatch):
+    """Above ``cpu_dense_above`` of the keys the CPU path runs dense attention (exact), counted and warned once;
+    below, the same call takes the sparse path."""
+    plans = _spy_plans(monkeypatch)
+    q, k, v, _, _ = qkv(batch=1, heads=2, length=69, dtype=torch.float64, seed=5)
+    plugin, call = _plugin_call(SVG2Config(cpu_dense_above=1.0), TokenGrid(1, 8, 8), text=5)
+    sparse = plugin._attend(q, k, v, call)
+    density = plans[-1][1].key_density()
+    assert 0.0 < density < 1.0 and not plugin.fallbacks
+    plugin, call = _plugin_call(SVG2Config(cpu_dense_above=density - 0.01), TokenGrid(1, 8, 8), text=5)
+    with pytest.warns(UserWarning, match="keeps more than cpu_dense_above"):
+        out = plugin._attend(q, k, v, call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        plugin._attend(q, k, v, call)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=0)
+    assert sum(plugin.fallbacks.values()) == 2 and not torch.allclose(out, sparse)
+    plugin, call = _plugin_call(SVG2Config(cpu_dense_above=density + 0.01), TokenGrid(1, 8, 8), text=5)
+    torch.testing.assert_close(plugin._attend(q, k, v, call), sparse, atol=0, rtol=0)
+    assert not plugin.fallbacks
+    with pytest.raises(ValueError, match="cpu_dense_above"):
+        SVG2Config(cpu_dense_above=1.5)
+
+
 def test_64_tokens_are_clustered_with_the_floor(monkeypatch):
     """The zoo's 8x8 grid: 16 query and 32 key clusters (not 1 and 2), sparse, exact within the selection."""
     plans = _spy_plans(monkeypatch)
-    plugin, call = _plugin_call(SVG2Config(), TokenGrid(1, 8, 8), text=5)
+    plugin, call = _plugin_call(SVG2Config(cpu_dense_above=1.0), TokenGrid(1, 8, 8), text=5)
     q, k, v, _, _ = qkv(batch=2, heads=2, length=69, dtype=torch.float64, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -297,8 +321,8 @@ def test_larger_grid_plans_are_bit_identical_to_the_previous_sizing(monkeypatch)
     plans = _spy_plans(monkeypatch)
     q, k, v, _, _ = qkv(batch=1, heads=2, length=2048 + 3, dim=8, dtype=torch.float32, seed=6)
     outs = []
-    for config in (SVG2Config(kmeans_iters_init=3), SVG2Config(kmeans_iters_init=3, min_q_clusters=1,
-                                                               min_k_clusters=1)):
+    for config in (SVG2Config(kmeans_iters_init=3, cpu_dense_above=1.0),
+                   SVG2Config(kmeans_iters_init=3, min_q_clusters=1, min_k_clusters=1, cpu_dense_above=1.0)):
         plugin, call = _plugin_call(config, TokenGrid(1, 32, 64), text=3)
         outs.append(plugin._attend(q, k, v, call))
     (first, floored), (second, previous) = plans
@@ -316,7 +340,7 @@ def test_every_cluster_kept_on_every_family_equals_dense(family, monkeypatch):
     pipe = pipes.build(family)
     reference = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=1)))
     accelerate_dit(pipe, "svg2", num_q_clusters=3, num_k_clusters=5, min_kc_ratio=1.0, kmeans_iters_init=2,
-                   start=0.0)
+                   start=0.0, cpu_dense_above=1.0)  # through the gathered path, not the dense fallback
     out = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=1)))
     torch.testing.assert_close(out, reference, atol=2e-4, rtol=0)
     assert planned  # the clusters were computed, not skipped
@@ -337,7 +361,7 @@ def test_sparse_clusters_run_deterministically(family, monkeypatch):
     pipe = pipes.build(family)
     reference = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=3)))
     handle = accelerate_dit(pipe, "svg2", num_q_clusters=4, num_k_clusters=8, top_p=0.5, min_kc_ratio=0.0,
-                            kmeans_iters_init=5, kmeans_iters_step=1, start=0.0)
+                            kmeans_iters_init=5, kmeans_iters_step=1, start=0.0, cpu_dense_above=1.0)
     first = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=3)))
     assert torch.isfinite(first).all() and not torch.equal(first, reference)
     assert handle.stats.flops_fraction < 1.0

@@ -237,6 +237,11 @@ class SVG2Config(ImageAttentionConfig):
             layer's previous centroids (same call and CFG branch). Allowed: 1-100.
         recluster_interval (`int`, defaults to `1`): recluster every this many steps; the steps between reuse the
             last clusters and selection (no k-means work). Allowed: 1-100.
+        cpu_dense_above (`float`, defaults to `0.45`): the CPU path runs dense attention (exact) on a call whose
+            selection keeps more than this fraction of the image keys: there its gathers and per-cluster calls cost
+            more than dense SDPA (break-even near 0.45 keys on a 2-core x86-64 CPU: 0.55x dense at 0.8, 1.9x at
+            0.1, ``attention-cpu.md``); counted in the plugin's fallbacks. The CUDA kernel is not affected. 1 never
+            falls back. Allowed: 0-1.
         start / end: fractions of the schedule to act on; ``start=0.2`` keeps the layout-forming first steps dense.
     """
 
@@ -257,6 +262,7 @@ class SVG2Config(ImageAttentionConfig):
     kmeans_iters_init: int = 20
     kmeans_iters_step: int = 2
     recluster_interval: int = 1
+    cpu_dense_above: float = 0.45
 
     def validate(self) -> None:
         super().validate()
@@ -271,6 +277,7 @@ class SVG2Config(ImageAttentionConfig):
         check_range(self, "kmeans_iters_init", 1, 200, integer=True)
         check_range(self, "kmeans_iters_step", 1, 100, integer=True)
         check_range(self, "recluster_interval", 1, 100, integer=True)
+        check_range(self, "cpu_dense_above", 0.0, 1.0)
 
     def cluster_numbers(self, num_tokens: int) -> tuple[int, int]:
         """(query clusters, key clusters) at ``num_tokens`` image tokens: a set count capped at the tokens, else
@@ -356,9 +363,14 @@ class SVG2Plugin(ImageAttentionPlugin):
                 out = cluster_block_attention(query, key, value, plan.q_labels, plan.k_labels, plan.selection,
                                               text_key=text_key, text_value=text_value, scale=scale)
                 return out, plan.key_density()
+        density = plan.key_density()
+        if density > config.cpu_dense_above:
+            self._fallback(f"the selection keeps more than cpu_dense_above={config.cpu_dense_above} of the keys, "
+                           "where dense attention is faster on the CPU", call)
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = cluster_attention(query, key, value, plan.q_labels, plan.k_labels, plan.selection, text_key=text_key,
                                 text_value=text_value, scale=scale)
-        return out, plan.key_density()
+        return out, density
 
     def _plan(self, query, key, layer, call) -> ClusterPlan:
         """This call's clusters: reused within the recluster interval, else k-means warm-started from the last
