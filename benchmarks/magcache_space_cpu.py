@@ -19,7 +19,7 @@ import torch
 
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.metrics import psnr
-from dit_accel.pipelines import zoo
+from calibration_runs import CountingPipeline
 
 SEEDS = (100, 101, 102, 103)
 IMAGES = 8
@@ -42,15 +42,11 @@ def main() -> None:
                         "torch": torch.__version__, "seeds": list(SEEDS), "images_per_seed": IMAGES,
                         "steps": STEPS}, "quality": {}}
     for model in args.models:
-        pipe = zoo.load(model)
-        block = pipe.transformer.transformer_blocks[1]
-        calls = []
-        (block.attn1 if hasattr(block, "attn1") else block.attn).register_forward_hook(lambda *_: calls.append(1))
-        branches = 2 if model == "mmdit" else 1  # zoo:mmdit runs CFG as two calls
+        runner = CountingPipeline(model, STEPS)
+        pipe = runner.pipe
 
         def generate(seed: int, count: int = IMAGES) -> torch.Tensor:
-            return pipe(class_labels=[(seed + i) % 10 for i in range(count)], num_inference_steps=STEPS,
-                        generator=torch.Generator().manual_seed(seed), output_type="pt").images
+            return runner.generate(seed, count)
 
         dense = torch.cat([generate(seed) for seed in SEEDS])
         rows = results["quality"][model] = {}
@@ -58,12 +54,12 @@ def main() -> None:
             for space in ("prediction", "clean"):
                 accelerate_dit(pipe, recipe, forecast_space=space, **overrides)
                 generate(CALIBRATION_SEED, 2)  # the calibration generation (dense)
-                calls.clear()
+                runner.calls = 0
                 images = torch.cat([generate(seed) for seed in SEEDS])
                 remove_acceleration(pipe)
                 name = recipe + "".join(f" {k}={v}" for k, v in overrides.items())
                 rows.setdefault(name, {})[space] = {
-                    "psnr": psnr(images, dense), "computed_steps": len(calls) / len(SEEDS) / branches}
+                    "psnr": psnr(images, dense), "computed_steps": runner.computed_steps(len(SEEDS))}
                 print(model, name, space, rows[name][space], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "magcache-space-cpu.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,31 @@
+"""Shared by the benchmarks that choose magcache's settings on calibration seeds: a zoo pipeline that counts its
+computed steps, and generations on a seed's labels ``(seed + i) % 10``."""
+
+from __future__ import annotations
+
+import torch
+
+from dit_accel.pipelines import zoo
+
+
+class CountingPipeline:
+    """``zoo.load(model)`` with a hook counting calls of one attention module (one per computed transformer call)."""
+
+    def __init__(self, model: str, steps: int) -> None:
+        self.pipe = zoo.load(model)
+        self.steps = steps
+        self.calls = 0
+        self.branches = 2 if model == "mmdit" else 1  # zoo:mmdit runs CFG as two calls
+        block = self.pipe.transformer.transformer_blocks[1]
+        (block.attn1 if hasattr(block, "attn1") else block.attn).register_forward_hook(self._count)
+
+    def _count(self, *_) -> None:
+        self.calls += 1
+
+    def generate(self, seed: int, count: int) -> torch.Tensor:
+        return self.pipe(class_labels=[(seed + i) % 10 for i in range(count)], num_inference_steps=self.steps,
+                         generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+    def computed_steps(self, generations: int) -> float:
+        """Computed steps per generation and CFG branch since the count was last reset (``calls = 0``)."""
+        return self.calls / generations / self.branches
