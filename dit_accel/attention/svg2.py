@@ -239,8 +239,8 @@ class SVG2Config(ImageAttentionConfig):
             last clusters and selection (no k-means work). Allowed: 1-100.
         cpu_dense_above (`float`, defaults to `0.45`): the CPU path runs dense attention (exact) on a call whose
             selection keeps more than this fraction of the image keys: there its gathers and per-cluster calls cost
-            more than dense SDPA (break-even near 0.45 keys on a 2-core x86-64 CPU: 0.55x dense at 0.8, 1.9x at
-            0.1, ``attention-cpu.md``); counted in the plugin's fallbacks. The CUDA kernel is not affected. 1 never
+            more than dense SDPA (on a 2-core x86-64 CPU, ``attention-cpu.md`` part (a): 0.64-0.74x dense at 80 %
+            of the keys, 1.14-1.25x at 42 %; 0.45 errs on the dense side); counted in the plugin's fallbacks. The CUDA kernel is not affected. 1 never
             falls back. Allowed: 0-1.
         start / end: fractions of the schedule to act on; ``start=0.2`` keeps the layout-forming first steps dense.
     """
