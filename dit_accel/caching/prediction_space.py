@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 KINDS = ("flow", "epsilon", "v_prediction", "sample")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Parameterization:
     """What the transformer predicts (``kind``) and the schedule that relates it to the clean sample.
 
@@ -41,13 +42,13 @@ class Parameterization:
     """
 
     kind: str
-    alphas_cumprod: tuple[float, ...] = ()
+    alphas_cumprod: Sequence[float] | torch.Tensor = ()  # a tensor as the scheduler holds it, or any sequence
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown prediction kind {self.kind!r}; allowed: {', '.join(KINDS)}")
-        if self.kind != "flow" and not self.alphas_cumprod:
+        if self.kind != "flow" and len(self.alphas_cumprod) == 0:
             raise ValueError(f"a {self.kind} parameterization needs the schedule's alphas_cumprod")
 
     def alpha_bar(self, timestep: float) -> float:
@@ -56,7 +57,8 @@ class Parameterization:
         position = min(max(float(timestep), 0.0), len(table) - 1.0)
         low = int(position)
         high = min(low + 1, len(table) - 1)
-        return table[low] + (table[high] - table[low]) * (position - low)
+        a, b = float(table[low]), float(table[high])
+        return a + (b - a) * (position - low)
 
     def coefficients(self, timestep: float, timestep_unit: float = 1.0) -> tuple[float, float]:
         """``(c_input, c_prediction)`` with ``x0_hat = c_input x + c_prediction prediction`` at ``timestep``."""
@@ -154,5 +156,6 @@ def parameterization_of(scheduler) -> Parameterization | None:
         return Parameterization("flow", num_train_timesteps=steps)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if isinstance(alphas, torch.Tensor) and alphas.numel() > 1 and prediction_type in KINDS[1:]:
-        return Parameterization(prediction_type, tuple(float(a) for a in alphas.double()), steps)
+        # Read at every set_timesteps: one tolist() (tens of microseconds), not a float() per entry (milliseconds).
+        return Parameterization(prediction_type, tuple(alphas.detach().to("cpu", torch.float64).tolist()), steps)
     return None
