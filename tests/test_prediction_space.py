@@ -175,3 +175,25 @@ def test_explicit_spaces_and_their_refusals():
         accelerate_dit(pipe, "magcache", forecast_target="residual", forecast_space="clean")
     with pytest.raises(ValueError, match="allowed: 'auto', 'clean', 'prediction'"):
         accelerate_dit(pipe, "magcache", forecast_space="data")
+
+
+@pytest.mark.parametrize("family", ["zoo:dit", "flux"])
+def test_clean_space_stacks_with_cfg_cache(family):
+    """Stacked with cfg-cache (batched rows cut to the conditional ones on zoo:dit, a separate unconditional call
+    answered without the transformer on Flux), the clean space makes the same decisions as the prediction space
+    and serves finite predictions; only what a skipped call returns differs."""
+    if family.startswith("zoo:") and not pipes.zoo_weights_present(family):
+        pytest.skip("zoo weights not exported")
+    pipe = pipes.build(family)
+    runs = {}
+    for space in ("prediction", "clean"):
+        handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__retention=0.0, magcache__threshold=100.0,
+                                magcache__max_skips=2, cfg_cache__start=0.0, magcache__forecast_space=space)
+        plugin = the_plugin(handle)
+        plugin.curves[8] = {"cond": (1.0,) * 8, "uncond": (1.0,) * 8}
+        out = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=8)))
+        runs[space] = (out, [d[:2] + (d[3],) for d in plugin.last_decisions])
+        remove_acceleration(pipe)
+    (prediction, decisions), (clean, clean_decisions) = runs["prediction"], runs["clean"]
+    assert torch.isfinite(clean).all() and decisions == clean_decisions
+    assert any(skipped for *_, skipped in decisions) and not torch.equal(prediction, clean)
