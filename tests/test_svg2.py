@@ -299,6 +299,30 @@ def test_dense_selection_runs_dense_on_the_cpu(monkeypatch):
         SVG2Config(cpu_dense_above=1.5)
 
 
+def test_dense_fallback_is_held_without_clustering(monkeypatch):
+    """After a CPU fallback a layer stays dense for cpu_dense_hold steps without k-means, then clusters again; the
+    generation equals dense attention exactly (every selection here is above the threshold)."""
+    if not pipes.zoo_weights_present("zoo:dit"):
+        pytest.skip("zoo weights not exported")
+    plans = _spy_plans(monkeypatch)
+    pipe = pipes.build("zoo:dit")
+    reference = pipes.output_of("zoo:dit", pipe(**pipes.call_kwargs("zoo:dit", steps=7)))
+    counts = {}
+    for hold in (1, 3):
+        plans.clear()
+        handle = accelerate_dit(pipe, "svg2", start=0.0, cpu_dense_above=0.0, cpu_dense_hold=hold)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = pipes.output_of("zoo:dit", pipe(**pipes.call_kwargs("zoo:dit", steps=7)))
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+        plugin = handle.transformers[0].plugins[0]
+        assert sum(plugin.fallbacks.values()) == 7 * len(pipe.transformer.transformer_blocks)
+        counts[hold] = len(plans)
+        remove_acceleration(pipe)
+    layers = len(pipe.transformer.transformer_blocks)
+    assert counts == {1: 7 * layers, 3: 3 * layers}, "clustered at steps 0, 3 and 6 only"
+
+
 def test_64_tokens_are_clustered_with_the_floor(monkeypatch):
     """The zoo's 8x8 grid: 16 query and 32 key clusters (not 1 and 2), sparse, exact within the selection."""
     plans = _spy_plans(monkeypatch)

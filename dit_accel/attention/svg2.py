@@ -242,6 +242,10 @@ class SVG2Config(ImageAttentionConfig):
             more than dense SDPA (on a 2-core x86-64 CPU, ``attention-cpu.md`` part (a): 0.64-0.74x dense at 80 %
             of the keys, 1.14-1.25x at 42 %; 0.45 errs on the dense side); counted in the plugin's fallbacks. The CUDA kernel is not affected. 1 never
             falls back. Allowed: 0-1.
+        cpu_dense_hold (`int`, defaults to `4`): after such a fallback the layer (same call and CFG branch) stays
+            dense for this many steps without clustering, since at small grids the k-means costs as much as the
+            attention it would save; then it clusters again (warm-started) and looks at the selection anew. 1
+            clusters on every step. Not tuned. Allowed: 1-100.
         start / end: fractions of the schedule to act on; ``start=0.2`` keeps the layout-forming first steps dense.
     """
 
@@ -263,6 +267,7 @@ class SVG2Config(ImageAttentionConfig):
     kmeans_iters_step: int = 2
     recluster_interval: int = 1
     cpu_dense_above: float = 0.45
+    cpu_dense_hold: int = 4
 
     def validate(self) -> None:
         super().validate()
@@ -278,6 +283,7 @@ class SVG2Config(ImageAttentionConfig):
         check_range(self, "kmeans_iters_step", 1, 100, integer=True)
         check_range(self, "recluster_interval", 1, 100, integer=True)
         check_range(self, "cpu_dense_above", 0.0, 1.0)
+        check_range(self, "cpu_dense_hold", 1, 100, integer=True)
 
     def cluster_numbers(self, num_tokens: int) -> tuple[int, int]:
         """(query clusters, key clusters) at ``num_tokens`` image tokens: a set count capped at the tokens, else
@@ -326,10 +332,12 @@ class SVG2Plugin(ImageAttentionPlugin):
     def install(self) -> None:
         super().install()
         self.states: dict[tuple, tuple[int, ClusterPlan]] = {}
+        self.dense_until: dict[tuple, int] = {}  # CPU fallbacks held: state key -> first step that clusters again
 
     def reset(self) -> None:
         super().reset()
         self.states.clear()
+        self.dense_until.clear()
 
     def cache_bytes(self) -> int:
         return super().cache_bytes() + sum(t.numel() * t.element_size() for _, plan in self.states.values()
@@ -354,6 +362,11 @@ class SVG2Plugin(ImageAttentionPlugin):
         if reason is not None:  # too few tokens to select from: dense, but never in silence
             self._fallback(f"{reason}; this call has {query.shape[2]} ({_grid_text(grid)})", call)
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
+        context = call.context
+        held = None if context is None else (layer.name, call.index, context.slot)
+        if not query.is_cuda and held is not None and context.step < self.dense_until.get(held, -1):
+            self._fallback(self._dense_reason(), call)
+            return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         plan = self._plan(query, key, layer, call)
         scale = call.options.get("scale")
         if query.is_cuda:
@@ -365,12 +378,17 @@ class SVG2Plugin(ImageAttentionPlugin):
                 return out, plan.key_density()
         density = plan.key_density()
         if density > config.cpu_dense_above:
-            self._fallback(f"the selection keeps more than cpu_dense_above={config.cpu_dense_above} of the keys, "
-                           "where dense attention is faster on the CPU", call)
+            self._fallback(self._dense_reason(), call)
+            if held is not None:
+                self.dense_until[held] = context.step + config.cpu_dense_hold
             return dense_image_attention(query, key, value, text_key, text_value, call), 1.0
         out = cluster_attention(query, key, value, plan.q_labels, plan.k_labels, plan.selection, text_key=text_key,
                                 text_value=text_value, scale=scale)
         return out, density
+
+    def _dense_reason(self) -> str:
+        return (f"the selection keeps more than cpu_dense_above={self.config.cpu_dense_above} of the keys, where "
+                f"dense attention is faster on the CPU (held {self.config.cpu_dense_hold} steps)")
 
     def _plan(self, query, key, layer, call) -> ClusterPlan:
         """This call's clusters: reused within the recluster interval, else k-means warm-started from the last
