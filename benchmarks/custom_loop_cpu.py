@@ -135,7 +135,7 @@ def main() -> None:
         handle = accelerate_dit(transformer, recipe)
 
         def run(loop, handle=handle):
-            with handle.generation(num_steps=STEPS, cfg="batched-cond-first"):
+            with handle.generation(num_steps=STEPS, cfg="batched-cond-first", prediction="flow"):
                 return loop()
 
         with warnings.catch_warnings():
@@ -186,8 +186,9 @@ def write(args, rows: list[dict]) -> None:
              f"`python benchmarks/custom_loop_cpu.py {' '.join(sys.argv[1:])}` on {machine}: the bare transformer, "
              f"a hand-written Euler loop with batched CFG, {STEPS} steps; rows marked (earlier run) are kept from the "
              "previous results file (`--merge`); dit_accel recipes declared with `handle.generation(num_steps=50, "
-             "cfg='batched-cond-first')`, diffusers' hooks with one cache context per loop. Nothing was tuned on "
-             "this model.", "",
+             "cfg='batched-cond-first', prediction='flow')` (earlier runs' rows, without `prediction`, forecast the "
+             "prediction itself), diffusers' hooks with one cache context per loop. Nothing was tuned on this "
+             "model.", "",
              "| configuration | kind | wall x | PSNR dB | FLOPs x |", "|---|---|---|---|---|"]
     for r in rows:
         flops = f"{1 / r['flops_fraction']:.2f}" if r["flops_fraction"] else "–"

@@ -98,7 +98,6 @@ class _AcceleratedTransformer:
         self._adapters = _adapter_signature(transformer)
         self._tracker_hook: _TrackerHook | None = None
         self.attention: AttentionInterceptor | None = None
-        self.target: InstallTarget | None = None
         null_class = getattr(transformer.config, "num_embeds_ada_norm", None) if self.spec.family == "dit" else None
         self.tracker = StepTracker(
             self.spec,
@@ -112,9 +111,8 @@ class _AcceleratedTransformer:
             self.attention = AttentionInterceptor(
                 transformer, self.spec, self.tracker,
                 attach_hooks=any(plugin_for(config).may_route_attention() for config in recipe.plugins))
-            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins,
-                                   parameterization_of(getattr(pipe, "scheduler", None)))
-            self.target = target
+            self.tracker.scheduler_parameterization = parameterization_of(getattr(pipe, "scheduler", None))
+            target = InstallTarget(transformer, self.spec, self.tracker, self.attention, self.stats, self.plugins)
             self._check_install_conflicts(recipe)
             for config in recipe.plugins:
                 if getattr(plugin_for(config), "skips_block_ranges", False) and getattr(pipe, "controlnet", None) is not None:
@@ -274,14 +272,19 @@ class AccelerationHandle:
             self._compiled.append(compile_regions(blocks, **options))
         return self
 
-    def begin(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None) -> None:
+    def begin(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None,
+              prediction: Any = None) -> None:
         """Declare the generations of a custom sampling loop (no diffusers scheduler): each has ``num_steps`` steps
         (or ``len(timesteps)``), so that schedules relative to the end (``last_steps``, magcache's curve, cfg-share's
         window) apply; ``cfg`` names how the loop runs classifier-free guidance, to label rows ``cond``/``uncond``:
         ``"batched-cond-first"`` (one call, conditional rows first), ``"batched-uncond-first"``,
         ``"separate-cond-first"`` (two calls per step, conditional first) or ``"none"``. DiT's null class labels
-        rows by itself. Holds until :meth:`end`; several generations may run in between (each starts when the
-        timestep jumps back up). Pipelines need none of this: their scheduler declares it."""
+        rows by itself. ``prediction`` says what the model predicts, for plugins that forecast the clean sample
+        (magcache's ``forecast_space``): ``"flow"`` (flow matching, timestep input ``sigma`` or ``1000 sigma``), a
+        diffusers scheduler, or a :class:`~dit_accel.caching.prediction_space.Parameterization`; ``None`` leaves it
+        unknown. Holds until :meth:`end`; several generations may run in between (each starts when the timestep
+        jumps back up). Pipelines need none of this: their scheduler declares it."""
+        from dit_accel.caching.prediction_space import Parameterization
         from dit_accel.pipelines.adapters import CFG_CONVENTIONS
 
         if timesteps is not None:
@@ -293,8 +296,17 @@ class AccelerationHandle:
         allowed = sorted(set(CFG_CONVENTIONS.values())) + ["none"]
         if cfg is not None and cfg not in allowed:
             raise ValueError(f"cfg = {cfg!r} is not allowed; allowed: {', '.join(allowed)}")
+        if prediction == "flow":
+            prediction = Parameterization("flow")
+        elif prediction is not None and not isinstance(prediction, Parameterization):
+            described = parameterization_of(prediction)
+            if described is None:
+                raise ValueError(f"prediction = {prediction!r} is not allowed; allowed: 'flow', a diffusers scheduler "
+                                 "whose model prediction dit_accel can tell (flow matching, or alphas_cumprod with "
+                                 "prediction_type epsilon / v_prediction / sample), a Parameterization, or None")
+            prediction = described
         for acc in self.transformers:
-            acc.tracker.declare(num_steps, cfg)
+            acc.tracker.declare(num_steps, cfg, prediction)
 
     def end(self) -> None:
         """End what :meth:`begin` declared: the running generation ends and plugin state is dropped."""
@@ -302,10 +314,11 @@ class AccelerationHandle:
             acc.tracker.undeclare()
 
     @contextlib.contextmanager
-    def generation(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None):
-        """``with handle.generation(num_steps=50, cfg="batched-cond-first"): <your loop>``: :meth:`begin` on
-        entry, :meth:`end` on exit; an exception inside drops all state as a failed generation."""
-        self.begin(num_steps, timesteps=timesteps, cfg=cfg)
+    def generation(self, num_steps: int | None = None, *, timesteps: Any = None, cfg: str | None = None,
+                   prediction: Any = None):
+        """``with handle.generation(num_steps=50, cfg="batched-cond-first", prediction="flow"): <your loop>``:
+        :meth:`begin` on entry, :meth:`end` on exit; an exception inside drops all state as a failed generation."""
+        self.begin(num_steps, timesteps=timesteps, cfg=cfg, prediction=prediction)
         try:
             yield self
         except BaseException:
@@ -464,8 +477,7 @@ def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
     def on_set_timesteps(owner, result, *args, **kwargs) -> None:
         parameterization = parameterization_of(owner)
         for acc in handle.transformers:
-            if acc.target is not None:
-                acc.target.parameterization = parameterization
+            acc.tracker.scheduler_parameterization = parameterization
             acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, getattr(owner, "timesteps", None)))
 
     def on_set_begin_index(owner, result, begin_index: int = 0, *args, **kwargs) -> None:

@@ -110,12 +110,11 @@ def test_clean_space_forecast_on_every_family(family):
     estimate (one computed step) or their bounded linear forecast (two). Removal restores the model."""
     pipe = pipes.build(family)
     handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1)
-    target = handle.transformers[0].target
     plugin = the_plugin(handle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MagCacheCalibration)
         first = pipes.output_of(family, pipe(**pipes.call_kwargs(family, steps=6)))
-    space = target.parameterization
+    space = handle.transformers[0].tracker.parameterization
     hidden_arg = handle.transformers[0].spec.hidden_arg
     calls = []
     decide = plugin.decide
@@ -166,15 +165,68 @@ def test_explicit_spaces_and_their_refusals():
     handle = accelerate_dit(pipe, "magcache", forecast_space="prediction")
     assert the_plugin(handle).whole_calls.space == "prediction"
     remove_acceleration(pipe)
+    handle = accelerate_dit(pipe.transformer, "magcache", forecast_space="clean")  # a custom loop may declare it
     with pytest.raises(ValueError, match="needs to know what the model predicts"):
-        accelerate_dit(pipe.transformer, "magcache", forecast_space="clean")
+        with handle.generation(num_steps=4):  # but this one does not
+            pipe(**pipes.call_kwargs("flux", steps=4))
+    with pytest.raises(ValueError, match="prediction = 'x0' is not allowed"):
+        handle.begin(4, prediction="x0")
+    remove_acceleration(pipe.transformer)
     handle = accelerate_dit(pipe.transformer, "magcache")  # auto: the prediction, no scheduler to read
-    assert handle.transformers[0].target.parameterization is None
+    assert handle.transformers[0].tracker.parameterization is None
     remove_acceleration(pipe.transformer)
     with pytest.raises(ValueError, match="applies to forecast_target = 'output' only"):
         accelerate_dit(pipe, "magcache", forecast_target="residual", forecast_space="clean")
     with pytest.raises(ValueError, match="allowed: 'auto', 'clean', 'prediction'"):
         accelerate_dit(pipe, "magcache", forecast_space="data")
+
+
+def test_custom_loop_declares_the_prediction():
+    """A custom flow-matching loop (timestep input 1000 sigma) declares ``prediction="flow"``: skipped calls serve
+    the clean-space forecast turned back at their own input, exactly; the declaration ends with the loop."""
+    transformer = pipes.build("zoo:dit").transformer if pipes.zoo_weights_present("zoo:dit") else None
+    if transformer is None:
+        pytest.skip("zoo weights not exported")
+    handle = accelerate_dit(transformer, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1,
+                            ratios=[1.0] * 6)
+    plugin = the_plugin(handle)
+    seen = []
+    decide = plugin.decide
+
+    def recording_decide(context, hidden, encoder):
+        if hidden is None:
+            seen[-1]["t"] = context.timestep
+        return decide(context, hidden, encoder)
+
+    plugin.decide = recording_decide
+    hooks = [transformer.register_forward_pre_hook(lambda m, a, k: seen.append({"x": a[0].clone()}), with_kwargs=True),
+             transformer.register_forward_hook(lambda m, a, k, o: seen[-1].update(out=o.sample.clone()),
+                                               with_kwargs=True)]
+    x, labels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    sigmas = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.0]
+    with torch.no_grad(), handle.generation(num_steps=6, prediction="flow"):
+        assert handle.transformers[0].tracker.parameterization.kind == "flow"
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            out = transformer(x, timestep=torch.full((2,), sigma * 1000), class_labels=labels).sample
+            x = x + (sigma_next - sigma) * out
+    for hook in hooks:
+        hook.remove()
+    del plugin.decide
+    assert handle.transformers[0].tracker.parameterization is None, "the declaration ends with the loop"
+    space = Parameterization("flow")
+
+    def clean(step):
+        return to_clean(seen[step]["x"], seen[step]["out"], space.coefficients(seen[step]["t"], 1000.0))
+
+    for step in (1, 2):  # computed: 0, 3, 5 (reusing the clean sample is also reusing the velocity here)
+        expected = from_clean(seen[step]["x"], clean(0), space.coefficients(seen[step]["t"], 1000.0))
+        torch.testing.assert_close(seen[step]["out"], expected, rtol=1e-4, atol=1e-5)
+    t0, t3, t4 = (seen[s]["t"] for s in (0, 3, 4))  # the linear forecast is where the two spaces part
+    at = bounded_position([t3, t0], t4, 1.0)
+    forecast = clean(3) + (clean(3) - clean(0)) / (t3 - t0) * (at - t3)
+    expected = from_clean(seen[4]["x"], forecast, space.coefficients(t4, 1000.0))
+    torch.testing.assert_close(seen[4]["out"], expected, rtol=1e-3, atol=1e-4)
+    remove_acceleration(transformer)
 
 
 @pytest.mark.parametrize("family", ["zoo:dit", "flux"])

@@ -92,12 +92,6 @@ class MagCachePlugin(Plugin):
         self.whole_calls = None
         if self.config.forecast_target == "output":
             space = "prediction" if self.config.forecast_space == "prediction" else "clean"
-            if self.config.forecast_space == "clean" and self.target.parameterization is None:
-                raise ValueError(
-                    "magcache forecast_space = 'clean' needs to know what the model predicts, which dit_accel reads "
-                    "from the pipeline's scheduler (flow matching, or alphas_cumprod with prediction_type epsilon, "
-                    "v_prediction or sample); none was found (a transformer accelerated alone, or an unknown "
-                    "scheduler): use forecast_space = 'auto' or 'prediction'")
             self.whole_calls = OutputForecast(self.target, "dit_accel.magcache.call", self,
                                               config_forecaster(self.config), self.range.sublayers, self.range.blocks,
                                               space=space)
@@ -131,6 +125,14 @@ class MagCachePlugin(Plugin):
             warnings.warn(message, category, stacklevel=5)
 
     def _begin(self, context: CallContext) -> None:
+        if self.config.forecast_space == "clean" and self.target.parameterization is None:
+            # Checked per generation, not at install: a custom loop declares it with handle.generation(prediction=).
+            raise ValueError(
+                "magcache forecast_space = 'clean' needs to know what the model predicts, which dit_accel reads from "
+                "the pipeline's scheduler (flow matching, or alphas_cumprod with prediction_type epsilon, "
+                "v_prediction or sample); none is known for this generation (a transformer accelerated alone or an "
+                "unknown scheduler): declare it with `handle.generation(..., prediction='flow' or a scheduler)`, or "
+                "use forecast_space = 'auto' or 'prediction'")
         self._generation = context.generation
         steps = context.num_steps
         config = self.config

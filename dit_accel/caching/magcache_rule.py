@@ -119,9 +119,9 @@ class MagCacheConfig(PluginConfig):
             estimate each computed prediction implies, turned back into a prediction at the skipped call's own input
             (:mod:`dit_accel.caching.prediction_space`: a data-prediction multistep step over the skipped span
             instead of an Adams-Bashforth one); needs the pipeline's scheduler to say what the model predicts (flow
-            matching, or ``alphas_cumprod`` with ``prediction_type`` epsilon/v_prediction/sample). ``"prediction"``:
-            the prediction itself. ``"auto"``: ``"clean"`` where the scheduler tells, else ``"prediction"`` (a
-            transformer accelerated alone, a custom loop). Chosen on calibration seeds 100-103
+            matching, or ``alphas_cumprod`` with ``prediction_type`` epsilon/v_prediction/sample), or a custom loop
+            to declare it (``handle.generation(..., prediction="flow")``). ``"prediction"``: the prediction itself.
+            ``"auto"``: ``"clean"`` where that is known, else ``"prediction"``. Chosen on calibration seeds 100-103
             (``magcache-space-cpu.md``). Version-2 files (written before this field existed) load with
             ``"prediction"``. Allowed: auto, clean, prediction (clean and prediction need the output target).
         ratios (`tuple[float, ...] | dict | str`, defaults to `()`): the calibration. Empty: calibrate

@@ -124,6 +124,10 @@ class StepTracker:
         self.current: CallContext | None = None
         self._declared_steps: int | None = None
         self._declared_cfg: str | None = None
+        # What the model predicts (caching.prediction_space.Parameterization): the pipeline's scheduler's, set by the
+        # pipeline wrapper at every set_timesteps, or what a custom loop declared; None where neither says.
+        self.scheduler_parameterization = None
+        self._declared_parameterization = None
         self._clear()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -155,15 +159,21 @@ class StepTracker:
             except TypeError:
                 self._num_steps = None
 
-    def declare(self, num_steps: int | None, cfg: str | None) -> None:
+    @property
+    def parameterization(self):
+        """What the model predicts in the running generation (declared by a custom loop, else the scheduler's)."""
+        return self._declared_parameterization or self.scheduler_parameterization
+
+    def declare(self, num_steps: int | None, cfg: str | None, parameterization=None) -> None:
         """A generation declared by the caller (a custom loop): every generation until :meth:`undeclare` has
-        ``num_steps`` steps, and its rows follow the CFG convention ``cfg`` (``"none"``: no CFG, every row is
-        conditional). Starts a new generation."""
+        ``num_steps`` steps, its rows follow the CFG convention ``cfg`` (``"none"``: no CFG, every row is
+        conditional) and its model predicts as ``parameterization`` says. Starts a new generation."""
         self._declared_steps, self._declared_cfg = num_steps, cfg
+        self._declared_parameterization = parameterization
         self.reset(reason="start")
 
     def undeclare(self, reason: str = "end") -> None:
-        self._declared_steps = self._declared_cfg = None
+        self._declared_steps = self._declared_cfg = self._declared_parameterization = None
         self.reset(reason=reason)
 
     # -------------------------------------------------------------------------------------------- per call

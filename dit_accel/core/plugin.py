@@ -35,9 +35,13 @@ class InstallTarget:
     attention: AttentionInterceptor
     stats: StatsRecorder
     plugins: list = dataclasses.field(default_factory=list)  # every plugin installed on this transformer, in order
-    # What the transformer predicts (caching.prediction_space.Parameterization), read from the pipeline's scheduler at
-    # every set_timesteps; None without a scheduler or where it cannot tell.
-    parameterization: object = None
+
+    @property
+    def parameterization(self):
+        """What the transformer predicts (``caching.prediction_space.Parameterization``) in the running generation:
+        the pipeline scheduler's or a custom loop's declaration, held by the shared tracker (plugins hold copies of
+        this target); ``None`` where neither says."""
+        return self.tracker.parameterization
 
     def attention_layers(self, config: "PluginConfig") -> list[LayerId]:
         """The attention layers selected by ``config.layers`` (glob patterns over ``transformer_blocks.3.attn``
