@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dit_accel.bench.runner import pair_speedup
-from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS, TAYLORSEER_IDENTIFIERS
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
 from dit_accel.bench.metrics import psnr, ssim
@@ -31,6 +31,7 @@ from dit_accel.bench.report import format_number
 from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer
 from dit_accel.pipelines import zoo
+from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
 
 # Every caching family at the rungs that reach a speed-quality front (the other rungs: earlier tables in git
 # history and the `ditaccel bench` runs).
@@ -112,7 +113,11 @@ def main() -> None:
         rows = {"none": row(dense, dense, (1.0, 1.0), 1.0, evaluator, labels, real, kind="dense")}
         print(model, "none", rows["none"], flush=True)
         for recipe in args.recipes:
-            def install(recipe=recipe):
+            # magcache plugins use the calibration shipped with the zoo model (its curves and searched
+            # schedules), as `ditaccel generate` and `ditaccel bench` do.
+            resolved = with_shipped_calibration(load_recipe(recipe), model)[0]
+
+            def install(recipe=resolved):
                 handle = accelerate_dit(pipe, recipe)
                 if needs_calibration(handle):  # that generation would be dense: calibrate untimed, own seed
                     call(timing_labels, seed=999)

@@ -108,13 +108,14 @@ def worker(args) -> None:
     for model in args.models:
         reference, dense_wall, _ = _generate(model, None, args, {})
         modes = {"distrifusion": ("patch-parallel", {"warmup_steps": args.warmup})}
-        for band, pool, fixed_correction, fixed_refresh in args.pcpp:
+        for band, pool, fixed_correction, fixed_refresh, growth in args.pcpp:
             for correction in [fixed_correction] if fixed_correction else args.corrections:
                 for refresh in [fixed_refresh] if fixed_refresh is not None else args.refresh:
                     name = f"pcpp band {band} pool {pool}, {CORRECTION_LABELS[correction]}" + (
-                        f", refresh {refresh}" if refresh else "")
+                        f", refresh {refresh}" if refresh else "") + (f" growth {growth}" if growth else "")
                     modes[name] = ("patch-parallel-pcpp", {"warmup_steps": args.warmup, "band": band, "pool": pool,
-                                                           "correction": correction, "refresh_interval": refresh})
+                                                           "correction": correction, "refresh_interval": refresh,
+                                                           **({"refresh_growth": growth} if growth else {})})
         if args.plain:  # each mode again with the remote keys and values used as exchanged (one step stale)
             modes.update({f"{mode}, not extrapolated": (recipe, {**settings, "extrapolate": False})
                           for mode, (recipe, settings) in list(modes.items())})
@@ -202,23 +203,24 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _band_pool(text: str) -> tuple[int, int, str | None, int | None]:
-    """``BAND:POOL[:CORRECTION[:REFRESH]]``; what is left out comes from --corrections and --refresh."""
+def _band_pool(text: str) -> tuple[int, int, str | None, int | None, float | None]:
+    """``BAND:POOL[:CORRECTION[:REFRESH[:GROWTH]]]``; what is left out comes from --corrections and --refresh
+    (growth: 1)."""
     fields = text.split(":")
     try:
-        if not 2 <= len(fields) <= 4 or (len(fields) > 2 and fields[2] not in CORRECTIONS):
+        if not 2 <= len(fields) <= 5 or (len(fields) > 2 and fields[2] not in CORRECTIONS):
             raise ValueError
         return (int(fields[0]), int(fields[1]), fields[2] if len(fields) > 2 else None,
-                int(fields[3]) if len(fields) > 3 else None)
+                int(fields[3]) if len(fields) > 3 else None, float(fields[4]) if len(fields) > 4 else None)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not BAND:POOL[:CORRECTION[:REFRESH]] (e.g. 1:4, 0:2:detail:6; corrections: "
-            f"{', '.join(CORRECTIONS)})") from None
+            f"{text!r} is not BAND:POOL[:CORRECTION[:REFRESH[:GROWTH]]] (e.g. 1:4, 0:2:detail:6, 0:4:detail:2:1.5; "
+            f"corrections: {', '.join(CORRECTIONS)})") from None
 
 
 def _spec(item: tuple) -> str:
-    band, pool, correction, refresh = item
-    return ":".join(str(x) for x in (band, pool, correction, refresh) if x is not None) if correction else (
+    band, pool, correction, refresh, growth = item
+    return ":".join(str(x) for x in (band, pool, correction, refresh, growth) if x is not None) if correction else (
         f"{band}:{pool}")
 
 
@@ -229,8 +231,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4, None, None), (1, 8, None, None)],
-                        metavar="BAND:POOL[:CORRECTION[:REFRESH]]",
+    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4, None, None, None), (1, 8, None, None, None)],
+                        metavar="BAND:POOL[:CORRECTION[:REFRESH[:GROWTH]]]",
                         help="PCPP settings to compare with DistriFusion (default: 1:4 1:8, each with every "
                              "--corrections and --refresh)")
     parser.add_argument("--size", type=int, default=64, help="tiny Flux image side in pixels (tokens: size / 4)")

@@ -344,18 +344,23 @@ def test_given_ratios_and_interpolated_step_counts():
 def test_version_one_files_keep_their_meaning(tmp_path):
     """A version-1 magcache config predates bounded_forecast and forecast_target: it loads as the unbounded
     residual forecast it meant (fields it names keep their values); a version-2 one predates forecast_space: it
-    forecasts the prediction; current files get today's defaults; a future version is refused."""
+    forecasts the prediction; a version-3 one predates schedule: the rule decides; current files get today's
+    defaults; a future version is refused."""
     old = config_from_dict({"type": "magcache", "version": 1, "threshold": 0.5})
-    assert (old.version, old.bounded_forecast, old.forecast_target, old.threshold) == (3, False, "residual", 0.5)
+    assert (old.version, old.bounded_forecast, old.forecast_target, old.threshold) == (4, False, "residual", 0.5)
+    assert old.schedule == "rule"
     named = config_from_dict({"type": "magcache", "version": 1, "bounded_forecast": True})
     assert (named.bounded_forecast, named.forecast_target) == (True, "residual")
     two = config_from_dict({"type": "magcache", "version": 2, "threshold": 0.5})
-    assert (two.version, two.forecast_target, two.forecast_space, two.threshold) == (3, "output", "prediction", 0.5)
+    assert (two.version, two.forecast_target, two.forecast_space, two.threshold) == (4, "output", "prediction", 0.5)
+    three = config_from_dict({"type": "magcache", "version": 3, "threshold": 0.5})
+    assert (three.version, three.schedule, three.forecast_space) == (4, "rule", "auto")
     new = config_from_dict({"type": "magcache"})
-    assert (new.version, new.bounded_forecast, new.forecast_target, new.forecast_space) == (3, True, "output", "auto")
+    assert (new.version, new.bounded_forecast, new.forecast_target, new.forecast_space, new.schedule) == (
+        4, True, "output", "auto", "auto")
     assert config_from_dict(new.to_dict()) == new
-    with pytest.raises(ValueError, match="reads version 3"):
-        config_from_dict({"type": "magcache", "version": 4})
+    with pytest.raises(ValueError, match="reads version 4"):
+        config_from_dict({"type": "magcache", "version": 5})
     path = tmp_path / "old.toml"
     path.write_text('format = 1\nname = "old"\n\n[[plugins]]\ntype = "magcache"\nversion = 1\nthreshold = 0.24\n')
     loaded = load_recipe(path).plugins[0]

@@ -330,6 +330,22 @@ def test_sync_steps_are_the_warmup_and_every_refresh_interval_th_step_but_never_
     assert [s for s in range(12) if is_sync_step(s, 2, 3, 12)] == [0, 1, 4, 7, 10]
     assert [s for s in range(11) if is_sync_step(s, 2, 3, 11)] == [0, 1, 4, 7]  # step 10 is the last
     assert [s for s in range(4) if is_sync_step(s, 0, 0, None)] == [0]  # step 0 has nothing to reuse
+    # Growing gaps: 3, then round(3 * 1.5) = 4 (4.5 rounds to even), round(6.75) = 7, round(10.1) = 10.
+    assert [s for s in range(30) if is_sync_step(s, 2, 3, 30, 1.5)] == [0, 1, 4, 8, 15, 25]
+    assert [s for s in range(20) if is_sync_step(s, 2, 2, 20, 1.5)] == [0, 1, 3, 6, 10, 17]
+    assert [s for s in range(12) if is_sync_step(s, 2, 3, 12, 1.0)] == [0, 1, 4, 7, 10]
+
+
+def test_refresh_growth_needs_refreshes_and_pcpp():
+    from dit_accel.parallel.config import PatchParallelConfig
+
+    assert PatchParallelConfig(mode="pcpp", refresh_interval=2, refresh_growth=1.5).refresh_growth == 1.5
+    with pytest.raises(ValueError, match="refresh_interval = 0 makes none"):
+        PatchParallelConfig(mode="pcpp", refresh_growth=1.5)
+    with pytest.raises(ValueError, match="only applies to mode='pcpp'"):
+        PatchParallelConfig(refresh_growth=1.5, refresh_interval=0)
+    with pytest.raises(ValueError, match="refresh_growth"):
+        PatchParallelConfig(mode="pcpp", refresh_interval=2, refresh_growth=0.5)
 
 
 @pytest.mark.parametrize("world,band,pool", [(3, 0, 3), (3, 1, 2), (2, 9, 2)])

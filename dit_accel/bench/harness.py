@@ -201,6 +201,10 @@ def plan(config: BenchConfig, steps: int) -> list[Entry]:
         try:
             recipe = load_recipe(name, **settings)
             recipe = _apply_overrides(recipe, config.overrides, used)
+            if config.model.startswith("zoo:"):  # as `ditaccel generate` does: magcache uses the shipped curves
+                from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
+
+                recipe = with_shipped_calibration(recipe, config.model.partition(":")[2])[0]
         except FileNotFoundError as error:
             raise ValueError(str(error)) from None
         entries.append(Entry(_label(name, settings), "dit_accel", name, recipe=recipe))

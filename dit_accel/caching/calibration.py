@@ -6,6 +6,10 @@ A calibration is a mapping::
     {"format": 1, "model": "DiTTransformer2DModel/3f2a9c1b07de", "steps": 50,
      "curves": {"cond": [1.0, 1.02, ...], "uncond": [1.0, 0.99, ...]}}
 
+It may also hold ``"schedules"``: searched computed-step schedules of magcache (``{"14": [0, 1, 2, 4, ...]}``,
+keyed by how many steps compute, at ``steps`` steps), written by ``ditaccel calibrate --search-schedule`` (see
+:mod:`dit_accel.caching.schedule_search`).
+
 ``model`` is :func:`model_identity` of the transformer it was measured on (the class, the config, the parameter
 names and shapes, and a few weights' magnitudes: a different checkpoint of the same architecture gets another
 identity, the same weights in another dtype or on another device the same one). ``ditaccel calibrate`` writes one;
@@ -51,10 +55,10 @@ def validate_calibration(data: Any, where: str = "ratios") -> dict[str, Any]:
     what is wrong otherwise."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: a calibration must be a table with 'curves' (and 'model', 'steps')")
-    unknown = sorted(set(data) - {"format", "model", "steps", "curves"})
+    unknown = sorted(set(data) - {"format", "model", "steps", "curves", "schedules"})
     if unknown:
         raise ValueError(f"{where}: unknown calibration key(s) {', '.join(unknown)}; allowed: format, model, steps, "
-                         "curves")
+                         "curves, schedules")
     if data.get("format", CALIBRATION_FORMAT) != CALIBRATION_FORMAT:
         raise ValueError(f"{where}: calibration format {data.get('format')!r} is not supported; this dit_accel reads "
                          f"format {CALIBRATION_FORMAT}")
@@ -75,7 +79,27 @@ def validate_calibration(data: Any, where: str = "ratios") -> dict[str, Any]:
     model = data.get("model", "")
     if not isinstance(model, str):
         raise ValueError(f"{where}: 'model' must be a string (model_identity of the transformer)")
-    return {"format": CALIBRATION_FORMAT, "model": model, "steps": int(steps), "curves": normalised}
+    result = {"format": CALIBRATION_FORMAT, "model": model, "steps": int(steps), "curves": normalised}
+    if data.get("schedules"):
+        result["schedules"] = validate_schedules(data["schedules"], int(steps), where)
+    return result
+
+
+def validate_schedules(schedules: Any, steps: int, where: str) -> dict[str, tuple[int, ...]]:
+    """``{"<count>": [computed steps]}`` normalised; each list strictly increasing from 0, below ``steps``, with
+    ``count`` entries."""
+    if not isinstance(schedules, Mapping):
+        raise ValueError(f"{where}: 'schedules' must map a count of computed steps to the list of those steps")
+    normalised = {}
+    for count, schedule in schedules.items():
+        ok = (str(count).isdigit() and isinstance(schedule, (list, tuple)) and len(schedule) == int(count) and
+              all(isinstance(s, int) and not isinstance(s, bool) for s in schedule) and
+              list(schedule) == sorted(set(schedule)) and schedule and schedule[0] == 0 and schedule[-1] < steps)
+        if not ok:
+            raise ValueError(f"{where}: schedules[{count!r}] = {schedule!r} is invalid; allowed: {count} distinct "
+                             f"steps in increasing order, the first 0, each below {steps}")
+        normalised[str(int(count))] = tuple(schedule)
+    return normalised
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -95,6 +119,8 @@ def save_calibration(calibration: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     data = validate_calibration(calibration)
     data["curves"] = {role: list(curve) for role, curve in data["curves"].items()}
+    if "schedules" in data:
+        data["schedules"] = {count: list(steps) for count, steps in data["schedules"].items()}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 

@@ -42,6 +42,7 @@ from dit_accel.caching.forecasters import config_forecaster
 from dit_accel.caching.magcache_rule import (  # noqa: F401  (the public names of magcache, re-exported)
     MagCacheConfig,
     accumulate,
+    computed_steps,
     resample_ratios,
     retention_steps,
     skip_schedule,
@@ -81,6 +82,7 @@ class MagCachePlugin(Plugin):
         if not blocks:
             raise ValueError(f"magcache found no blocks in {type(self.target.transformer).__name__}")
         self.curves: dict[int, dict[str, tuple[float, ...]]] = {}
+        self.schedules: dict[int, dict[str, tuple[int, ...]]] = {}  # searched, from the calibration in `ratios`
         self._identity: str | None = None
         self._warned: set = set()
         self.last_decisions: list[tuple[int, int, list[bool], bool]] = []
@@ -177,11 +179,14 @@ class MagCachePlugin(Plugin):
                             f"{calibration['steps']} steps, this generation has {steps}: its curves are resampled",
                             UserWarning)
         self.curves[steps] = {role: tuple(resample_ratios(curve, steps)) for role, curve in calibration["curves"].items()}
+        if calibration["steps"] == steps and calibration.get("schedules"):
+            self.schedules[steps] = dict(calibration["schedules"])
         return True
 
     def model_changed(self) -> None:
         """Calibrated curves belong to the weights they were measured on: recalibrate after an adapter swap."""
         self.curves.clear()
+        self.schedules.clear()
         self._identity = None
         self._warned = {key for key in self._warned if key[0] != "calibrate"}  # say so again when it recalibrates
 
@@ -218,8 +223,25 @@ class MagCachePlugin(Plugin):
             steps = context.num_steps
             state = self._state[context.slot] = {"gamma": [self._curve(branch_key(context, row), steps)
                                                            for row in range(batch)]}
+            state["mask"] = self._searched_schedule(state["gamma"], steps)
             self._restart(state)
         return state
+
+    def _searched_schedule(self, curves: list, steps: int) -> frozenset[int] | None:
+        """The searched schedule replacing the rule's for rows with these curves (same count of computed steps),
+        or None where the calibration holds none for that count (or ``schedule = "rule"``)."""
+        searched = self.schedules.get(steps)
+        if self.config.schedule != "auto" or not searched:
+            return None
+        config = self.config
+        count = len(computed_steps(curves, threshold=config.threshold, max_skips=config.max_skips,
+                                   retention=config.retention, last_steps=config.last_steps))
+        schedule = searched.get(str(count))
+        if schedule is None:
+            logger.info("magcache: the calibration has searched schedules for %s computed steps, the rule computes "
+                        "%d: the rule decides", ", ".join(sorted(searched, key=int)), count)
+            return None
+        return frozenset(schedule)
 
     @staticmethod
     def _restart(state: dict) -> None:
@@ -270,9 +292,14 @@ class MagCachePlugin(Plugin):
             # (which take their partner's fresh residual when it computes), written back after.
             index = list(context.rows + (context.followers or ()))
             state = {"gamma": [full["gamma"][i] for i in index], "acc": [full["acc"][i] for i in index],
-                     "last": full.get("last")}
+                     "last": full.get("last"), "mask": full.get("mask")}
         else:
             index, state = None, self._slot_state(context, batch)
+        if state.get("mask") is not None:  # a searched schedule: no accumulators
+            skip = (step not in state["mask"] and self.target.in_scope(config, context)
+                    and context.slot in self.range.residuals)
+            self.decisions.append((step, context.slot, [skip] * batch, skip))
+            return skip
         first = max(retention_steps(config.retention, steps), 1)
         threshold, max_skips = config.threshold, config.max_skips
         # Steps this slot was not called at (cfg-cache rebuilt the unconditional call) still add their error.

@@ -74,6 +74,18 @@ def skip_schedule(ratios: Sequence[float], *, threshold: float, max_skips: int, 
     return skips
 
 
+def computed_steps(curves: Sequence[Sequence[float]], *, threshold: float, max_skips: int, retention: float = 0.2,
+                   last_steps: int = 1) -> tuple[int, ...]:
+    """The steps a call computes under the rule when its rows follow ``curves`` (one per row or branch role): a
+    step computes where any curve's schedule computes. Its length keys the searched schedules of a calibration."""
+    computed: set[int] = set()
+    for curve in curves:
+        skips = skip_schedule(curve, threshold=threshold, max_skips=max_skips, retention=retention,
+                              last_steps=last_steps)
+        computed.update(step for step, skip in enumerate(skips) if not skip)
+    return tuple(sorted(computed))
+
+
 # ------------------------------------------------------------------------------------------------- config
 @register_config("magcache")
 @dataclass(frozen=True)
@@ -134,6 +146,13 @@ class MagCacheConfig(PluginConfig):
             (:func:`resample_ratios`) and one measured on another model is not used (the first generation
             recalibrates), each with a one-time warning. Allowed: empty, at least 2 finite positive numbers, such a
             table, or a path.
+        schedule (`str`, defaults to `"auto"`): which steps compute. ``"rule"``: the rule above (threshold,
+            max_skips, retention, last_steps). ``"auto"``: where the calibration in ``ratios`` holds a searched
+            schedule (``ditaccel calibrate --search-schedule``, :mod:`dit_accel.caching.schedule_search`) with as
+            many computed steps as the rule computes at its step count, those steps compute instead (the same
+            budget, placed where a search on calibration generations found the smallest error); otherwise the rule.
+            A generation with another number of steps than the calibration uses the rule. Version-3 files (written
+            before this field existed) load with ``"rule"``. Allowed: auto, rule.
         recalibrate (`bool`, defaults to `True`): automatic calibration only. True: every new number of steps gets
             its own dense calibration run. False: only the first generation calibrates; later step counts
             interpolate the curve of the nearest calibrated step count over the normalised schedule position.
@@ -141,9 +160,10 @@ class MagCacheConfig(PluginConfig):
 
     kind = "schedule"
     path_fields: ClassVar[tuple[str, ...]] = ("ratios",)  # resolved against the folder of the recipe file
-    # 2: bounded_forecast and forecast_target, whose defaults changed what a version-1 file meant; 3: forecast_space.
-    current_version: ClassVar[int] = 3
-    version: int = 3
+    # 2: bounded_forecast and forecast_target, whose defaults changed what a version-1 file meant; 3: forecast_space;
+    # 4: schedule.
+    current_version: ClassVar[int] = 4
+    version: int = 4
     threshold: float = 0.06
     max_skips: int = 3
     retention: float = 0.2
@@ -156,19 +176,23 @@ class MagCacheConfig(PluginConfig):
     forecast_target: str = "output"
     forecast_space: str = "auto"
     ratios: tuple[float, ...] = ()
+    schedule: str = "auto"
     recalibrate: bool = True
 
     @classmethod
     def migrate(cls, data: dict, version: int) -> dict:
         """Version 1 files predate ``bounded_forecast`` and ``forecast_target``: what they meant was the unbounded
-        forecast of the block residual; version 2 files predate ``forecast_space``: the prediction was forecast (a
-        file that names a field keeps its value)."""
+        forecast of the block residual; version 2 files predate ``forecast_space``: the prediction was forecast;
+        version 3 files predate ``schedule``: the rule decided (a file that names a field keeps its value)."""
         if version == 1:
             data = {"bounded_forecast": False, "forecast_target": "residual", **data, "version": 2}
             version = 2
         if version == 2:
             space = "prediction" if data.get("forecast_target", "output") == "output" else "auto"
             data = {"forecast_space": space, **data, "version": 3}
+            version = 3
+        if version == 3:
+            data = {"schedule": "rule", **data, "version": 4}
         return data
 
     def validate(self) -> None:
@@ -182,6 +206,7 @@ class MagCacheConfig(PluginConfig):
         check_bool(self, "bounded_forecast")
         check_choice(self, "forecast_target", ("output", "residual"))
         check_choice(self, "forecast_space", ("auto", "clean", "prediction"))
+        check_choice(self, "schedule", ("auto", "rule"))
         if self.forecast_space != "auto" and self.forecast_target != "output":
             raise ValueError(f"MagCacheConfig.forecast_space = {self.forecast_space!r} applies to forecast_target = "
                              f"'output' only (this config forecasts the {self.forecast_target}); use 'auto'")

@@ -18,7 +18,7 @@ from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range
 # mean "off" and are therefore accepted under mode="distrifusion" (anything else there would be silently ignored).
 PCPP_DEFAULTS: dict[str, object] = {"band": 2, "pool": 4, "correction": "detail"}
 PCPP_ONLY: dict[str, tuple] = {"band": (None,), "pool": (None,), "correction": (None, "none"),
-                               "refresh_interval": (0,)}
+                               "refresh_interval": (0,), "refresh_growth": (1.0,)}
 
 
 @register_config("patch-parallel")
@@ -54,6 +54,10 @@ class PatchParallelConfig(PluginConfig):
             is synchronous again (a full exchange, exact, and the correction re-measured; the step before it posts
             nothing, and its bytes count in the plugin's ``bytes_per_step``); 0 never refreshes.
             Allowed: 0-10000 with ``mode="pcpp"``; 0 with ``distrifusion``.
+        refresh_growth (`float`, defaults to `1.0`): pcpp only: each gap between refreshes is this many times the
+            one before (the first is ``refresh_interval``; gaps rounded, at least 1 step): above 1, the refreshes
+            gather in the early steps, where the image's layout and hence the corrections change fastest.
+            Allowed: 1-4 with ``mode="pcpp"`` and ``refresh_interval >= 1``; 1 otherwise.
 
     A field that only applies to ``pcpp`` is refused with ``distrifusion`` rather than ignored: the resolved values
     the plugin uses are :attr:`exchange_band`, :attr:`exchange_pool`, :attr:`active_correction` and
@@ -70,12 +74,14 @@ class PatchParallelConfig(PluginConfig):
     extrapolate: bool = True
     correction: str | None = None
     refresh_interval: int = 0
+    refresh_growth: float = 1.0
 
     def validate(self) -> None:
         check_choice(self, "mode", ("distrifusion", "pcpp"))
         check_bool(self, "extrapolate")
         check_range(self, "warmup_steps", 0, 10000, integer=True)
         check_range(self, "refresh_interval", 0, 10000, integer=True)
+        check_range(self, "refresh_growth", 1.0, 4.0)
         if self.correction is not None:
             check_choice(self, "correction", CORRECTIONS)
         for name, high in (("band", 4096), ("pool", 256)):
@@ -93,9 +99,13 @@ class PatchParallelConfig(PluginConfig):
                 raise ValueError(
                     f"PatchParallelConfig: {', '.join(ignored)}: {which} to mode='pcpp'; mode='distrifusion' "
                     f"exchanges every row of every patch and would ignore {them}. Allowed with 'distrifusion': band, "
-                    "pool and correction unset (correction = 'none' is accepted) and refresh_interval = 0; or set "
+                    "pool and correction unset (correction = 'none' is accepted), refresh_interval = 0 and refresh_growth = 1; "
+                    "or set "
                     "mode = 'pcpp'")
             return
+        if self.refresh_growth != 1.0 and self.refresh_interval == 0:
+            raise ValueError(f"PatchParallelConfig: refresh_growth = {self.refresh_growth} spaces the refreshes, and "
+                             "refresh_interval = 0 makes none; set refresh_interval >= 1 or leave refresh_growth at 1")
         if self.exchange_band == 0 and self.exchange_pool == 0:
             raise ValueError("PatchParallelConfig: mode='pcpp' with band = 0 and pool = 0 exchanges nothing (patches "
                              "would never see each other); set band >= 1 or pool >= 1")

@@ -13,8 +13,8 @@ PCPP steps after it with no extra byte exchanged:
   PCPP approximation from the same keys and values, per layer, call and CFG slot, and output ``O~ + R`` later (as
   Re-ttention and window-residual do for sparse attention). One attention output of memory per slot.
 
-Both go stale as the image forms; a periodic synchronous *refresh* (every ``refresh_interval``-th step after the
-warm-up, :func:`is_sync_step`) re-learns them and is exact itself, at the bytes of one full exchange (counted). On
+Both go stale as the image forms; a synchronous *refresh* (every ``refresh_interval``-th step after the warm-up,
+or at gaps growing by ``refresh_growth``, :func:`is_sync_step`) re-learns them and is exact itself, at the bytes of one full exchange (counted). On
 the keys and values they were learned from both corrections are exact, and when PCPP is exact already (a band
 covering every row) there is nothing to add: a correction never changes an exact result.
 
@@ -34,15 +34,23 @@ from dit_accel.parallel.patches import PatchGrid, pool_rows, share, tile_index
 CORRECTIONS = ("detail", "residual", "none")
 
 
-def is_sync_step(step: int, warmup_steps: int, refresh_interval: int, num_steps: int | None) -> bool:
+def is_sync_step(step: int, warmup_steps: int, refresh_interval: int, num_steps: int | None,
+                 refresh_growth: float = 1.0) -> bool:
     """Whether ``step`` exchanges synchronously: the first ``warmup_steps`` steps (and step 0 always), and with
-    ``refresh_interval = k > 0`` every ``k``-th step after them (steps ``warmup + k - 1``, ``warmup + 2k - 1``, ...),
-    never the last one of a ``num_steps``-step generation (nothing would use what it learns)."""
+    ``refresh_interval = k > 0`` the refreshes after them: the first at step ``warmup + k - 1``, each next one
+    ``round(k * refresh_growth ** j)`` steps after the ``j``-th (at least 1; growth 1: every ``k``-th step), never
+    the last step of a ``num_steps``-step generation (nothing would use what it learns)."""
     if step < max(warmup_steps, 1):
         return True
     if refresh_interval <= 0 or (num_steps is not None and step >= num_steps - 1):
         return False
-    return (step - warmup_steps + 1) % refresh_interval == 0
+    if refresh_growth == 1.0:
+        return (step - warmup_steps + 1) % refresh_interval == 0
+    refresh, gap = warmup_steps + refresh_interval - 1, float(refresh_interval)
+    while refresh < step:
+        gap *= refresh_growth
+        refresh += max(1, round(gap))
+    return refresh == step
 
 
 def residual_of(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:

@@ -274,17 +274,18 @@ class PatchParallelPlugin(Plugin):
         last = context is None or (steps is not None and step >= steps - 1)
         config = self.config
         band, pool, interval = config.exchange_band, config.exchange_pool, config.active_refresh_interval
+        growth = config.refresh_growth
         correct = config.active_correction if context is not None else "none"
         attend = lambda remote: self._attention(query, tokens, remote, k_txt, v_txt, text_first,  # noqa: E731
                                                 k_img.shape[-1], call)
         stale = (previous is not None and step is not None
-                 and not is_sync_step(step, config.warmup_steps, interval, steps)
+                 and not is_sync_step(step, config.warmup_steps, interval, steps, growth)
                  and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
         if stale:
             remote = previous.remote(band, pool) if isinstance(previous, _Exchange) else previous
             if config.extrapolate:
                 remote = self._extrapolated(slot, remote, step - 1)
-            if not last and not is_sync_step(step + 1, config.warmup_steps, interval, steps):
+            if not last and not is_sync_step(step + 1, config.warmup_steps, interval, steps, growth):
                 self._state[slot] = self._post(self._exchange(tokens, grid, full=band is None), step)
             if correct == "detail":
                 remote = self.corrections.apply_detail(slot, context.generation, remote)
