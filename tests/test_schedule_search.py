@@ -181,3 +181,43 @@ def test_zoo_benchmarks_give_magcache_the_shipped_calibration_as_generate_does()
     magcache = next(p for p in entries["magcache-ultra"].recipe.plugins if isinstance(p, MagCacheConfig))
     assert magcache.ratios == load_calibration(shipped_calibration("dit"))
     assert entries["fora"].recipe == load_recipe("fora")
+
+
+def test_a_searched_step_cfg_cache_did_not_run_makes_the_branchs_next_call_compute():
+    """Separate-call CFG (tiny Flux true-CFG): cfg-cache answers some unconditional calls without running them.
+    Where that falls on a step of the searched schedule, the branch would otherwise go on forecasting from its
+    older computed calls until the schedule's next step; like the rule (which adds the missed step's error), the
+    branch's next call computes instead."""
+    pipe = pipes.build("flux")
+    steps = 10
+    flat = [1.0] * steps
+    schedule = (0, 2, 4, 6, 8)
+    table = {"model": "", "steps": steps, "curves": {"cond": flat, "uncond": flat},
+             "schedules": {"5": list(schedule)}}
+    rule = dict(magcache__threshold=100.0, magcache__max_skips=1, magcache__retention=0.0, magcache__last_steps=1)
+    assert computed_steps([flat], threshold=100.0, max_skips=1, retention=0.0, last_steps=1) == (0, 2, 4, 6, 8, 9)
+    table["schedules"] = {"6": [0, 2, 4, 6, 8, 9]}
+    handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__ratios=table, cfg_cache__start=0.0, **rule)
+    plugin = next(p for p in handle.transformers[0].plugins if isinstance(p, MagCachePlugin))
+    missed, original = [], plugin.not_run
+
+    def recording(context):
+        missed.append((context.step, context.slot))
+        original(context)
+
+    plugin.not_run = recording
+    with torch.no_grad():
+        pipes.output_of("flux", pipe(**pipes.call_kwargs("flux", steps=steps)))
+    del plugin.not_run
+    assert missed, "cfg-cache answered some unconditional call of a computed step without running it"
+    decided = {(step, slot): skip for step, slot, _, skip in plugin.last_decisions}
+    for step, slot in missed:
+        later = sorted(s for s, sl in decided if sl == slot and s > step)
+        assert later and decided[(later[0], slot)] is False, (step, slot, later)
+    # Elsewhere the schedule decides: every step of it computes, every other step skips unless after a miss.
+    after_miss = {(min((s for s, sl in decided if sl == slot and s > step), default=None), slot)
+                  for step, slot in missed}
+    for (step, slot), skip in decided.items():
+        if (step, slot) not in after_miss:
+            assert skip == (step not in (0, 2, 4, 6, 8, 9)), (step, slot)
+    remove_acceleration(pipe)

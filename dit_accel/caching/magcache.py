@@ -270,11 +270,14 @@ class MagCachePlugin(Plugin):
 
     def not_run(self, context: CallContext) -> None:
         """A call decided to compute was answered without running (cfg-cache rebuilt it): its accumulators go back
-        to before the decision, and the next call of the slot adds this step's error as a step it missed."""
+        to before the decision, and the next call of the slot adds this step's error as a step it missed (under a
+        searched schedule, the next call of the slot computes)."""
         key = (context.generation, context.step, context.slot)
         if self._before is None or self._before[0] != key or self._before[1] is None:
             return
-        self._state[context.slot] = self._before[1]
+        self._state[context.slot] = state = self._before[1]
+        if state.get("mask") is not None:  # a searched schedule's computed step was missed: the next call computes
+            state["pending"] = True
         if self.decisions and self.decisions[-1][:2] == (context.step, context.slot):
             self.decisions.pop()
 
@@ -292,12 +295,16 @@ class MagCachePlugin(Plugin):
             # (which take their partner's fresh residual when it computes), written back after.
             index = list(context.rows + (context.followers or ()))
             state = {"gamma": [full["gamma"][i] for i in index], "acc": [full["acc"][i] for i in index],
-                     "last": full.get("last"), "mask": full.get("mask")}
+                     "last": full.get("last"), "mask": full.get("mask"), "pending": full.get("pending")}
         else:
             index, state = None, self._slot_state(context, batch)
         if state.get("mask") is not None:  # a searched schedule: no accumulators
-            skip = (step not in state["mask"] and self.target.in_scope(config, context)
+            skip = (step not in state["mask"] and not state.get("pending") and self.target.in_scope(config, context)
                     and context.slot in self.range.residuals)
+            if not skip:
+                state["pending"] = False
+                if index is not None:
+                    full["pending"] = False
             self.decisions.append((step, context.slot, [skip] * batch, skip))
             return skip
         first = max(retention_steps(config.retention, steps), 1)
