@@ -1,6 +1,9 @@
 """Where a magcache generation's time goes: computed calls, skipped calls, and the pipeline outside the model.
 
-For each zoo model, dense and ``magcache-ultra`` / ``magcache-turbo`` generations (2 images, 50 steps) alternate;
+For each zoo model, dense and ``magcache-ultra`` / ``magcache-turbo`` generations (2 images, 50 steps) alternate,
+with the model's shipped calibration as the other benchmarks use it (its searched schedules where it holds them),
+and ``magcache-turbo`` once more with ``schedule = "rule"`` (the same number of computed steps where the rule puts
+them);
 hooks on the transformer time every call and split it by whether a block ran. The rest of the generation (the
 sampler's step, CFG concatenation and guidance, the progress bar) is the same work per step in every
 configuration, so it bounds the wall speedup at ``dense / (computed + skipped + rest)`` however few steps compute:
@@ -21,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.pipelines import zoo
+from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
 
-RECIPES = ("magcache-ultra", "magcache-turbo")
+RECIPES = {"magcache-ultra": {}, "magcache-turbo": {}, "magcache-turbo (rule)": {"schedule": "rule"}}
 
 
 def main() -> None:
@@ -62,8 +66,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for name in samples:
                 if name != "dense":
-                    accelerate_dit(pipe, name)
-                    generate(10_000)  # calibration (dense), untimed
+                    recipe = load_recipe(name.split(" ")[0], **RECIPES[name])
+                    accelerate_dit(pipe, with_shipped_calibration(recipe, model)[0])
+                    generate(10_000)  # warm-up, untimed
                 records.clear()
                 total = generate()
                 computed = [t for ran, t in records if ran]
@@ -93,7 +98,8 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Where a magcache generation's time goes (CPU)", "",
              f"`python benchmarks/step_overhead_cpu.py -o benchmarks/results`; {meta['machine']}, torch "
              f"{meta['torch']}; 2 images, 50 steps, medians of {meta['repeats']} generations per configuration, "
-             "configurations alternating. computed / skipped: time inside transformer calls that ran blocks / ran "
+             "configurations alternating, the shipped calibrations (searched schedules where kept; `(rule)`: the "
+             "rule's schedule). computed / skipped: time inside transformer calls that ran blocks / ran "
              "none; rest: the generation outside the transformer (sampler step, CFG batching and guidance, progress "
              "bar). Call speedup: computed calls of dense over those of the configuration (the FLOPs speedup of "
              "whole calls)."]
