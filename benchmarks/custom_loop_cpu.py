@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from dit_accel.bench.runner import pair_speedup
-from dit_accel import accelerate_dit, remove_acceleration
+from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.harness import TAYLORSEER_IDENTIFIERS
 from dit_accel.pipelines import zoo
+from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
 
 STEPS = 50
 RECIPES = ["fora", "taylorseer", "taylorseer-foca", "taylorseer-cfg", "fbcache", "fbcache-fast", "magcache",
@@ -116,6 +117,10 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=RECIPES, help="dit_accel recipes to run")
     parser.add_argument("--baselines", nargs="*", default=[label for label, _, _ in BASELINES],
                         help="diffusers baselines to run (labels of BASELINES)")
+    parser.add_argument("--shipped-calibration", action="store_true",
+                        help="give magcache plugins zoo:flowdit's shipped calibration (its curves and searched "
+                             "schedules, measured through the pipeline) instead of calibrating in this loop; rows "
+                             "are labelled '<recipe> (shipped calibration)'")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the previous results file that this run does not measure")
     args = parser.parse_args()
@@ -131,7 +136,11 @@ def main() -> None:
     timing_chunk = chunks[0]
     rows = []
 
-    for recipe in args.recipes:
+    for name in args.recipes:
+        recipe = name
+        if args.shipped_calibration:
+            recipe = with_shipped_calibration(load_recipe(name), "flowdit")[0]
+            name = f"{name} (shipped calibration)"
         handle = accelerate_dit(transformer, recipe)
 
         def run(loop, handle=handle):
@@ -145,7 +154,7 @@ def main() -> None:
         flops = handle.stats.flops_fraction
         speed = side_by_side_pairs(dense_transformer, transformer, timing_chunk, run, args.repeats)
         remove_acceleration(transformer)
-        rows.append({"configuration": recipe, "kind": "dit_accel", "wall_speedup": round(speed, 3),
+        rows.append({"configuration": name, "kind": "dit_accel", "wall_speedup": round(speed, 3),
                      "psnr": round(psnr(images, dense), 2), "flops_fraction": round(flops, 3)})
         print(rows[-1], flush=True)
     for label, name, setting in (b for b in BASELINES if b[0] in args.baselines):
@@ -188,7 +197,9 @@ def write(args, rows: list[dict]) -> None:
              "previous results file (`--merge`); dit_accel recipes declared with `handle.generation(num_steps=50, "
              "cfg='batched-cond-first', prediction='flow')` (earlier runs' rows, without `prediction`, forecast the "
              "prediction itself), diffusers' hooks with one cache context per loop. Nothing was tuned on this "
-             "model.", "",
+             "model; rows marked (shipped calibration) use the calibration shipped with zoo:flowdit, whose schedules "
+             "were searched through its pipeline on calibration generations (seeds 10001-10006) by `ditaccel "
+             "calibrate --search-schedule`, not in this loop.", "",
              "| configuration | kind | wall x | PSNR dB | FLOPs x |", "|---|---|---|---|---|"]
     for r in rows:
         flops = f"{1 / r['flops_fraction']:.2f}" if r["flops_fraction"] else "–"
