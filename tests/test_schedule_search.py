@@ -4,7 +4,6 @@ following a searched schedule (and the rule where none fits), and the search on 
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -107,8 +106,7 @@ def test_magcache_follows_a_searched_schedule_of_the_rules_count_and_the_rule_ot
         remove_acceleration(pipe)
     # Another step count than the calibration's: the rule on the resampled curve.
     handle = accelerate_dit(pipe, "magcache", ratios=searched, **rule)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match="resampled and the rule decides"):
         generate(pipe, 10)
     plugin = next(p for p in handle.transformers[0].plugins if isinstance(p, MagCachePlugin))
     assert [d[0] for d in plugin.last_decisions if not d[3]] == [3, 6] and not plugin.schedules.get(10)

@@ -15,7 +15,7 @@ import torch
 
 from dit_accel.bench.metrics import psnr
 from dit_accel.caching.calibration import validate_calibration
-from dit_accel.caching.magcache_rule import MagCacheConfig, computed_steps
+from dit_accel.caching.magcache_rule import MagCacheConfig
 from dit_accel.caching.schedule_search import Schedule, ScheduleSearch, search_schedule
 from dit_accel.recipe import Recipe
 
@@ -42,9 +42,7 @@ def magcache_config(recipe: Recipe) -> MagCacheConfig:
 
 def rule_schedule(recipe: Recipe, calibration: Mapping[str, Any]) -> Schedule:
     """The steps the recipe's magcache rule computes on ``calibration``'s curves (every role's union)."""
-    config = magcache_config(recipe)
-    return computed_steps(list(calibration["curves"].values()), threshold=config.threshold,
-                          max_skips=config.max_skips, retention=config.retention, last_steps=config.last_steps)
+    return magcache_config(recipe).rule_steps(list(calibration["curves"].values()))
 
 
 @dataclass(frozen=True)
@@ -84,6 +82,7 @@ def search_magcache_schedule(pipe: Any, recipe: Recipe, calibration: Mapping[str
     counts kept; that count removed when the held-out check rejects it), and what was done.
     """
     from dit_accel import accelerate_dit, remove_acceleration
+    from dit_accel.caching.magcache import MagCachePlugin
 
     calibration = validate_calibration(calibration)
     start = rule_schedule(recipe, calibration)
@@ -97,7 +96,7 @@ def search_magcache_schedule(pipe: Any, recipe: Recipe, calibration: Mapping[str
             handle = accelerate_dit(pipe, recipe.with_overrides(magcache__ratios=table, magcache__schedule="auto"))
             try:
                 images = torch.cat([_pixels(pipe(**call())) for call in generations])
-                used = [p for acc in handle.transformers for p in acc.plugins if hasattr(p, "schedules")]
+                used = [p for acc in handle.transformers for p in acc.plugins if isinstance(p, MagCachePlugin)]
                 if not any(p.schedules.get(calibration["steps"]) for p in used):
                     raise RuntimeError("the searched schedule was not used: do the calibration generations run "
                                        f"{calibration['steps']} steps on the calibrated model?")

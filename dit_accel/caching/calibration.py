@@ -90,15 +90,17 @@ def validate_schedules(schedules: Any, steps: int, where: str) -> dict[str, tupl
     ``count`` entries."""
     if not isinstance(schedules, Mapping):
         raise ValueError(f"{where}: 'schedules' must map a count of computed steps to the list of those steps")
+    from dit_accel.caching.schedule_search import check_schedule
+
     normalised = {}
     for count, schedule in schedules.items():
-        ok = (str(count).isdigit() and isinstance(schedule, (list, tuple)) and len(schedule) == int(count) and
-              all(isinstance(s, int) and not isinstance(s, bool) for s in schedule) and
-              list(schedule) == sorted(set(schedule)) and schedule and schedule[0] == 0 and schedule[-1] < steps)
-        if not ok:
+        try:
+            if not str(count).isdigit() or not isinstance(schedule, (list, tuple)) or len(schedule) != int(count):
+                raise ValueError(f"not {count} steps")
+            normalised[str(int(count))] = check_schedule(schedule, steps)
+        except ValueError:
             raise ValueError(f"{where}: schedules[{count!r}] = {schedule!r} is invalid; allowed: {count} distinct "
-                             f"steps in increasing order, the first 0, each below {steps}")
-        normalised[str(int(count))] = tuple(schedule)
+                             f"steps in increasing order, the first 0, each below {steps}") from None
     return normalised
 
 

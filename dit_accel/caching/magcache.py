@@ -176,7 +176,9 @@ class MagCachePlugin(Plugin):
             return False
         if calibration["steps"] != steps:
             self._warn_once(("resample", steps), f"dit_accel magcache: the calibration in `ratios` is for "
-                            f"{calibration['steps']} steps, this generation has {steps}: its curves are resampled",
+                            f"{calibration['steps']} steps, this generation has {steps}: its curves are resampled"
+                            + (" and the rule decides (its searched schedules hold for its own step count only)"
+                               if calibration.get("schedules") and self.config.schedule == "auto" else ""),
                             UserWarning)
         self.curves[steps] = {role: tuple(resample_ratios(curve, steps)) for role, curve in calibration["curves"].items()}
         if calibration["steps"] == steps and calibration.get("schedules"):
@@ -233,13 +235,13 @@ class MagCachePlugin(Plugin):
         searched = self.schedules.get(steps)
         if self.config.schedule != "auto" or not searched:
             return None
-        config = self.config
-        count = len(computed_steps(curves, threshold=config.threshold, max_skips=config.max_skips,
-                                   retention=config.retention, last_steps=config.last_steps))
+        count = len(self.config.rule_steps(curves))
         schedule = searched.get(str(count))
         if schedule is None:
-            logger.info("magcache: the calibration has searched schedules for %s computed steps, the rule computes "
-                        "%d: the rule decides", ", ".join(sorted(searched, key=int)), count)
+            if ("schedule", steps, count) not in self._warned:  # said once: the same for every slot and generation
+                self._warned.add(("schedule", steps, count))
+                logger.info("magcache: the calibration has searched schedules for %s computed steps, the rule "
+                            "computes %d: the rule decides", ", ".join(sorted(searched, key=int)), count)
             return None
         return frozenset(schedule)
 
@@ -301,10 +303,8 @@ class MagCachePlugin(Plugin):
         if state.get("mask") is not None:  # a searched schedule: no accumulators
             skip = (step not in state["mask"] and not state.get("pending") and self.target.in_scope(config, context)
                     and context.slot in self.range.residuals)
-            if not skip:
-                state["pending"] = False
-                if index is not None:
-                    full["pending"] = False
+            if not skip:  # a computed call settles a missed step (on the whole slot's state)
+                (full if index is not None else state)["pending"] = False
             self.decisions.append((step, context.slot, [skip] * batch, skip))
             return skip
         first = max(retention_steps(config.retention, steps), 1)

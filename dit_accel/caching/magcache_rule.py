@@ -195,6 +195,12 @@ class MagCacheConfig(PluginConfig):
             data = {"schedule": "rule", **data, "version": 4}
         return data
 
+    def rule_steps(self, curves: Sequence[Sequence[float]]) -> tuple[int, ...]:
+        """The steps the rule computes for rows following ``curves`` (:func:`computed_steps`); its length keys the
+        searched schedule that ``schedule = "auto"`` uses."""
+        return computed_steps(curves, threshold=self.threshold, max_skips=self.max_skips, retention=self.retention,
+                              last_steps=self.last_steps)
+
     def validate(self) -> None:
         check_range(self, "threshold", 0.0, 100.0)
         check_range(self, "max_skips", 1, 1000, integer=True)

@@ -99,9 +99,8 @@ class PatchParallelConfig(PluginConfig):
                 raise ValueError(
                     f"PatchParallelConfig: {', '.join(ignored)}: {which} to mode='pcpp'; mode='distrifusion' "
                     f"exchanges every row of every patch and would ignore {them}. Allowed with 'distrifusion': band, "
-                    "pool and correction unset (correction = 'none' is accepted), refresh_interval = 0 and refresh_growth = 1; "
-                    "or set "
-                    "mode = 'pcpp'")
+                    "pool and correction unset (correction = 'none' is accepted), refresh_interval = 0 and "
+                    "refresh_growth = 1; or set mode = 'pcpp'")
             return
         if self.refresh_growth != 1.0 and self.refresh_interval == 0:
             raise ValueError(f"PatchParallelConfig: refresh_growth = {self.refresh_growth} spaces the refreshes, and "

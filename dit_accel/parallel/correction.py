@@ -14,9 +14,10 @@ PCPP steps after it with no extra byte exchanged:
   Re-ttention and window-residual do for sparse attention). One attention output of memory per slot.
 
 Both go stale as the image forms; a synchronous *refresh* (every ``refresh_interval``-th step after the warm-up,
-or at gaps growing by ``refresh_growth``, :func:`is_sync_step`) re-learns them and is exact itself, at the bytes of one full exchange (counted). On
-the keys and values they were learned from both corrections are exact, and when PCPP is exact already (a band
-covering every row) there is nothing to add: a correction never changes an exact result.
+or at gaps growing by ``refresh_growth``, :func:`is_sync_step`) re-learns them and is exact itself, at the bytes of
+one full exchange (counted). On the keys and values they were learned from both corrections are exact, and when
+PCPP is exact already (a band covering every row) there is nothing to add: a correction never changes an exact
+result.
 
 Chosen on zoo:mmdit, calibration seed 7 (benchmarks/results/patch-parallel-correction-calibration-seed7-cpu.md):
 ``detail`` beat ``residual`` on 18 of 20 settings (within 0.4 dB on the others); with ``band=0, pool=4,
