@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import platform
 import sys
@@ -180,6 +181,32 @@ def main() -> None:
     plot(results, args.out / "caching-cpu.png")
 
 
+def split_rows(names: str) -> list[str]:
+    """Row names joined by ", " (an anchor's name holds ", " inside its parentheses)."""
+    rows, depth, start = [], 0, 0
+    for i, char in enumerate(names):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and names.startswith(", ", i):
+            rows.append(names[start:i])
+            start = i + 2
+    return rows + [names[start:]]
+
+
+def later_runs(merged: list[str]) -> str:
+    """The runs merged after the first one, each with the rows it is the newest measurement of on some model it ran
+    (a run whose rows were all measured again later is left out)."""
+    seen, parts = set(), []
+    for entry in reversed(merged):  # "`command` (settings): row, row, ..."
+        run, names = entry.split("): ", 1)
+        found = re.search(r"--models ((?:\w+ ?)+)", run)
+        models = found.group(1).split() if found else list(zoo.MODELS)
+        rows = [name for name in split_rows(names) if any((model, name) not in seen for model in models)]
+        seen.update((model, name) for model in models for name in rows)
+        if rows:
+            parts.append(f" {run}): {', '.join(rows)}.")
+    return (" Rows measured again later, each by its newest run:" + "".join(reversed(parts))) if parts else ""
+
+
 def distance_experiment(args, evaluator, labels, real) -> dict:
     """TaylorSeer's distance in timesteps vs in step indices on a non-uniform schedule: zoo:mmdit with the
     flow-matching shift of 3 that FLUX-style schedules use (uniform schedules make the two identical)."""
@@ -242,7 +269,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "a dense run in the same process; quality on "
         f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
         "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
-        "report one); achieved/ideal is wall × over FLOPs ×." + "".join(f" Rows added later by {entry}." for entry in meta.get("merged", [])),
+        "report one); achieved/ideal is wall × over FLOPs ×." + later_runs(meta.get("merged", [])),
     ]
     for model, rows in results["models"].items():
         lines += ["", f"## zoo:{model}", "",

@@ -3,6 +3,11 @@ computed steps, and generations on a seed's labels ``(seed + i) % 10``."""
 
 from __future__ import annotations
 
+import argparse
+import platform
+import warnings
+from pathlib import Path
+
 import torch
 
 from dit_accel.pipelines import zoo
@@ -29,3 +34,18 @@ class CountingPipeline:
     def computed_steps(self, generations: int) -> float:
         """Computed steps per generation and CFG branch since the count was last reset (``calls = 0``)."""
         return self.calls / generations / self.branches
+
+
+def level_choice_setup(doc: str, seeds: tuple[int, ...], images: int, steps: int, **meta) -> tuple:
+    """What the level-choosing scripts share: their arguments (``--models``, default the two zoo models the levels
+    are chosen on; ``-o``), the results skeleton with its meta, and the labels of every image in seed order."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=["dit", "mmdit"])
+    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    results = {"meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+                        "torch": torch.__version__, "seeds": list(seeds), "images_per_seed": images,
+                        "steps": steps, **meta}, "dense": {}, "rows": {}}
+    labels = [(seed + i) % 10 for seed in seeds for i in range(images)]
+    return args, results, labels

@@ -14,17 +14,14 @@ consistency are reported beside it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import warnings
 from pathlib import Path
 
 import torch
 
 from dit_accel import accelerate_dit, remove_acceleration
 from dit_accel.bench.metrics import psnr
-from calibration_runs import CountingPipeline
+from calibration_runs import CountingPipeline, level_choice_setup
 from dit_accel.pipelines import zoo
 
 SEEDS = tuple(range(100, 108))
@@ -42,16 +39,8 @@ CANDIDATES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["dit", "mmdit"])
-    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+    args, results, labels = level_choice_setup(__doc__, SEEDS, IMAGES, STEPS)
     evaluator = zoo.evaluator()
-    results = {"meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-                        "torch": torch.__version__, "seeds": list(SEEDS), "images_per_seed": IMAGES,
-                        "steps": STEPS}, "dense": {}, "rows": {}}
-    labels = [(seed + i) % 10 for seed in SEEDS for i in range(IMAGES)]
     for model in args.models:
         runner = CountingPipeline(model, STEPS)
         pipe = runner.pipe

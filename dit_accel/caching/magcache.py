@@ -98,7 +98,6 @@ class MagCachePlugin(Plugin):
                                               config_forecaster(self.config), self.range.sublayers, self.range.blocks,
                                               space=space)
         self._decided: tuple[tuple, bool] | None = None
-        self._before: tuple[tuple, dict | None] | None = None
         self.reset()
 
     @property
@@ -264,24 +263,9 @@ class MagCachePlugin(Plugin):
         key = (context.generation, context.step, context.slot)
         if self._decided is not None and self._decided[0] == key:
             return self._decided[1]
-        state = self._state.get(context.slot)
-        self._before = (key, None if state is None else dict(state, acc=list(state["acc"])))
         skip = self._decide(context, context.batch_size if hidden is None else hidden.shape[0])
         self._decided = (key, skip)
         return skip
-
-    def not_run(self, context: CallContext) -> None:
-        """A call decided to compute was answered without running (cfg-cache rebuilt it): its accumulators go back
-        to before the decision, and the next call of the slot adds this step's error as a step it missed (under a
-        searched schedule, the next call of the slot computes)."""
-        key = (context.generation, context.step, context.slot)
-        if self._before is None or self._before[0] != key or self._before[1] is None:
-            return
-        self._state[context.slot] = state = self._before[1]
-        if state.get("mask") is not None:  # a searched schedule's computed step was missed: the next call computes
-            state["pending"] = True
-        if self.decisions and self.decisions[-1][:2] == (context.step, context.slot):
-            self.decisions.pop()
 
     def _decide(self, context: CallContext, batch: int) -> bool:
         if context.generation != self._generation:
@@ -297,14 +281,12 @@ class MagCachePlugin(Plugin):
             # (which take their partner's fresh residual when it computes), written back after.
             index = list(context.rows + (context.followers or ()))
             state = {"gamma": [full["gamma"][i] for i in index], "acc": [full["acc"][i] for i in index],
-                     "last": full.get("last"), "mask": full.get("mask"), "pending": full.get("pending")}
+                     "last": full.get("last"), "mask": full.get("mask")}
         else:
             index, state = None, self._slot_state(context, batch)
         if state.get("mask") is not None:  # a searched schedule: no accumulators
-            skip = (step not in state["mask"] and not state.get("pending") and self.target.in_scope(config, context)
+            skip = (step not in state["mask"] and self.target.in_scope(config, context)
                     and context.slot in self.range.residuals)
-            if not skip:  # a computed call settles a missed step (on the whole slot's state)
-                (full if index is not None else state)["pending"] = False
             self.decisions.append((step, context.slot, [skip] * batch, skip))
             return skip
         first = max(retention_steps(config.retention, steps), 1)
@@ -381,7 +363,6 @@ class MagCachePlugin(Plugin):
         self._state: dict[int, dict] = {}
         self.decisions: list[tuple[int, int, list[bool], bool]] = []
         self._decided = None
-        self._before = None
         self.range.clear()
         if self.whole_calls is not None:
             self.whole_calls.clear()
