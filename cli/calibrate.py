@@ -9,7 +9,9 @@ loads it with ``ratios = "zoo-dit-50.json"`` and skips from its first generation
 ``--search-schedule`` then searches where the recipe's budget of computed steps goes on a few calibration
 generations (seeds after ``--seed``; :mod:`dit_accel.bench.schedule_calibration`) and adds the schedule found to the
 file (an existing file of the same model and step count keeps its curves and other schedules); magcache's
-``schedule = "auto"`` uses it.
+``schedule = "auto"`` uses it. For a text-conditional pipeline, ``--prompts-file`` gives the search many prompts
+(one per line, taken in turn by its calibration images) instead of one: a schedule searched on a single prompt can
+fit that prompt.
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ from dit_accel.cli.app import DEFAULT_MODEL, _library_logs, accelerate_on, app, 
 @app.command(epilog="Examples:\n\n  ditaccel calibrate --model zoo:dit --steps 50 -o zoo-dit-50.json\n\n"
              "  ditaccel generate --model zoo:dit --steps 50 --recipe magcache --set ratios=zoo-dit-50.json\n\n"
              "  ditaccel calibrate --model ./my_flux_pipeline --steps 28 --prompt 'a cat' -o flux-28.json\n\n"
-             "  ditaccel calibrate --model zoo:dit --recipe magcache-ultra --search-schedule -o zoo-dit-50.json")
+             "  ditaccel calibrate --model zoo:dit --recipe magcache-ultra --search-schedule -o zoo-dit-50.json\n\n"
+             "  ditaccel calibrate --model ./my_flux_pipeline --steps 28 --recipe magcache-ultra --prompts-file prompts.txt "
+             "--search-schedule -o flux-28.json")
 def calibrate(
     model: Annotated[str, typer.Option(metavar="SPEC", help="The model, as for `ditaccel generate`.")] = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(metavar="N", min=2, help="Denoising steps of the calibration (the "
                                        "generations that use it; other step counts are resampled).")] = 50,
     recipe: Annotated[str, typer.Option(metavar="NAME|TOML", help="A recipe with a magcache plugin.")] = "magcache",
     prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="Prompt of text-conditional pipelines.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(metavar="PATH", help="Prompts of text-conditional pipelines, "
+                                                      "one per line (blank lines and lines starting with # "
+                                                      "skipped): the curve's generation uses the first, the "
+                                                      "schedule search's images take them in turn.")] = None,
     class_label: Annotated[int | None, typer.Option(metavar="N", help="Class id of class-conditional pipelines.")]
     = None,
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of the calibration generation.")] = 10_000,
@@ -62,6 +70,9 @@ def calibrate(
 
     if output.suffix.lower() != ".json":
         fail(f"-o {str(output)!r}: a calibration is written as JSON; use a .json path")
+    prompts = read_prompts(prompts_file, prompt) if prompts_file is not None else None
+    if prompts is not None:
+        prompt = prompts[0]
     try:
         resolved = dit_accel.load_recipe(recipe)
     except (ValueError, FileNotFoundError, TypeError) as error:
@@ -77,8 +88,8 @@ def calibrate(
         handle = accelerate_on(pipe, device, resolved, model)
         if existing is not None:  # applied only to place the pipeline and check that the recipe fits the model
             dit_accel.remove_acceleration(pipe)
-            _search(pipe, model, family, resolved, existing, prompt, class_label, steps, seed, guidance_scale,
-                    (search_generations, holdout_generations, search_images), output, quiet)
+            _search(pipe, model, family, resolved, existing, prompts or prompt, class_label, steps, seed,
+                    guidance_scale, (search_generations, holdout_generations, search_images), output, quiet)
             return
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [calibrate]")
         with warnings.catch_warnings(), torch.inference_mode():
@@ -90,13 +101,27 @@ def calibrate(
         fail(f"{model!r} produced no calibration at {steps} steps (did the pipeline run {steps} steps?)")
     if search:
         with _library_logs(quiet):
-            _search(pipe, model, family, resolved, found[0], prompt, class_label, steps, seed, guidance_scale,
-                    (search_generations, holdout_generations, search_images), output, quiet)
+            _search(pipe, model, family, resolved, found[0], prompts or prompt, class_label, steps, seed,
+                    guidance_scale, (search_generations, holdout_generations, search_images), output, quiet)
         return
     path = save_calibration(found[0], output)
     roles = ", ".join(found[0]["curves"])
     typer.echo(f"wrote {path}: {found[0]['steps']}-step curves for {roles} of {found[0]['model']}; use it with "
                f"--set ratios={path} or ratios = \"{path.name}\" in a recipe next to it")
+
+
+def read_prompts(path: Path, prompt: str | None) -> list[str]:
+    """The prompts of ``--prompts-file``: its lines, stripped, without blank ones and ``#`` comments."""
+    if prompt is not None:
+        fail("--prompt and --prompts-file both given; use one (a file of one line is one prompt)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        fail(f"--prompts-file {str(path)!r}: cannot read it ({error.strerror or error})")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        fail(f"--prompts-file {str(path)!r} holds no prompt; allowed: a text file of one prompt per line")
+    return prompts
 
 
 def _existing_calibration(output: Path, pipe, steps: int) -> dict | None:
@@ -115,20 +140,35 @@ def _existing_calibration(output: Path, pipe, steps: int) -> dict | None:
     return existing
 
 
-def _search(pipe, model, family, recipe, calibration, prompt, class_label, steps, seed, guidance_scale, sizes,
-            output, quiet) -> None:
+def _search(pipe, model, family, recipe, calibration, prompt: str | list[str] | None, class_label, steps, seed,
+            guidance_scale, sizes, output, quiet) -> None:
     from dit_accel.bench.schedule_calibration import rule_schedule, search_magcache_schedule
     from dit_accel.caching.calibration import save_calibration
 
     generations, holdout, images = sizes
 
+    prompts = prompt if isinstance(prompt, list) else None
+
+    def kwargs_of(index: int) -> dict:
+        if prompts is None:
+            return call_kwargs(model, family, pipe, prompt, class_label, steps, seed + 1 + index, guidance_scale,
+                               images)
+        # One prompt per image, in turn across the generations (search then held out), one image per prompt.
+        kwargs = call_kwargs(model, family, pipe, prompts[0], class_label, steps, seed + 1 + index, guidance_scale,
+                             1)
+        kwargs["prompt"] = [prompts[(index * images + k) % len(prompts)] for k in range(images)]
+        negative = kwargs.get("negative_prompt")
+        if negative is not None:  # one per prompt, as the pipelines require of a prompt list
+            kwargs["negative_prompt"] = [negative if isinstance(negative, str) else negative[0]] * images
+        return kwargs
+
     def call(index: int):
-        return lambda: call_kwargs(model, family, pipe, prompt, class_label, steps, seed + 1 + index,
-                                   guidance_scale, images)
+        return lambda: kwargs_of(index)
 
     start = rule_schedule(recipe, calibration)
     typer.echo(f"searching where {recipe.name}'s {len(start)} computed steps of {steps} go, from the rule's "
                f"{list(start)}, on {generations} x {images} calibration images (seeds {seed + 1}-{seed + generations}"
+               + (f", {len(prompts)} prompts in turn" if prompts else "")
                + (f"; held out: {holdout} x {images}, seeds {seed + generations + 1}-{seed + generations + holdout})"
                   if holdout else ")"))
     pipe.set_progress_bar_config(disable=True)

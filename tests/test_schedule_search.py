@@ -210,3 +210,46 @@ def test_a_searched_step_cfg_cache_rebuilt_stays_the_branchs_computed_step():
     cond, uncond = runs.count(0), runs.count(1)
     assert cond == len(schedule) and uncond == len(schedule) - rebuilt, (cond, uncond, rebuilt)
     remove_acceleration(pipe)
+
+
+def test_ditaccel_calibrate_prompts_file_gives_the_search_its_prompts_in_turn(tmp_path, monkeypatch):
+    """``--prompts-file``: the curve's generation uses the first prompt; the search's and the held-out generations
+    take one prompt per image, in turn across them (comments and blank lines skipped), each with its own negative
+    prompt; a file without prompts, or a file beside --prompt, is refused."""
+    import dit_accel.bench.schedule_calibration as schedule_calibration
+    from dit_accel.bench.schedule_calibration import ScheduleCalibration
+    from dit_accel.caching.schedule_search import ScheduleSearch
+    from dit_accel.cli.app import app
+
+    seen = {}
+
+    def recording(pipe, recipe, calibration, calls, *, holdout=(), **_):
+        seen["search"] = [call() for call in calls]
+        seen["holdout"] = [call() for call in holdout]
+        start = rule_schedule(recipe, calibration)
+        return dict(calibration), ScheduleCalibration(ScheduleSearch(start, 30.0, start, 30.0), None, None, False)
+
+    monkeypatch.setattr(schedule_calibration, "search_magcache_schedule", recording)
+    import dit_accel.cli.calibrate as calibrate_cli
+
+    asked, original = [], calibrate_cli.call_kwargs
+    monkeypatch.setattr(calibrate_cli, "call_kwargs", lambda *a: asked.append(a[3]) or original(*a))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration prompts\na red cube\n\n  a cat  \na lake\n", encoding="utf-8")
+    args = ["calibrate", "--model", "tiny:flux", "--steps", "4", "--recipe", "magcache-ultra", "--search-schedule",
+            "--search-generations", "2", "--holdout-generations", "1", "--search-images", "2",
+            "--prompts-file", str(prompts), "-o", str(tmp_path / "c.json"), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert asked[0] == "a red cube"  # the curve's generation
+    assert [kwargs["prompt"] for kwargs in seen["search"]] == [["a red cube", "a cat"], ["a lake", "a red cube"]]
+    assert [kwargs["prompt"] for kwargs in seen["holdout"]] == [["a cat", "a lake"]]
+    for kwargs in seen["search"] + seen["holdout"]:
+        assert len(kwargs["negative_prompt"]) == 2 and kwargs["num_images_per_prompt"] == 1
+    assert load_calibration(tmp_path / "c.json")["steps"] == 4
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n", encoding="utf-8")
+    refused = CliRunner().invoke(app, args[:-4] + [str(empty), "-o", str(tmp_path / "d.json")])
+    assert refused.exit_code == 2 and "holds no prompt" in refused.output
+    both = CliRunner().invoke(app, args + ["--prompt", "a dog"])
+    assert both.exit_code == 2 and "--prompt and --prompts-file" in both.output
