@@ -31,8 +31,8 @@ from dit_accel.cli.app import DEFAULT_MODEL, _library_logs, accelerate_on, app, 
              "  ditaccel generate --model zoo:dit --steps 50 --recipe magcache --set ratios=zoo-dit-50.json\n\n"
              "  ditaccel calibrate --model ./my_flux_pipeline --steps 28 --prompt 'a cat' -o flux-28.json\n\n"
              "  ditaccel calibrate --model zoo:dit --recipe magcache-ultra --search-schedule -o zoo-dit-50.json\n\n"
-             "  ditaccel calibrate --model ./my_flux_pipeline --steps 28 --recipe magcache-ultra --prompts-file prompts.txt "
-             "--search-schedule -o flux-28.json")
+             "  ditaccel calibrate --model ./my_flux_pipeline --steps 28 --recipe magcache-ultra "
+             "--prompts-file prompts.txt --search-schedule -o flux-28.json")
 def calibrate(
     model: Annotated[str, typer.Option(metavar="SPEC", help="The model, as for `ditaccel generate`.")] = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(metavar="N", min=2, help="Denoising steps of the calibration (the "

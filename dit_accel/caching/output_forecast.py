@@ -13,8 +13,10 @@ rebuilt unconditional rows included. A separate unconditional call that cfg-cach
 transformer is recorded the same way: its rebuilt output (the fresh conditional prediction plus the cached
 difference) is the branch's point at that step. Not recording it would leave the branch forecasting past a step it
 was to compute (measured: several dB lost on zoo:mmdit); computing the branch's next call instead would spend the
-call cfg-cache saved (on zoo:mmdit, magcache-cfg-ultra computed 3.70x fewer calls than dense, magcache-ultra 3.57x). The call computes as usual (and the block-range machinery asks the same
-question again, getting the same answer) where this cannot apply: a call holding only some rows of its slot, a
+call cfg-cache saved (on zoo:mmdit, magcache-cfg-ultra computed 3.70x fewer calls than dense, magcache-ultra 3.57x).
+
+The call computes as usual (and the block-range machinery asks the same question again, getting the same answer)
+where this cannot apply: a call holding only some rows of its slot, a
 call measuring the work outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside
 the model), or no computed prediction of the slot yet.
 
