@@ -16,9 +16,9 @@ was to compute (measured: several dB lost on zoo:mmdit); computing the branch's 
 call cfg-cache saved (on zoo:mmdit, magcache-cfg-ultra computed 3.70x fewer calls than dense, magcache-ultra 3.57x).
 
 The call computes as usual (and the block-range machinery asks the same question again, getting the same answer)
-where this cannot apply: a call holding only some rows of its slot, a
-call measuring the work outside the blocks, sequence or patch parallelism (the ranks' outputs are assembled outside
-the model), or no computed prediction of the slot yet.
+where this cannot apply: a call holding only some rows of its slot, a call measuring the work outside the blocks,
+sequence or patch parallelism (the ranks' outputs are assembled outside the model), or no computed prediction of
+the slot yet.
 
 ``space = "clean"`` forecasts the clean-sample estimate each computed prediction implies and turns the forecast back
 into a prediction at the skipped call's own input (:mod:`dit_accel.caching.prediction_space`); it needs the
