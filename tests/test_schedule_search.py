@@ -253,3 +253,32 @@ def test_ditaccel_calibrate_prompts_file_gives_the_search_its_prompts_in_turn(tm
     assert refused.exit_code == 2 and "holds no prompt" in refused.output
     both = CliRunner().invoke(app, args + ["--prompt", "a dog"])
     assert both.exit_code == 2 and "--prompt and --prompts-file" in both.output
+
+
+def test_a_searched_step_missed_below_the_blocks_is_computed_at_the_branchs_next_call():
+    """Where magcache skips only the block stack (``forecast_target = "residual"``), an unconditional call that
+    cfg-cache answers without running never reaches magcache: a step of the searched schedule the branch was not
+    called at makes its next call compute rather than forecast past it (like the rule, which adds the missed
+    step's error); every other call follows the schedule."""
+    pipe = pipes.build("flux")
+    steps = 10
+    flat = [1.0] * steps
+    schedule = (0, 1, 3, 5, 7, 9)
+    table = {"model": "", "steps": steps, "curves": {"cond": flat, "uncond": flat}, "schedules": {"6": list(schedule)}}
+    rule = dict(magcache__threshold=100.0, magcache__max_skips=1, magcache__retention=0.0, magcache__last_steps=1)
+    handle = accelerate_dit(pipe, "magcache-cfg-max", magcache__ratios=table, cfg_cache__start=0.0,
+                            magcache__forecast_target="residual", **rule)
+    plugin = next(p for p in handle.transformers[0].plugins if isinstance(p, MagCachePlugin))
+    with torch.no_grad():
+        pipes.output_of("flux", pipe(**pipes.call_kwargs("flux", steps=steps)))
+    decided = {(step, slot): skip for step, slot, _, skip in plugin.last_decisions}
+    missed = [s for s in schedule[1:] if (s, 1) not in decided and s < steps - 1]
+    assert missed, "cfg-cache answered some unconditional call of a scheduled step below the blocks"
+    for step in missed:
+        following = min(s for s, slot in decided if slot == 1 and s > step)
+        assert decided[(following, 1)] is False, (step, following)
+    for (step, slot), skip in decided.items():
+        after_miss = slot == 1 and any(m < step and not any(m < s < step for s, sl in decided if sl == 1)
+                                       for m in missed)
+        assert skip == (step not in schedule and not after_miss), (step, slot)
+    remove_acceleration(pipe)

@@ -285,7 +285,13 @@ class MagCachePlugin(Plugin):
         else:
             index, state = None, self._slot_state(context, batch)
         if state.get("mask") is not None:  # a searched schedule: no accumulators
-            skip = (step not in state["mask"] and self.target.in_scope(config, context)
+            # A step of the schedule this slot was not called at (cfg-cache answered its unconditional call before
+            # the blocks, where magcache skips only the block stack) is computed at the slot's next call instead
+            # of forecasting past it.
+            last, mask = state.get("last"), state["mask"]
+            missed = last is not None and any(s in mask for s in range(last + 1, step))
+            (full if index is not None else state)["last"] = step
+            skip = (step not in mask and not missed and self.target.in_scope(config, context)
                     and context.slot in self.range.residuals)
             self.decisions.append((step, context.slot, [skip] * batch, skip))
             return skip
