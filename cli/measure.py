@@ -290,6 +290,10 @@ def tune(
     per_layer: Annotated[bool, typer.Option(
         "--per-layer/--uniform-only", help="After the uniform search, also try per-layer plans (DiTFastAttn-style "
         "greedy: the first failing value on the blocks that tolerate it).")] = True,
+    search_schedule: Annotated[bool, typer.Option(
+        "--search-schedule", help="When the winner has one magcache plugin, also search where its computed steps go "
+        "(as `ditaccel calibrate --search-schedule`, on the calibration seeds, judged on the seeds after them) and "
+        "embed the schedule in the recipe if it is kept.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no library warnings.")] = False,
 ) -> None:
     """Search the recipes' speed knobs for the fastest setting that meets a quality target; write it as TOML."""
@@ -321,7 +325,7 @@ def tune(
                                  seed=seed, batch=batch, budget_minutes=budget_minutes, output=output,
                                  guidance_scale=guidance_scale, device=where, holdout_seed=holdout_seed,
                                  log=typer.echo, per_layer=per_layer, fixed=fixed, repeats=repeats,
-                                 progress=not quiet)
+                                 progress=not quiet, search_schedule=search_schedule)
         except ValueError as error:
             fail(str(error))
     if report is not None:

@@ -282,3 +282,38 @@ def test_a_searched_step_missed_below_the_blocks_is_computed_at_the_branchs_next
                                        for m in missed)
         assert skip == (step not in schedule and not after_miss), (step, slot)
     remove_acceleration(pipe)
+
+
+@pytest.mark.skipif(not pipes.zoo_weights_present("zoo:dit"), reason="zoo weights not exported")
+def test_ditaccel_tune_search_schedule_embeds_the_schedule_it_keeps(tmp_path):
+    """``ditaccel tune --search-schedule``: the winner's magcache plugin gets the schedule searched on the
+    calibration seeds (judged on the seeds after them) in its embedded calibration when the search keeps it, and
+    the saved recipe computes exactly those steps; a winner without magcache says that nothing was searched."""
+    import tomllib
+
+    from dit_accel.cli.app import app
+
+    tuned = tmp_path / "tuned.toml"
+    args = ["tune", "--model", "zoo:dit", "--target", "psnr>=20", "--recipes", "magcache@threshold=0.5", "--steps",
+            "8", "--num-samples", "2", "--batch", "2", "--uniform-only", "--budget-minutes", "1", "--repeats", "1",
+            "--search-schedule", "-o", str(tuned), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("schedule search:"))
+    ratios = tomllib.loads(tuned.read_text())["plugins"][0]["ratios"]
+    if line.endswith(": kept"):
+        (count, steps), = ratios["schedules"].items()
+        assert f"{count} computed steps at {steps}" in line
+        from dit_accel.pipelines import zoo
+
+        pipe = zoo.load("dit")
+        handle = accelerate_dit(pipe, load_recipe(str(tuned)))
+        with torch.no_grad():
+            pipe(class_labels=[1, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(3))
+        plugin = next(p for p in handle.transformers[0].plugins if isinstance(p, MagCachePlugin))
+        assert [s for s, _, _, skip in plugin.last_decisions if not skip] == steps
+        remove_acceleration(pipe)
+    else:
+        assert "not kept" in line and "schedules" not in ratios
+    other = CliRunner().invoke(app, args[:6] + ["fora"] + args[7:])
+    assert other.exit_code == 0 and "nothing searched" in other.output

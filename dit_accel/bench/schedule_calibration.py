@@ -129,3 +129,39 @@ def search_magcache_schedule(pipe: Any, recipe: Recipe, calibration: Mapping[str
     if schedules:
         result["schedules"] = schedules
     return validate_calibration(result), ScheduleCalibration(found, holdout_rule, holdout_found, kept)
+
+
+def with_searched_schedule(pipe: Any, recipe: Recipe, steps: int, calls: Sequence[Callable[[], dict]],
+                           holdout: Sequence[Callable[[], dict]], log: Callable[[str], None] = print) -> Recipe:
+    """``recipe`` with the schedule :func:`search_magcache_schedule` finds for its magcache plugin added to that
+    plugin's embedded calibration (a table in ``ratios`` at ``steps`` steps, as ``ditaccel tune`` writes it) when the
+    held-out generations keep it; otherwise ``recipe`` as it is. ``log`` says which, or why nothing was searched
+    (no single magcache plugin, no embedded calibration of ``steps`` steps)."""
+    found = [p for p in recipe.plugins if isinstance(p, MagCacheConfig)]
+    if len(found) != 1:
+        log(f"schedule search: {recipe.name} has {len(found)} magcache plugins, not one: nothing searched")
+        return recipe
+    calibration = found[0].ratios
+    if not isinstance(calibration, Mapping) or calibration.get("steps") != steps:
+        log(f"schedule search: {recipe.name}'s magcache holds no calibration table of {steps} steps: nothing "
+            "searched")
+        return recipe
+    table, done = search_magcache_schedule(pipe, recipe, calibration, calls, holdout=holdout)
+    search = done.search
+    verdict = ("kept" if done.kept else "not kept (under 0.5 dB better), the rule keeps the budget")
+    log(f"schedule search: {len(search.schedule)} computed steps at {list(search.schedule)}, {search.score:.2f} dB "
+        f"against the rule's {search.start_score:.2f} on the search images; held out {done.holdout_found:.2f} "
+        f"against {done.holdout_rule:.2f}: {verdict}")
+    if not done.kept:
+        return recipe
+    return recipe.with_overrides(magcache__ratios=table)
+
+
+def searched_on_session(recipe: Recipe, session: Any, log: Callable[[str], None] = print) -> Recipe:
+    """:func:`with_searched_schedule` on a benchmark session's calibration chunks (``ditaccel tune``), judged on as
+    many chunks on the seeds after them."""
+    chunks = session.chunks()
+    calls = [lambda c=c: session.kwargs(*c) for c in chunks]
+    holdout = [lambda c=c: session.kwargs(c[0], c[1] + len(chunks), c[2]) for c in chunks]
+    with torch.inference_mode():
+        return with_searched_schedule(session.pipe, recipe, session.steps, calls, holdout, log)

@@ -338,12 +338,14 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
          seed: int, batch: int, budget_minutes: float, output: Path, guidance_scale: float | None = None,
          device: torch.device | None = None, holdout_seed: int | None = None,
          log: Callable[[str], None] = print, per_layer: bool = True, fixed: list[frozenset[str]] | None = None,
-         repeats: int = 3, progress: bool = False) -> TuneResult:
+         repeats: int = 3, progress: bool = False, search_schedule: bool = False) -> TuneResult:
     """Search, save the winner to ``output`` (a .toml recipe), and re-measure it on held-out seeds: quality, FLOPs,
     and wall/transformer speedup from ``repeats`` timed runs interleaved with dense ones.
 
     ``fixed[i]``: the fields of ``recipes[i]`` the user set (``name@field=value``), never searched. ``progress``:
-    a bar on stderr over the time budget, with the best candidate so far."""
+    a bar on stderr over the time budget, with the best candidate so far. ``search_schedule``: where the winner has
+    one magcache plugin, also search where its computed steps go (:func:`~dit_accel.bench.schedule_calibration.
+    with_searched_schedule`) on the calibration seeds, judged on the seeds after them (never the held-out ones)."""
     from dit_accel import load_recipe
     from dit_accel.recipe import Recipe
 
@@ -394,6 +396,10 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
                        description=f"{best.recipe.name} tuned by ditaccel tune for {target} on {spec} at {steps} steps "
                        f"({settings}; FLOPs {best.flops_fraction:.3f} of dense on calibration seeds)")
         tuned = with_calibrations(tuned, session)
+        if search_schedule:
+            from dit_accel.bench.schedule_calibration import searched_on_session
+
+            tuned = searched_on_session(tuned, session, log)
         tuned.save(output)
         result.recipe = load_recipe(str(output))  # what the user will load, checked
         session.seed = holdout_seed if holdout_seed is not None else seed + HOLDOUT_OFFSET
