@@ -17,8 +17,9 @@ fit that prompt.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import torch
 import typer
@@ -85,11 +86,18 @@ def calibrate(
         pipe, family = load_model(model)
         existing = _existing_calibration(output, pipe, steps) if search else None
         kwargs = call_kwargs(model, family, pipe, prompt, class_label, steps, seed, guidance_scale, 1)
+
+        def search_from(calibration: dict) -> None:
+            kwargs_of = _search_kwargs(model, family, pipe, prompts or prompt, class_label, steps, seed,
+                                       guidance_scale, search_images)
+            plan = _SearchPlan(steps, seed, search_generations, holdout_generations, search_images,
+                               len(prompts or ()))
+            _search(pipe, resolved, calibration, kwargs_of, plan, output, quiet)
+
         handle = accelerate_on(pipe, device, resolved, model)
         if existing is not None:  # applied only to place the pipeline and check that the recipe fits the model
             dit_accel.remove_acceleration(pipe)
-            _search(pipe, model, family, resolved, existing, prompts or prompt, class_label, steps, seed,
-                    guidance_scale, (search_generations, holdout_generations, search_images), output, quiet)
+            search_from(existing)
             return
         pipe.set_progress_bar_config(disable=quiet, desc=f"{family} [calibrate]")
         with warnings.catch_warnings(), torch.inference_mode():
@@ -101,8 +109,7 @@ def calibrate(
         fail(f"{model!r} produced no calibration at {steps} steps (did the pipeline run {steps} steps?)")
     if search:
         with _library_logs(quiet):
-            _search(pipe, model, family, resolved, found[0], prompts or prompt, class_label, steps, seed,
-                    guidance_scale, (search_generations, holdout_generations, search_images), output, quiet)
+            search_from(found[0])
         return
     path = save_calibration(found[0], output)
     roles = ", ".join(found[0]["curves"])
@@ -140,20 +147,26 @@ def _existing_calibration(output: Path, pipe, steps: int) -> dict | None:
     return existing
 
 
-def _search(pipe, model, family, recipe, calibration, prompt: str | list[str] | None, class_label, steps, seed,
-            guidance_scale, sizes, output, quiet) -> None:
-    from dit_accel.bench.schedule_calibration import rule_schedule, search_magcache_schedule
-    from dit_accel.caching.calibration import save_calibration
+@dataclass(frozen=True)
+class _SearchPlan:
+    steps: int
+    seed: int  # generation k uses seed + 1 + k
+    generations: int  # scoring each schedule
+    holdout: int  # judging the schedule found
+    images: int  # per generation
+    prompts: int  # of --prompts-file (0: none)
 
-    generations, holdout, images = sizes
 
-    prompts = prompt if isinstance(prompt, list) else None
+def _search_kwargs(model, family, pipe, prompt: str | list[str] | None, class_label, steps, seed, guidance_scale,
+                   images: int) -> Callable[[int], dict]:
+    """The pipeline's keyword arguments of calibration generation ``index`` (seed ``seed + 1 + index``): with a
+    list of prompts, one prompt per image, in turn across the generations (search, then held out)."""
+    if not isinstance(prompt, list):
+        return lambda index: call_kwargs(model, family, pipe, prompt, class_label, steps, seed + 1 + index,
+                                         guidance_scale, images)
+    prompts = prompt
 
     def kwargs_of(index: int) -> dict:
-        if prompts is None:
-            return call_kwargs(model, family, pipe, prompt, class_label, steps, seed + 1 + index, guidance_scale,
-                               images)
-        # One prompt per image, in turn across the generations (search then held out), one image per prompt.
         kwargs = call_kwargs(model, family, pipe, prompts[0], class_label, steps, seed + 1 + index, guidance_scale,
                              1)
         kwargs["prompt"] = [prompts[(index * images + k) % len(prompts)] for k in range(images)]
@@ -162,13 +175,23 @@ def _search(pipe, model, family, recipe, calibration, prompt: str | list[str] | 
             kwargs["negative_prompt"] = [negative if isinstance(negative, str) else negative[0]] * images
         return kwargs
 
+    return kwargs_of
+
+
+def _search(pipe, recipe, calibration, kwargs_of: Callable[[int], dict], plan: _SearchPlan, output: Path,
+            quiet: bool) -> None:
+    from dit_accel.bench.schedule_calibration import rule_schedule, search_magcache_schedule
+    from dit_accel.caching.calibration import save_calibration
+
+    generations, holdout, images, steps, seed = plan.generations, plan.holdout, plan.images, plan.steps, plan.seed
+
     def call(index: int):
         return lambda: kwargs_of(index)
 
     start = rule_schedule(recipe, calibration)
     typer.echo(f"searching where {recipe.name}'s {len(start)} computed steps of {steps} go, from the rule's "
                f"{list(start)}, on {generations} x {images} calibration images (seeds {seed + 1}-{seed + generations}"
-               + (f", {len(prompts)} prompts in turn" if prompts else "")
+               + (f", {plan.prompts} prompts in turn" if plan.prompts else "")
                + (f"; held out: {holdout} x {images}, seeds {seed + generations + 1}-{seed + generations + holdout})"
                   if holdout else ")"))
     pipe.set_progress_bar_config(disable=True)
