@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dit_accel.bench.metrics import psnr
 from dit_accel.pipelines import zoo
 
 
@@ -49,3 +50,10 @@ def level_choice_setup(doc: str, seeds: tuple[int, ...], images: int, steps: int
                         "steps": steps, **meta}, "dense": {}, "rows": {}}
     labels = [(seed + i) % 10 for seed in seeds for i in range(images)]
     return args, results, labels
+
+
+def quality_of(images: torch.Tensor, dense: torch.Tensor, evaluator, labels: list[int]) -> dict[str, float]:
+    """PSNR against dense pooled over every image (one MSE), the worst single image's, and class consistency."""
+    each = [psnr(images[i:i + 1], dense[i:i + 1]) for i in range(len(images))]
+    return {"psnr": psnr(images, dense), "worst_image_psnr": min(each),
+            "class_consistency": evaluator.class_consistency(images, labels)}

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from calibration_runs import CountingPipeline, level_choice_setup
+from calibration_runs import CountingPipeline, level_choice_setup, quality_of
 from dit_accel import Recipe, accelerate_dit, load_recipe, remove_acceleration
-from dit_accel.bench.metrics import psnr
 from dit_accel.caching.cfg_cache import CFGCacheConfig
 from dit_accel.pipelines import zoo
 from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
@@ -57,12 +56,10 @@ def main() -> None:
                 fractions.append(handle.stats.flops_fraction)
             remove_acceleration(pipe)
             images = torch.cat(images)
-            each = [psnr(images[i:i + 1], dense[i:i + 1]) for i in range(len(images))]
             name = BASE if window is None else f"start={window[0]} interval={window[1]}"
             row = results["rows"].setdefault(name, {"window": window})
-            row[model] = {"flops_speedup": len(fractions) / sum(fractions), "psnr": psnr(images, dense),
-                          "worst_image_psnr": min(each),
-                          "class_consistency": evaluator.class_consistency(images, labels)}
+            row[model] = {"flops_speedup": len(fractions) / sum(fractions),
+                          **quality_of(images, dense, evaluator, labels)}
             print(model, name, row[model], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "magcache-cfg-levels-cpu.json").write_text(json.dumps(results, indent=2))

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from dit_accel import accelerate_dit, remove_acceleration
-from dit_accel.bench.metrics import psnr
-from calibration_runs import CountingPipeline, level_choice_setup
+from calibration_runs import CountingPipeline, level_choice_setup, quality_of
 from dit_accel.pipelines import zoo
 
 SEEDS = tuple(range(100, 108))
@@ -57,12 +56,10 @@ def main() -> None:
                 runner.calls = 0
                 images = torch.cat([generate(seed) for seed in SEEDS])
                 remove_acceleration(pipe)
-                each = [psnr(images[i:i + 1], dense[i:i + 1]) for i in range(len(images))]
                 name = f"{level} retention={retention} threshold={threshold} max_skips={max_skips}"
                 row = results["rows"].setdefault(name, {"level": level})
-                row[model] = {"computed_steps": runner.computed_steps(len(SEEDS)), "psnr": psnr(images, dense),
-                              "worst_image_psnr": min(each),
-                              "class_consistency": evaluator.class_consistency(images, labels)}
+                row[model] = {"computed_steps": runner.computed_steps(len(SEEDS)),
+                              **quality_of(images, dense, evaluator, labels)}
                 print(model, name, row[model], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "magcache-levels-cpu.json").write_text(json.dumps(results, indent=2))

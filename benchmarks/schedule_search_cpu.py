@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from calibration_runs import CountingPipeline
+from calibration_runs import CountingPipeline, quality_of
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
-from dit_accel.bench.metrics import psnr
 from dit_accel.bench.schedule_calibration import rule_schedule
 from dit_accel.caching.calibration import load_calibration
 from dit_accel.pipelines import zoo
@@ -60,12 +59,11 @@ def main() -> None:
                 runner.calls = 0
                 images = torch.cat([runner.generate(seed, IMAGES) for seed in SEEDS])
                 remove_acceleration(pipe)
-                each = [psnr(images[i:i + 1], dense[i:i + 1]) for i in range(len(images))]
                 name = "searched" if schedule == "auto" else "rule"
                 entry[f"{level} {name}"] = {
                     "schedule": list(rule if schedule == "rule" else searched or rule),
-                    "computed_steps": runner.computed_steps(len(SEEDS)), "psnr": psnr(images, dense),
-                    "worst_image_psnr": min(each), "class_consistency": evaluator.class_consistency(images, labels)}
+                    "computed_steps": runner.computed_steps(len(SEEDS)),
+                    **quality_of(images, dense, evaluator, labels)}
                 print(model, level, name, entry[f"{level} {name}"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "schedule-search-cpu.json").write_text(json.dumps(results, indent=2))
