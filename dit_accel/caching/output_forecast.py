@@ -12,8 +12,9 @@ cfg-cache, a skipped call never reaches it, and a computed call records the whol
 rebuilt unconditional rows included. A separate unconditional call that cfg-cache answers without running the
 transformer is recorded the same way: its rebuilt output (the fresh conditional prediction plus the cached
 difference) is the branch's point at that step. Not recording it would leave the branch forecasting past a step it
-was to compute (measured: several dB lost on zoo:mmdit); computing the branch's next call instead would spend the
-call cfg-cache saved (on zoo:mmdit, magcache-cfg-ultra computed 3.70x fewer calls than dense, magcache-ultra 3.57x).
+was to compute, from its older calls; computing the branch's next call instead would spend the call cfg-cache saved
+(in caching-cpu.json before this rule, zoo:mmdit's magcache-cfg-ultra computed 3.70x fewer calls than dense,
+magcache-ultra 3.57x).
 
 The call computes as usual (and the block-range machinery asks the same question again, getting the same answer)
 where this cannot apply: a call holding only some rows of its slot, a call measuring the work outside the blocks,
