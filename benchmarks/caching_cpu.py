@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
