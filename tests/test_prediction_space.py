@@ -70,6 +70,9 @@ def test_latent_part_of_learned_variance_and_conditioned_inputs():
     torch.testing.assert_close(clean[:, :3], 0.8 * x - 0.6 * with_variance[:, :3])
     assert torch.equal(clean[:, 3:], with_variance[:, 3:]), "the variance is carried unchanged"
     torch.testing.assert_close(from_clean(x, clean, coefficients), with_variance)
+    kept = clean.clone()
+    assert from_clean(x, kept, coefficients, inplace=True) is kept, "in place: the forecast's own tensor"
+    assert torch.equal(kept, from_clean(x, clean, coefficients)) and not torch.equal(kept, clean)
     conditioned = torch.cat([x, torch.randn(2, 5, 4, 4)], dim=1)  # Wan image-to-video: latent, then condition
     prediction = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(to_clean(conditioned, prediction, coefficients), 0.8 * x - 0.6 * prediction)

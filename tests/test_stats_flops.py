@@ -49,6 +49,16 @@ def _generate(pipe, name: str, steps: int) -> None:
     pipe(**pipes.call_kwargs(name, steps=steps))
 
 
+def _counted_generation(pipe, name: str, steps: int, monkeypatch) -> float:
+    """One generation; the FLOPs that really ran in its transformer calls."""
+    counter = FlopCounter(pipe.transformer, monkeypatch)
+    try:
+        _generate(pipe, name, steps=steps)
+    finally:
+        counter.close()
+    return counter.total
+
+
 CASES = [
     ("dit", "none", {}),
     ("dit", "fora", {"interval": 3, "first_steps": 1, "last_steps": 0}),
@@ -67,15 +77,11 @@ CASES = [
 def test_stats_flops_equal_what_ran(family, recipe, settings, monkeypatch):
     pipe = pipes.build(family)
     handle = accelerate_dit(pipe, recipe, **settings)
-    counter = FlopCounter(pipe.transformer, monkeypatch)
-    try:
-        _generate(pipe, family, steps=7)
-    finally:
-        counter.close()
+    ran = _counted_generation(pipe, family, 7, monkeypatch)
     stats = handle.stats
     # SD3's last block (context_pre_only) served from the cache skips its text-stream adaLN linear (one row per
     # sample), which the stats still charge: the only known over-count, far below 1e-4.
-    assert stats.flops == pytest.approx(counter.total, rel=1e-4 if (family, recipe) == ("sd3", "fora") else 1e-9)
+    assert stats.flops == pytest.approx(ran, rel=1e-4 if (family, recipe) == ("sd3", "fora") else 1e-9)
     if recipe == "none":
         assert stats.flops == stats.dense_flops and stats.outside_dense_flops > 0
     else:
@@ -94,6 +100,29 @@ def test_skipped_blocks_refund_their_modulation(monkeypatch):
     stats = handle.stats
     assert stats.blocks_skipped > 0 and stats.outside_saved_flops > 0
     assert 0 < stats.outside_flops < stats.outside_dense_flops
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_whole_call_skips_cost_nothing(family, monkeypatch):
+    """magcache's skipped calls run no layer at all (the output is forecast): the stats charge exactly what ran,
+    every block of a skipped call counts as skipped, and the counts per sub-layer are those of the decisions."""
+    import warnings
+
+    pipe = pipes.build(family)
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _generate(pipe, family, steps=6)  # the calibration run: dense
+    ran = _counted_generation(pipe, family, 6, monkeypatch)
+    stats = handle.stats
+    plugin = handle.transformers[0].plugins[0]
+    served = sum(skip for *_, skip in plugin.last_decisions)  # whole calls answered without running
+    assert served > 0 and stats.flops == pytest.approx(ran, rel=1e-9)
+    assert stats.blocks_skipped == served * len(plugin.range.blocks)
+    for name in plugin.range.sublayers:
+        assert stats.sublayers[name].reused + stats.sublayers[name].forecast == served
+    assert stats.flops < 0.7 * stats.dense_flops
+    remove_acceleration(pipe)
 
 
 VARIANT_CASES = [

@@ -107,11 +107,11 @@ class _RangeHook(ModelHook):
         context = owner.target.tracker.current
         if context is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        hidden, encoder = block_streams(module, self.contract, args, kwargs)
         if self.first:
-            owner.begin(context, hidden, encoder)
+            owner.begin(context, *block_streams(module, self.contract, args, kwargs))
         call = owner.call
         if call.passthrough:
+            hidden, encoder = block_streams(module, self.contract, args, kwargs)
             if not self.last:  # contiguous, so the next block sees the same strides as after a computed block
                 return self.contract.join_output(hidden.contiguous(), None if encoder is None else encoder.contiguous())
             residual = owner.residual_for(context)

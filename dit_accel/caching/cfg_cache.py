@@ -249,7 +249,7 @@ class CFGCachePlugin(Plugin):
 
     def _served(self) -> float:
         current = self.target.stats.current
-        return 0.0 if current is None else float(sum(e.reused + e.forecast for e in current.events.values()))
+        return 0.0 if current is None else float(current.served())
 
     def _count(self, cut: bool, computed: bool) -> None:
         if computed:

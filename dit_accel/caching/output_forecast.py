@@ -124,10 +124,13 @@ class OutputForecast:
                 and not self.target.stats.measuring):  # a measuring call runs every layer once
             prediction, advanced = self.forecaster.predict(state, context.timestep)
             self.history[slot] = advanced
+            # The caller may write into its prediction; the cache must not move. A forecast of two or more points is
+            # a new tensor, a reused one is the cache's own.
+            fresh = not any(prediction is kept for kept in self.forecaster.tensors(state))
             if clean:
-                prediction = from_clean(latent, prediction, coefficients)  # a new tensor
-            elif any(prediction is kept for kept in self.forecaster.tensors(state)):
-                prediction = prediction.clone()  # the caller may write into its prediction; the cache must not move
+                prediction = from_clean(latent, prediction, coefficients, inplace=fresh)
+            elif not fresh:
+                prediction = prediction.clone()
             event = "forecast" if self.forecaster.points(state) > 1 else "reused"
             self.target.stats.record_skipped(context, self.sublayers, self.blocks, event, whole_call=True)
             self.served += 1

@@ -125,15 +125,17 @@ def to_clean(x: torch.Tensor, prediction: torch.Tensor, coefficients: tuple[floa
     return result
 
 
-def from_clean(x: torch.Tensor, clean: torch.Tensor, coefficients: tuple[float, float]) -> torch.Tensor | None:
+def from_clean(x: torch.Tensor, clean: torch.Tensor, coefficients: tuple[float, float], *,
+               inplace: bool = False) -> torch.Tensor | None:
     """The prediction at input ``x`` that implies the clean-sample estimate ``clean`` (inverse of
-    :func:`to_clean`; a new tensor). ``None`` where no latent is found or the coefficients are not invertible."""
+    :func:`to_clean`; a new tensor, or ``clean`` itself with ``inplace``). ``None`` where no latent is found or the
+    coefficients are not invertible."""
     part = latent_part(x, clean)
     if part is None or not invertible(coefficients):
         return None
     x_part, dim, length = part
     c_input, c_prediction = coefficients
-    result = clean.clone()
+    result = clean if inplace else clean.clone()
     view = result.narrow(dim, 0, length)
     if c_input != 0.0:
         view.sub_(x_part.to(view.dtype), alpha=c_input)

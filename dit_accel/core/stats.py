@@ -64,9 +64,28 @@ class GenerationStats:
     outside_saved_flops: float = 0.0
     blocks_skipped: int = 0
     notes: dict[str, float] = field(default_factory=dict)  # plugin figures (speca.acceptance, ...)
+    # Skipped runs of blocks not yet charged to ``events``: (signature, sub-layers, event) -> [count, FLOPs table].
+    # A skipped call charges one counter here instead of every sub-layer it skipped (12-60 of them): folded in when
+    # the table is read.
+    pending: dict[tuple, list] = field(default_factory=dict)
+
+    def fold(self) -> dict[str, SubLayerStats]:
+        """``events`` with the pending skipped runs charged: per sub-layer, what was not computed densely."""
+        for (_, names, event), (count, flops) in self.pending.items():
+            for name in names:
+                stats = self.events.setdefault(name, SubLayerStats())
+                setattr(stats, event, getattr(stats, event) + count)
+                stats.flops += count * flops[name]
+        self.pending.clear()
+        return self.events
+
+    def served(self) -> int:
+        """Sub-layer runs served from a cache (reused or forecast) so far."""
+        return sum(e.reused + e.forecast for e in self.fold().values())
 
     @property
     def sublayers(self) -> dict[str, SubLayerStats]:
+        self.fold()
         table = {}
         for name in self.names:
             dense = sum(count * self.dense_flops_by_signature[key][name] for key, count in self.calls_by_signature.items())
@@ -169,6 +188,7 @@ class StatsRecorder:
         self._measuring: tuple[dict[str, float], list] | None = None
         self._call_key: tuple | None = None
         self._skipped_blocks: list[tuple[str, float]] = []
+        self._whole_skip: tuple[float, int] | None = None  # (rows fraction, blocks) when the call ran no layer
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -224,6 +244,7 @@ class StatsRecorder:
         self._stop_measuring()
         self._call_key = None
         self._skipped_blocks.clear()
+        self._whole_skip = None
         self.current = None
 
     def on_call(self, context: CallContext) -> None:
@@ -240,6 +261,7 @@ class StatsRecorder:
         current.calls_by_signature[key] = current.calls_by_signature.get(key, 0) + 1
         self._call_key = key
         self._skipped_blocks.clear()
+        self._whole_skip = None
         if key not in self._outside_cache and self._measuring is None:
             counts: dict[str, float] = {}
 
@@ -264,10 +286,15 @@ class StatsRecorder:
         per_block = self._outside_cache.get(key)
         if per_block is None:
             return
-        self.current.outside_flops_by_signature[key] = sum(per_block.values())
+        outside = self.current.outside_flops_by_signature[key] = sum(per_block.values())
+        if self._whole_skip is not None:
+            fraction, blocks = self._whole_skip
+            self._whole_skip = None
+            self.current.outside_saved_flops += fraction * outside
+            self.current.blocks_skipped += blocks if fraction == 1.0 else 0
         for prefix, fraction in self._skipped_blocks:
             if prefix == "*":  # rows of the whole call (record_rows_skipped)
-                self.current.outside_saved_flops += fraction * sum(per_block.values())
+                self.current.outside_saved_flops += fraction * outside
                 continue
             self.current.outside_saved_flops += fraction * per_block.get(prefix, 0.0)
             self.current.blocks_skipped += fraction == 1.0 and prefix != ""
@@ -333,8 +360,19 @@ class StatsRecorder:
         if event not in ("reused", "forecast"):
             raise ValueError(f"record_skipped takes the events 'reused' or 'forecast', not {event!r}")
         flops = self._dense_flops(context)
-        for name in sublayers:
-            self._charge(flops, name, event)
+        key = (_signature(context), tuple(sublayers), event)
+        entry = self.current.pending.get(key)
+        if entry is not None:
+            entry[0] += 1
+        else:
+            unknown = [name for name in key[1] if name not in self._known]
+            if unknown:
+                raise KeyError(f"unknown sub-layer {unknown[0]!r}; known: {', '.join(self.current.names)}")
+            self.current.pending[key] = [1, flops]
+        if whole_call and self._call_key is not None and self._measuring is None:
+            # Nothing ran: one entry for every block and the layers outside them (see end_call).
+            self._whole_skip = (context.batch_size / self._call_key[0], len(blocks))
+            return
         for block in blocks:
             self.record_block(context, block)
         if whole_call:
