@@ -252,3 +252,38 @@ def test_clean_space_stacks_with_cfg_cache(family):
     (prediction, decisions), (clean, clean_decisions) = runs["prediction"], runs["clean"]
     assert torch.isfinite(clean).all() and decisions == clean_decisions
     assert any(skipped for *_, skipped in decisions) and not torch.equal(prediction, clean)
+
+
+@pytest.mark.parametrize("forecaster", ["taylor", "hermite", "foca"])
+def test_a_served_forecast_leaves_the_forecasters_state_untouched(forecaster):
+    """A skipped call's prediction is made from the forecast clean-sample estimate in place only when no state holds
+    that tensor: FoCa's forecast is also the newest value of its recursion, which the next skipped call reads."""
+    pipe = pipes.build("flux")
+    handle = accelerate_dit(pipe, "magcache", threshold=100.0, max_skips=2, retention=0.0, last_steps=1,
+                            forecaster=forecaster)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MagCacheCalibration)
+        pipe(**pipes.call_kwargs("flux", steps=6))
+    whole = the_plugin(handle).whole_calls
+    forecaster_of = whole.forecaster
+    predict, pending, checked = forecaster_of.predict, [], []
+
+    def recording_predict(state, position):
+        value, advanced = predict(state, position)
+        pending.append((advanced, [t.clone() for t in forecaster_of.tensors(advanced)]))
+        return value, advanced
+
+    def after(module, args, output):
+        while pending:
+            advanced, copies = pending.pop()
+            for kept, copy in zip(forecaster_of.tensors(advanced), copies):
+                assert torch.equal(kept, copy), "the served prediction was written into the forecaster's state"
+            checked.append((forecaster_of.points(advanced), bool(whole.clean_slots)))
+
+    forecaster_of.predict = recording_predict
+    hook = pipe.transformer.register_forward_hook(after)
+    pipe(**pipes.call_kwargs("flux", steps=6))
+    hook.remove()
+    del forecaster_of.predict
+    assert (2, True) in checked, "served calls forecast from two computed steps in clean space"
+    remove_acceleration(pipe)

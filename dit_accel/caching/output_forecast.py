@@ -124,9 +124,10 @@ class OutputForecast:
                 and not self.target.stats.measuring):  # a measuring call runs every layer once
             prediction, advanced = self.forecaster.predict(state, context.timestep)
             self.history[slot] = advanced
-            # The caller may write into its prediction; the cache must not move. A forecast of two or more points is
-            # a new tensor, a reused one is the cache's own.
-            fresh = not any(prediction is kept for kept in self.forecaster.tensors(state))
+            # The caller may write into its prediction; the cache must not move. A reused value is the cache's own,
+            # and FoCa's forecast is also the newest value of its recursion (the advanced state holds it).
+            fresh = not any(prediction is kept
+                            for kept in (*self.forecaster.tensors(state), *self.forecaster.tensors(advanced)))
             if clean:
                 prediction = from_clean(latent, prediction, coefficients, inplace=fresh)
             elif not fresh:
