@@ -32,7 +32,8 @@ from dit_accel.core.compile import compile_regions
 from dit_accel.core.context import StepTracker
 from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers, plugin_for
-from dit_accel.core.stats import GenerationStats, StatsRecorder, format_summary
+from dit_accel.core.generation_stats import GenerationStats, format_summary
+from dit_accel.core.stats import StatsRecorder
 from dit_accel.recipe import Recipe, conflict_message, load_recipe, steps_disjoint
 
 TRACKER_HOOK = "dit_accel.tracker"

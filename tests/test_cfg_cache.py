@@ -10,9 +10,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 import pipelines_for_tests as pipes
 from dit_accel import accelerate_dit, remove_acceleration
-from dit_accel.caching.cfg_cache import (
+from dit_accel.caching.cfg_cache import CFGCacheConfig
+from dit_accel.caching.cfg_difference import (
     Bands,
-    CFGCacheConfig,
     band_weights,
     low_band_mask,
     rebuild_uncond,
@@ -228,7 +228,7 @@ def test_frequency_weighting_at_unit_weights_equals_plain(family):
 def test_stacked_on_a_fixed_schedule_cuts_the_computing_steps():
     """taylorseer computes at 3, 6, 9, ... and the last step: cfg-cache counts those of its window (from step 4:
     6, 9, 12, 15, 18, 19) and cuts every other one."""
-    from dit_accel.caching.cfg_cache import skipped_steps
+    from dit_accel.caching.cfg_difference import skipped_steps
     from dit_accel.caching.sublayer import computes_at
 
     computes = [computes_at(s, 20, 3, 3, 1) for s in range(20)]
