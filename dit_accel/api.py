@@ -6,8 +6,9 @@ Applying a recipe to a pipeline (or a bare transformer):
 2. per transformer (``pipe.transformer`` and ``pipe.transformer_2`` where present) builds the step tracker, the
    attention interception and the stats, installs each plugin, and finally the tracker hook (outermost);
 3. wraps, on the instances only, ``pipe.scheduler.set_timesteps`` (a generation starts: reset, and the schedule
-   length) and ``pipe.maybe_free_model_hooks`` (a generation ended: reset). ``pipe.__call__`` cannot be wrapped
-   per instance (Python looks special methods up on the class) and classes are never patched.
+   length) and ``pipe.maybe_free_model_hooks`` (a generation ended: reset) (:mod:`dit_accel.pipeline_wiring`).
+   ``pipe.__call__`` cannot be wrapped per instance (Python looks special methods up on the class) and classes are
+   never patched.
 
 Anything that fails half-way is rolled back. Removal restores every module and method exactly.
 """
@@ -15,8 +16,6 @@ Anything that fails half-way is rolled back. Removal restores every module and m
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from dit_accel.core.hooks import attach, detach
 from dit_accel.core.plugin import InstallTarget, Plugin, matches_layers, plugin_for
 from dit_accel.core.generation_stats import GenerationStats, format_summary
 from dit_accel.core.stats import StatsRecorder
+from dit_accel.pipeline_wiring import guidance_of, wrap_pipeline
 from dit_accel.recipe import Recipe, conflict_message, load_recipe, steps_disjoint
 
 TRACKER_HOOK = "dit_accel.tracker"
@@ -104,7 +104,7 @@ class _AcceleratedTransformer:
             self.spec,
             on_reset=self._on_reset,
             cfg_convention=cfg_convention_for(pipe, self.spec) if pipe is not None else None,
-            guidance_probe=(lambda: _guidance_of(pipe)) if pipe is not None else None,
+            guidance_probe=(lambda: guidance_of(pipe)) if pipe is not None else None,
             null_class_label=null_class,
         )
         self.stats = StatsRecorder(transformer, self.spec)
@@ -198,32 +198,6 @@ class _AcceleratedTransformer:
         if self.attention is not None:
             self.attention.remove()
             self.attention = None
-
-
-def _wrap_method(owner: Any, name: str, after) -> "functools.partial":
-    """Wrap ``owner.name`` on the instance so that ``after(owner, result, *args, **kwargs)`` runs after it.
-    Returns a function that restores the exact previous state."""
-    had_instance_attr = name in vars(owner)
-    previous = vars(owner).get(name)
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        result = original(*args, **kwargs)
-        after(owner, result, *args, **kwargs)
-        return result
-
-    vars(owner)[name] = wrapper
-
-    def restore() -> None:
-        if vars(owner).get(name) is not wrapper:
-            return  # someone wrapped it after us; leave their wrapper in place
-        if had_instance_attr:
-            vars(owner)[name] = previous
-        else:
-            del vars(owner)[name]
-
-    return restore
 
 
 class AccelerationHandle:
@@ -409,15 +383,12 @@ def accelerate_dit(pipe_or_transformer: Any, recipe: "str | Path | Recipe" = "no
             handle.transformers.append(_AcceleratedTransformer(transformer, resolved, pipe))
             vars(transformer)[_HANDLE_ATTR] = handle
         if pipe is not None:
-            _wrap_pipeline(pipe, handle)
+            wrap_pipeline(pipe, handle)
     except BaseException:
         handle.remove()
         raise
     vars(pipe_or_transformer)[_HANDLE_ATTR] = handle
     return handle
-
-
-_CFG_FLAG = "_dit_accel_cfg"
 
 
 def _adapter_signature(transformer: torch.nn.Module) -> tuple:
@@ -429,75 +400,6 @@ def _adapter_signature(transformer: torch.nn.Module) -> tuple:
             found.append((name, tuple(module.active_adapters), tuple(sorted(scaling.items())),
                           tuple(getattr(module, "merged_adapters", ())), bool(getattr(module, "disable_adapters", False))))
     return tuple(found)
-
-
-def _guidance_of(pipe: Any) -> bool | None:
-    """Whether the pipeline's current call runs classifier-free guidance, if it can be told: what it last passed
-    to ``encode_prompt`` (PixArt, SD3, CogVideoX, LTX, ...), else its ``do_classifier_free_guidance`` property."""
-    flag = vars(pipe).get(_CFG_FLAG)
-    if flag is not None:
-        return flag
-    try:
-        value = getattr(pipe, "do_classifier_free_guidance", None)
-    except (AttributeError, TypeError):  # properties that read call-time attributes before the first call
-        return None
-    return value if isinstance(value, bool) else None
-
-
-def expert_segment(pipe: Any, transformer: torch.nn.Module, timesteps: Any) -> Any:
-    """The timesteps ``transformer`` denoises: all of them, or for a two-expert pipeline (Wan 2.2 A14B:
-    ``transformer_2`` and ``boundary_ratio``) its own segment (the first expert takes ``t >= boundary_ratio *
-    num_train_timesteps``, the second the rest), so that every plugin's schedule (warm-up, last steps, magcache's
-    curve) is relative to the expert's own steps."""
-    boundary_ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
-    second = getattr(pipe, "transformer_2", None)
-    if timesteps is None or boundary_ratio is None or second is None or getattr(pipe, "transformer", None) is None:
-        return timesteps
-    boundary = boundary_ratio * pipe.scheduler.config.num_train_timesteps
-    values = [float(t) for t in timesteps]
-    if transformer is second:
-        return [t for t in values if t < boundary] or None
-    return [t for t in values if t >= boundary] or None
-
-
-def _wrap_pipeline(pipe: Any, handle: AccelerationHandle) -> None:
-    scheduler = getattr(pipe, "scheduler", None)
-
-    encode_prompt = getattr(pipe, "encode_prompt", None)
-    if encode_prompt is not None and "do_classifier_free_guidance" in inspect.signature(encode_prompt).parameters:
-        signature = inspect.signature(encode_prompt)
-
-        def on_encode_prompt(owner, result, *args, **kwargs) -> None:
-            bound = signature.bind_partial(*args, **kwargs)
-            bound.apply_defaults()
-            vars(owner)[_CFG_FLAG] = bool(bound.arguments.get("do_classifier_free_guidance"))
-
-        handle._restores.append(_wrap_method(pipe, "encode_prompt", on_encode_prompt))
-        handle._restores.append(lambda: vars(pipe).pop(_CFG_FLAG, None))
-
-    def on_set_timesteps(owner, result, *args, **kwargs) -> None:
-        parameterization = parameterization_of(owner)
-        for acc in handle.transformers:
-            acc.tracker.scheduler_parameterization = parameterization
-            acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, getattr(owner, "timesteps", None)))
-
-    def on_set_begin_index(owner, result, begin_index: int = 0, *args, **kwargs) -> None:
-        # img2img pipelines start part-way into the schedule.
-        timesteps = getattr(owner, "timesteps", None)
-        if timesteps is not None:
-            for acc in handle.transformers:
-                acc.tracker.begin_generation(expert_segment(pipe, acc.transformer, timesteps[int(begin_index):]))
-
-    def on_end(owner, result, *args, **kwargs) -> None:
-        for acc in handle.transformers:
-            acc.tracker.reset(reason="end")
-
-    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        handle._restores.append(_wrap_method(scheduler, "set_timesteps", on_set_timesteps))
-        if hasattr(scheduler, "set_begin_index"):
-            handle._restores.append(_wrap_method(scheduler, "set_begin_index", on_set_begin_index))
-    if hasattr(pipe, "maybe_free_model_hooks"):
-        handle._restores.append(_wrap_method(pipe, "maybe_free_model_hooks", on_end))
 
 
 def remove_acceleration(pipe_or_transformer: Any) -> bool:
