@@ -4,9 +4,11 @@ computed steps, and generations on a seed's labels ``(seed + i) % 10``."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,3 +59,10 @@ def quality_of(images: torch.Tensor, dense: torch.Tensor, evaluator, labels: lis
     each = [psnr(images[i:i + 1], dense[i:i + 1]) for i in range(len(images))]
     return {"psnr": psnr(images, dense), "worst_image_psnr": min(each),
             "class_consistency": evaluator.class_consistency(images, labels)}
+
+
+def save_results(results: dict, out: Path, name: str, write_markdown: Callable[[dict, Path], None]) -> None:
+    """``out/<name>.json`` and its table ``out/<name>.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / f"{name}.md")

@@ -12,14 +12,13 @@ report uses, and gives the PSNR against dense pooled over the 64 images, the wor
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import warnings
 from pathlib import Path
 
 import torch
 
-from calibration_runs import CountingPipeline, quality_of
+from calibration_runs import CountingPipeline, quality_of, save_results
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.schedule_calibration import rule_schedule
 from dit_accel.caching.calibration import load_calibration
@@ -65,9 +64,7 @@ def main() -> None:
                     "computed_steps": runner.computed_steps(len(SEEDS)),
                     **quality_of(images, dense, evaluator, labels)}
                 print(model, level, name, entry[f"{level} {name}"], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "schedule-search-cpu.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, args.out / "schedule-search-cpu.md")
+    save_results(results, args.out, "schedule-search-cpu", write_markdown)
 
 
 def write_markdown(results: dict, path: Path) -> None:
