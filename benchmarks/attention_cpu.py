@@ -35,7 +35,8 @@ from dit_accel.attention.gna import neighbourhood_attention, neighbourhood_plan
 from dit_accel.attention.psa import psa_attention
 from dit_accel.attention.rettention import (corrected_output, dense_attention_lse, extra_key_lse,
                                             kept_mass_and_residual)
-from dit_accel.attention.svg2 import SVG2Config, cluster_attention, plan_clusters
+from dit_accel.attention.svg2 import SVG2Config
+from dit_accel.attention.svg2_clusters import cluster_attention, plan_clusters
 from dit_accel.attention.hilbert import auto_pool_size, auto_tile_size, hilbert_attention
 from dit_accel.attention.proxy import auto_window
 from dit_accel.attention.ranges import curve_density

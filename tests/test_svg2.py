@@ -21,8 +21,8 @@ from dit_accel.attention.kmeans import (
     initial_centroids,
     invert_permutation,
 )
-from dit_accel.attention.svg2 import (
-    SVG2Config,
+from dit_accel.attention.svg2 import SVG2Config
+from dit_accel.attention.svg2_clusters import (
     cluster_attention,
     cluster_density,
     cluster_mask,

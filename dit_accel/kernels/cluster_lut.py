@@ -11,7 +11,7 @@ region of one flat sequence (passed to the kernel as batch 1, head 1):
 * each query block (of cluster i in group g) lists the key blocks of g's key clusters that i selected, and g's text
   blocks. Blocks made of padding only list nothing.
 
-So the kernel computes exactly what :func:`~dit_accel.attention.svg2.cluster_attention` computes, with work
+So the kernel computes exactly what :func:`~dit_accel.attention.svg2_clusters.cluster_attention` computes, with work
 proportional to the kept blocks. Padding costs some efficiency: clusters of several blocks waste little, clusters
 much smaller than a block waste most of theirs (hence the smaller default key block).
 """
