@@ -167,7 +167,7 @@ def custom_loop_section() -> str:
 
 
 def tune_section() -> str:
-    from dit_accel.bench.tune import parse_target
+    from dit_accel.bench.tune_space import parse_target
 
     reports = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("tune-*.json"))]
     if not reports:

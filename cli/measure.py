@@ -298,11 +298,12 @@ def tune(
 ) -> None:
     """Search the recipes' speed knobs for the fastest setting that meets a quality target; write it as TOML."""
     from dit_accel.bench import tune as tuning
+    from dit_accel.bench.tune_space import DEFAULT_RECIPES, parse_target
     from dit_accel.bench.harness import BenchConfig, parse_item, resolve_steps, split_items
 
     try:
-        goal = tuning.parse_target(target)
-        items = [parse_item(item) for item in split_items(recipes or tuning.DEFAULT_RECIPES)]
+        goal = parse_target(target)
+        items = [parse_item(item) for item in split_items(recipes or DEFAULT_RECIPES)]
         resolved = [dit_accel.load_recipe(name, **settings) for name, settings in items]
         fixed = [frozenset(settings) for _, settings in items]
     except (ValueError, FileNotFoundError, TypeError) as error:

@@ -218,7 +218,7 @@ def test_unwritable_output_dir_exits_2(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- tune
 def test_tune_target_parsing() -> None:
-    from dit_accel.bench.tune import parse_target
+    from dit_accel.bench.tune_space import parse_target
 
     target = parse_target("psnr>=30")
     assert (target.metric, target.op, target.value) == ("psnr", ">=", 30.0)

@@ -71,7 +71,8 @@ def test_two_process_bench_gives_the_rows_of_one_process(tmp_path: Path) -> None
 
 def test_tune_refuses_a_multi_process_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from dit_accel import load_recipe
-    from dit_accel.bench.tune import Target, tune
+    from dit_accel.bench.tune import tune
+    from dit_accel.bench.tune_space import Target
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one process"):

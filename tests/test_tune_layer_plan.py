@@ -9,7 +9,8 @@ import torch
 
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.layer_plan import greedy_layer_plan, split_recipe, transformer_blocks
-from dit_accel.bench.tune import Candidate, Target, Tuner
+from dit_accel.bench.tune import Tuner
+from dit_accel.bench.tune_space import Candidate, Target
 from dit_accel.pipelines import zoo
 
 BLOCKS = [f"transformer_blocks.{i}" for i in range(6)]
@@ -177,7 +178,7 @@ def test_the_winner_is_the_fastest_by_wall_time_with_flops_breaking_ties(dit_pip
 
 def test_every_knob_grid_is_a_valid_setting_of_its_plugin() -> None:
     """A search-space value the config refuses would only fail mid-tune; each grid is also ordered one way."""
-    from dit_accel.bench.tune import KNOBS, SECONDARY_KNOBS
+    from dit_accel.bench.tune_space import KNOBS, SECONDARY_KNOBS
     from dit_accel.plugins import BUILTIN_PLUGIN_MODULES  # noqa: F401  (registers every config)
     from dit_accel.recipe import config_types
 

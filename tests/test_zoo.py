@@ -112,7 +112,8 @@ def test_bad_zoo_inputs():
 
 def test_the_evaluation_only_model_generates_and_is_never_tuned_on():
     """zoo:flowdit: a flow-matching DiT on a 16x16 grid, sampled by Euler steps with batched CFG; tune refuses it."""
-    from dit_accel.bench.tune import Target, tune
+    from dit_accel.bench.tune import tune
+    from dit_accel.bench.tune_space import Target
 
     pipe = zoo.load("flowdit")
     assert "flowdit" in zoo.EVALUATION_ONLY and pipe.transformer.config.patch_size == 2
