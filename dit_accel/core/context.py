@@ -89,10 +89,7 @@ def _shape_key(kwargs: dict) -> tuple:
 def _timestep_value(timestep: Any) -> float:
     if isinstance(timestep, torch.Tensor):
         # Wan 2.2 TI2V passes a per-token timestep where conditioning tokens are 0: the step is the largest value.
-        count = timestep.numel()
-        if 0 < count <= 64:  # one read of a few values costs a tenth of a reduction kernel (one sync on a GPU, as both)
-            return float(max(timestep.reshape(-1).tolist()))
-        return float(timestep.detach().amax()) if count else float("nan")
+        return float(timestep.detach().amax()) if timestep.numel() else float("nan")
     return float(timestep)
 
 
