@@ -165,6 +165,10 @@ def test_image_plan_keeps_text_whole_on_every_rank():
     assert set(qwen["transformer_blocks.*"]) == {"modulate_index"}
     ltx = image_plan(_fake("LTXVideoTransformer3DModel", LTXVideoTransformer3DModel._cp_plan))
     assert set(ltx[""]) == {"hidden_states"} and set(ltx["rope"]) == {0, 1}
+    for name, out in [("DiTTransformer2DModel", "proj_out_2"), ("PixArtTransformer2DModel", "proj_out"),
+                      ("SD3Transformer2DModel", "proj_out")]:  # diffusers has no plan for these: dit_accel's
+        own = image_plan(_fake(name, None))
+        assert set(own) == {"pos_embed", out} and own["pos_embed"][0].split_output and own[out].gather_dim == 1
 
 
 def test_refusals_before_any_collective():
@@ -174,8 +178,10 @@ def test_refusals_before_any_collective():
     assert "torchrun --nproc_per_node=N" in environment_problem(flux, None)
     assert "world size is 1" in environment_problem(flux, 1)
     assert environment_problem(flux, 2) is None
-    problem = environment_problem(_fake("SD3Transformer2DModel", None), 2)
-    assert "SD3Transformer2DModel has none" in problem and "flux (FluxTransformer2DModel)" in problem
+    problem = environment_problem(_fake("CogVideoXTransformer3DModel", None), 2)
+    assert "CogVideoXTransformer3DModel has none" in problem and "flux (FluxTransformer2DModel)" in problem
+    assert "sd3 (SD3Transformer2DModel)" in problem
+    assert environment_problem(_fake("SD3Transformer2DModel", None), 2) is None  # dit_accel's own plan
     flux._parallel_config = object()
     assert "already enabled" in environment_problem(flux, 2)
 
@@ -279,6 +285,21 @@ def test_two_processes_zoo_mmdit_pipeline(tmp_path):
         print(f"zoo:mmdit 8 steps, warm-up 2: DistriFusion {verdict['distrifusion_psnr']:.1f} dB, PCPP "
               f"{verdict['pcpp_psnr']:.1f} dB, with fbcache {verdict['with_fbcache_psnr']:.1f} dB")
         assert verdict["distrifusion_psnr"] > 20 and verdict["pcpp_psnr"] > 20 and verdict["with_fbcache_psnr"] > 15
+
+
+def test_two_processes_dit_pixart_sd3_with_dit_accels_own_plans(tmp_path):
+    """diffusers gives these three no _cp_plan; patch-parallel splits them with dit_accel's (parallel/plans.py).
+    In the default run (~11 s, one launch) so that every CI run checks a family on each kind of plan."""
+    first, second = _torchrun(tmp_path, "families")
+    for verdict in (first, second):
+        for name in ("dit", "pixart-sigma", "sd3"):
+            result = verdict[name]
+            assert result["exact_max_abs_diff"] < 1e-5, f"{name}: a warm-up over every step must equal one process"
+            assert result["fallbacks"] == {}, f"{name}: every attention call must be split into patches"
+            assert result["distrifusion_psnr"] > 20 and result["pcpp_psnr"] > 20, name
+            assert math.isfinite(result["distrifusion_psnr"]), f"{name}: stale patches must change the output"
+        assert "does not split; call it without block_controlnet_hidden_states" in verdict["sd3_refused_controlnet"]
+    assert first["dit"] == second["dit"], "ranks must gather the same output"
 
 
 def test_extrapolation_moves_remote_patches_along_their_last_step_only_when_consecutive():

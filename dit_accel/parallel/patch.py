@@ -2,8 +2,9 @@
 variant (PCPP, Zhang et al. 2024) for DiTs, one process per patch under ``torch.distributed``.
 
 The image tokens are split into one patch of whole rows per rank with diffusers' own context-parallel machinery:
-the model's ``_cp_plan`` (its ``ContextParallelSplitHook`` / ``ContextParallelGatherHook`` and equipartition
-sharder) splits the image inputs along the sequence and gathers the output of ``proj_out``, so the pipeline sees
+the model's ``_cp_plan``, or dit_accel's plan for its class (:mod:`dit_accel.parallel.plans`), through diffusers'
+``ContextParallelSplitHook`` / ``ContextParallelGatherHook`` and equipartition sharder, splits the image inputs
+along the sequence and gathers the output projection's, so the pipeline sees
 the whole latent once per transformer call. Text inputs are left out of the plan: every rank keeps all text tokens,
 computes them itself and never exchanges them. Attention is *not* diffusers' Ulysses/Ring (the processors never get
 a ``_parallel_config``): every self- and joint-attention layer is routed through dit_accel's interceptor, where a
@@ -24,13 +25,15 @@ tiles are expanded back to tokens with the fine structure seen on the last synch
 Launch with ``torchrun --nproc_per_node=N`` (NCCL on GPUs, gloo on CPU), initialise the process group, feed every
 rank the same inputs (same seed) and run the pipeline on every rank; each rank computes one patch.
 
-Refused with a ``ValueError``: no initialised ``torch.distributed`` or a world of one process, a transformer without
-a ``_cp_plan`` this module knows (Flux, Wan, LTX-Video, Qwen-Image), a model already under diffusers' parallelism,
-an attention plugin (or cfg-share / toca) in the same recipe, and at call time a grid whose rows do not split into
-equal patches, or an attention mask other than key padding over text. Video grids are split over their rows stacked
-frame after frame (so patches are runs of frames when the frames divide evenly); PCPP's bands and tiles follow those
-stacked rows. Caching plugins may be stacked: every rank decides alike, because the transformer's
-``_parallel_config`` is set while this is installed and the adaptive ones reduce their statistics over the ranks
+Refused with a ``ValueError``: no initialised ``torch.distributed`` or a world of one process, a transformer
+without a sequence plan this module knows (diffusers' ``_cp_plan`` of Flux, Wan, LTX-Video, Qwen-Image; dit_accel's
+own for DiT, PixArt and SD3), a model already under diffusers' parallelism, an input over the whole grid that the
+plan does not split (an SD3 ControlNet's residuals, PixArt's image attention mask), an attention plugin (or
+cfg-share / toca) in the same recipe, and at call time a grid whose rows do not split into equal patches, or an
+attention mask other than key padding over text. Video grids are split over their rows stacked frame after frame
+(so patches are runs of frames when the frames divide evenly); PCPP's bands and tiles follow those stacked rows.
+Caching plugins may be stacked: every rank decides alike, because the transformer's ``_parallel_config`` is set
+while this is installed and the adaptive ones reduce their statistics over the ranks
 (:mod:`dit_accel.core.parallel`; see the README's Parallelism table for which combine).
 """
 
@@ -54,15 +57,16 @@ from dit_accel.parallel.config import PatchParallelConfig
 from dit_accel.parallel.correction import Corrections, far_detail, is_sync_step
 from dit_accel.parallel.exchange import Exchange as _Exchange, Remote as _Remote, extrapolated
 from dit_accel.parallel.patches import PatchGrid, attend_patches
+from dit_accel.parallel.plans import image_plan, sequence_plan, unsplit_input
 
 HOOK_PREFIX = "dit_accel.patch-parallel"
 
-# Transformers whose `_cp_plan` splits the image tokens into row-major chunks; the entries and outputs below are
-# text (kept whole on every rank) and are dropped from the plan.
+# Transformers whose sequence plan (diffusers' `_cp_plan`, or dit_accel's, :mod:`dit_accel.parallel.plans`) splits
+# the image tokens into row-major chunks.
 SUPPORTED_FAMILIES: dict[str, str] = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan",
-                                      "LTXVideoTransformer3DModel": "ltx", "QwenImageTransformer2DModel": "qwen-image"}
-_TEXT_INPUTS = frozenset({"encoder_hidden_states", "encoder_hidden_states_mask", "encoder_attention_mask", "txt_ids"})
-_TEXT_OUTPUTS = {("QwenImageTransformer2DModel", "pos_embed"): 1}  # (image freqs, text freqs)
+                                      "LTXVideoTransformer3DModel": "ltx", "QwenImageTransformer2DModel": "qwen-image",
+                                      "DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart-sigma",
+                                      "SD3Transformer2DModel": "sd3"}
 
 __all__ = ["PatchParallelConfig", "PatchParallelPlugin", "environment_problem", "image_plan"]  # the config: config.py
 
@@ -79,9 +83,10 @@ def environment_problem(transformer: torch.nn.Module, world: int | None) -> str 
                 "`torchrun --nproc_per_node=N` with N >= 2")
     name = type(transformer).__name__
     supported = ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_FAMILIES.items())
-    if name not in SUPPORTED_FAMILIES or getattr(transformer, "_cp_plan", None) is None:
-        return (f"patch-parallel shards the tokens with the model's diffusers `_cp_plan`, and {name} "
-                f"{'has none' if getattr(transformer, '_cp_plan', None) is None else 'is not a family it knows'}; "
+    if name not in SUPPORTED_FAMILIES or sequence_plan(transformer) is None:
+        return (f"patch-parallel shards the tokens with the model's diffusers `_cp_plan` (or dit_accel's plan for "
+                f"its class), and {name} "
+                f"{'has none' if sequence_plan(transformer) is None else 'is not a family it knows'}; "
                 f"supported: {supported}")
     processors = (getattr(module, "processor", None) for module in transformer.modules())
     if getattr(transformer, "_parallel_config", None) is not None or any(
@@ -89,21 +94,6 @@ def environment_problem(transformer: torch.nn.Module, world: int | None) -> str 
         return (f"diffusers parallelism is already enabled on this {name} (enable_parallelism or "
                 "from_pretrained(parallel_config=...)); patch-parallel shards the model itself: load it without")
     return None
-
-
-def image_plan(transformer: torch.nn.Module) -> dict:
-    """The transformer's ``_cp_plan`` less its text entries: image tokens split along the sequence, text whole."""
-    name = type(transformer).__name__
-    plan = {}
-    for module_id, entry in transformer._cp_plan.items():
-        if isinstance(entry, dict):
-            drop = _TEXT_OUTPUTS.get((name, module_id))
-            entry = {key: value for key, value in entry.items() if key not in _TEXT_INPUTS and key != drop}
-            if entry:
-                plan[module_id] = entry
-        else:
-            plan[module_id] = entry
-    return plan
 
 
 def _modules(root: torch.nn.Module, module_id: str) -> list[torch.nn.Module]:
@@ -126,13 +116,18 @@ class _SplitHook(ContextParallelSplitHook):
 
 class _GridGuard(ModelHook):
     """Outside diffusers' split hooks: checks that this call's grid splits into whole-row patches, before the
-    sharder asserts on it."""
+    sharder asserts on it, and that it passes no whole-grid input the plan cannot split."""
 
     def __init__(self, plugin: "PatchParallelPlugin") -> None:
         super().__init__()
         self.plugin = plugin
 
     def pre_forward(self, module, *args, **kwargs):
+        unsplit = unsplit_input(module, kwargs)
+        if unsplit is not None:
+            raise ValueError(f"patch-parallel splits {type(module).__name__}'s image tokens into patches, but this "
+                             f"call passes {unsplit}, a tensor over the whole grid that it does not split; call it "
+                             f"without {unsplit} (or without patch-parallel)")
         self.plugin.begin_call()
         return args, kwargs
 

@@ -1,13 +1,14 @@
-"""Run under ``torchrun --nproc_per_node=N``: patch-parallel on a tiny Flux transformer (or the zoo:mmdit pipeline).
+"""Run under ``torchrun --nproc_per_node=N``: patch-parallel on a tiny Flux transformer (or the zoo:mmdit pipeline,
+or the tiny DiT, PixArt and SD3 pipelines).
 
-``python -m torch.distributed.run --nproc_per_node=2 patch_parallel_run.py OUT.json [transformer|pipeline]``
+``python -m torch.distributed.run --nproc_per_node=2 patch_parallel_run.py OUT.json [transformer|pipeline|families]``
 
 ``transformer`` (default): every rank runs the tiny transformer over a few steps single-process first (the
 reference), then under patch-parallel with a warm-up covering every step (must be exact), with DistriFusion and
 with PCPP after one warm-up step (stale K/V), and the refusals that need a real world (an attention plugin beside
 it, diffusers parallelism already on, a grid whose rows do not split). ``pipeline``: the zoo:mmdit pipeline (Flux
-architecture, true CFG as two calls) end to end: exact, DistriFusion, PCPP, and patch-parallel with fbcache. Every
-rank's verdict goes to rank 0, which writes them as JSON.
+architecture, true CFG as two calls) end to end: exact, DistriFusion, PCPP, and patch-parallel with fbcache.
+``families``: the tiny DiT, PixArt-Sigma and SD3 pipelines, split with dit_accel's own plans. Every rank's verdict goes to rank 0, which writes them as JSON.
 """
 
 from __future__ import annotations
@@ -126,10 +127,46 @@ def pipeline_case(steps: int = 8) -> dict:
             "with_fbcache_psnr": psnr(generate("patch-parallel+fbcache", patch_parallel__warmup_steps=2), reference)}
 
 
+def families_case(steps: int = 4) -> dict:
+    """The families patch-parallel splits with dit_accel's own plan (diffusers has none for them): exact with a
+    warm-up over every step, DistriFusion and PCPP close after one synchronous step; SD3 refuses a ControlNet's
+    residuals over the whole grid."""
+    from dit_accel.pipelines import tiny
+
+    verdict = {}
+    for name in ("dit", "pixart-sigma", "sd3"):
+        def generate(recipe: str | None, **settings) -> torch.Tensor:
+            pipe = tiny.build(name)
+            handle = accelerate_dit(pipe, recipe, **settings) if recipe else None
+            out = tiny.output_of(name, pipe(**tiny.default_call_kwargs(name, steps=steps)))
+            fallbacks = {} if handle is None else dict(handle.transformers[0].plugins[0].fallbacks)
+            if handle is not None:
+                handle.remove()
+            return out, fallbacks
+
+        reference, _ = generate(None)
+        exact, fallbacks = generate("patch-parallel", warmup_steps=steps)
+        verdict[name] = {"exact_max_abs_diff": float((exact - reference).abs().max()), "fallbacks": fallbacks,
+                         "distrifusion_psnr": psnr(generate("patch-parallel", warmup_steps=1)[0], reference),
+                         "pcpp_psnr": psnr(generate("patch-parallel-pcpp", warmup_steps=1, band=1, pool=2)[0],
+                                           reference)}
+    pipe = tiny.build("sd3")
+    handle = accelerate_dit(pipe, "patch-parallel")
+    latent = torch.randn(1, pipe.transformer.config.in_channels, 8, 8)
+    verdict["sd3_refused_controlnet"] = refusal(lambda: pipe.transformer(
+        hidden_states=latent, encoder_hidden_states=torch.randn(1, 4, pipe.transformer.config.joint_attention_dim),
+        pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim), timestep=torch.tensor([1.0]),
+        block_controlnet_hidden_states=[torch.zeros(1, 16, pipe.transformer.inner_dim)]))
+    handle.remove()
+    return verdict
+
+
+CASES = {"transformer": transformer_case, "pipeline": pipeline_case, "families": families_case}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
-    case = sys.argv[2] if len(sys.argv) > 2 else "transformer"
-    verdict = transformer_case() if case == "transformer" else pipeline_case()
+    verdict = CASES[sys.argv[2] if len(sys.argv) > 2 else "transformer"]()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, verdict)
     if dist.get_rank() == 0:
