@@ -20,7 +20,10 @@ the others) and without (``--corrections``), and optionally with periodic synchr
 Models: the tiny random-init Flux pipeline (``--size`` pixels, 16x16 tokens at 64), zoo:mmdit (trained, Flux
 architecture, 8x8 tokens, true CFG as two calls) and ``zoo:mmdit-64`` (the same model sampled at 64 px = 16x16
 tokens, outside its 32 px training resolution: RoPE takes any position, but rows and columns 8-15 were never seen in
-training, so its images are no real samples; PSNR against the single process still measures the parallelism).
+training, so its images are no real samples; PSNR against the single process still measures the parallelism),
+zoo:dit (trained DiT, 8x8 tokens, batched CFG) and zoo:flowdit (the evaluation-only model: trained flow-matching DiT,
+16x16 tokens, batched CFG); the DiT models are split with dit_accel's own plan (diffusers gives them no
+``_cp_plan``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("flux", "zoo:mmdit", "zoo:mmdit-64")
+MODELS = ("flux", "zoo:mmdit", "zoo:mmdit-64", "zoo:dit", "zoo:flowdit")
 NAME = "patch-parallel-cpu"
 CORRECTIONS = ("residual", "detail", "none")
 CORRECTION_LABELS = {"residual": "residual correction", "detail": "detail correction", "none": "no correction"}
@@ -70,10 +73,10 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
             return _generate("zoo:mmdit", recipe, args, settings)
     from dit_accel import accelerate_dit
 
-    if model == "zoo:mmdit":
+    if model.startswith("zoo:"):
         from dit_accel.pipelines import zoo
 
-        pipe = zoo.load("mmdit")
+        pipe = zoo.load(model[len("zoo:"):])
         call = {"class_labels": [3, 7], "num_inference_steps": args.steps, "output_type": "pt"}
     else:
         from dit_accel.pipelines import tiny
@@ -87,7 +90,7 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
     with torch.no_grad():
         output = pipe(**call)
     wall = time.perf_counter() - start
-    images = output.images.float() if model == "zoo:mmdit" else tiny.output_of("flux", output)
+    images = output.images.float() if model.startswith("zoo:") else tiny.output_of("flux", output)
     plugin = handle.transformers[0].plugins[0] if handle is not None else None
     stats = None if plugin is None else {"bytes_per_step": plugin.bytes_per_step,
                                          "bytes_by_step": dict(plugin.bytes_by_step),
@@ -173,7 +176,9 @@ def markdown(rows: list[dict], args) -> str:
              f"{args.size} px = {tokens}x{tokens} tokens; its images depend little on attention, so its PSNR says "
              "little), zoo:mmdit (trained, Flux architecture, 8x8 tokens, 2 images, true CFG) and zoo:mmdit-64 (the "
              "same model at 64 px = 16x16 tokens, OUTSIDE its 32 px training resolution: no real samples, but the "
-             "PSNR against the single process still measures the parallelism). Corrections, learned on the synchronous "
+             "PSNR against the single process still measures the parallelism), zoo:dit (trained DiT, 8x8 tokens, 2 images, "
+             "batched CFG) and zoo:flowdit (the evaluation-only model, never tuned on: trained flow-matching DiT, "
+             "16x16 tokens, 2 images, batched CFG). Corrections, learned on the synchronous "
              "steps (warm-up, refreshes), where every rank receives the other patches whole, and used on the PCPP "
              "steps after them, no extra bytes: `detail` keeps the far rows less their tile's mean and expands the "
              "received tiles back to tokens (tile + detail; DistriFusion's memory and attention cost); `residual` "
@@ -240,7 +245,8 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true",
                         help="also run every mode without extrapolating the remote keys/values (extrapolate=false)")
     parser.add_argument("--models", nargs="+", default=["flux", "zoo:mmdit"], choices=MODELS,
-                        help="default: flux zoo:mmdit (zoo:mmdit-64: 16x16 tokens, outside the training size)")
+                        help="default: flux zoo:mmdit (zoo:mmdit-64: 16x16 tokens, outside the training size; "
+                             "zoo:dit 8x8 and zoo:flowdit 16x16 tokens, DiT)")
     parser.add_argument("--corrections", nargs="+", default=["residual", "none"], choices=CORRECTIONS,
                         help="PCPP correction settings to run (default: residual none)")
     parser.add_argument("--refresh", type=int, nargs="+", default=[0], metavar="K",

@@ -298,6 +298,9 @@ def test_two_processes_dit_pixart_sd3_with_dit_accels_own_plans(tmp_path):
             assert result["fallbacks"] == {}, f"{name}: every attention call must be split into patches"
             assert result["distrifusion_psnr"] > 20 and result["pcpp_psnr"] > 20, name
             assert math.isfinite(result["distrifusion_psnr"]), f"{name}: stale patches must change the output"
+        for cache in ("fbcache", "cfg-cache"):  # with every step synchronous, a cache on split tokens decides as one
+            assert verdict["dit"][f"with_{cache}_max_abs_diff"] < 1e-5, cache  # process does
+            assert verdict["dit"][f"with_{cache}_changed"] > 1e-3, f"{cache} must have reused something"
         assert "does not split; call it without block_controlnet_hidden_states" in verdict["sd3_refused_controlnet"]
     assert first["dit"] == second["dit"], "ranks must gather the same output"
 
@@ -470,12 +473,20 @@ def test_pcpp_detail_correction_needs_tiles():
 
 
 def test_shipped_recipes_validate_and_say_what_they_mean():
-    for name in ("patch-parallel", "patch-parallel-pcpp"):
+    from dit_accel.parallel.correction import is_sync_step
+
+    for name in ("patch-parallel", "patch-parallel-pcpp", "patch-parallel-pcpp-refresh"):
         config = load_recipe(name).plugins[0]
         config.validate()
         assert PatchParallelConfig(**{k: v for k, v in config.to_dict().items() if k != "type"}) == config
     pcpp = load_recipe("patch-parallel-pcpp").plugins[0]
     assert (pcpp.band, pcpp.pool, pcpp.correction) == (2, 4, "detail")
+    lean = load_recipe("patch-parallel-pcpp-refresh")
+    config = lean.plugins[0]
+    sync = [step for step in range(20) if is_sync_step(step, config.warmup_steps, config.refresh_interval, 20,
+                                                       config.refresh_growth)]
+    assert sync == [0, 1, 3, 6, 10, 17] and "steps 3, 6, 10 and 17 of 20" in lean.description
+    assert (config.band, config.pool, config.active_correction) == (0, 4, "detail")
 
 
 @pytest.mark.slow  # ~50 s on this 2-core machine: 3 processes, a tiny Flux transformer over 4 steps 9 times

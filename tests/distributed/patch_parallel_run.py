@@ -139,7 +139,8 @@ def families_case(steps: int = 4) -> dict:
             pipe = tiny.build(name)
             handle = accelerate_dit(pipe, recipe, **settings) if recipe else None
             out = tiny.output_of(name, pipe(**tiny.default_call_kwargs(name, steps=steps)))
-            fallbacks = {} if handle is None else dict(handle.transformers[0].plugins[0].fallbacks)
+            patch = [p for p in handle.transformers[0].plugins if p.name == "patch-parallel"] if handle else []
+            fallbacks = dict(patch[0].fallbacks) if patch else {}
             if handle is not None:
                 handle.remove()
             return out, fallbacks
@@ -150,6 +151,15 @@ def families_case(steps: int = 4) -> dict:
                          "distrifusion_psnr": psnr(generate("patch-parallel", warmup_steps=1)[0], reference),
                          "pcpp_psnr": psnr(generate("patch-parallel-pcpp", warmup_steps=1, band=1, pool=2)[0],
                                            reference)}
+        if name == "dit":  # batched CFG: caching plugins that slice or compare rows, deciding on split tokens
+            caches = {"fbcache": dict(threshold=0.6, warmup_steps=1, last_steps=0), "cfg-cache": dict(start=0.25)}
+            for cache, settings in caches.items():
+                alone, _ = generate(cache, **settings)
+                prefix = cache.replace("-", "_") + "__"
+                out, _ = generate(f"patch-parallel+{cache}", patch_parallel__warmup_steps=steps,
+                                  **{prefix + key: value for key, value in settings.items()})
+                verdict[name][f"with_{cache}_max_abs_diff"] = float((out - alone).abs().max())
+                verdict[name][f"with_{cache}_changed"] = float((alone - reference).abs().max())
     pipe = tiny.build("sd3")
     handle = accelerate_dit(pipe, "patch-parallel")
     latent = torch.randn(1, pipe.transformer.config.in_channels, 8, 8)
