@@ -18,8 +18,10 @@ magcache-ultra 3.57x).
 
 The call computes as usual (and the block-range machinery asks the same question again, getting the same answer)
 where this cannot apply: a call holding only some rows of its slot, a call measuring the work outside the blocks,
-sequence or patch parallelism (the ranks' outputs are assembled outside the model), or no computed prediction of
-the slot yet.
+sequence parallelism enabled after the hook was attached (its split would sit outside the hook), or no computed
+prediction of the slot yet. Under sequence or patch parallelism set up first, the hook wraps the split and the
+gather: every rank sees the whole latent and output, decides from all-reduced statistics and skips alike, and a
+skipped step runs no collective on any rank.
 
 ``space = "clean"`` forecasts the clean-sample estimate each computed prediction implies and turns the forecast back
 into a prediction at the skipped call's own input (:mod:`dit_accel.caching.prediction_space`); it needs the
@@ -75,7 +77,7 @@ class OutputForecast:
         self._timestep_unit: float | None = None  # flow models: timestep input per sigma, read once per generation
         self.served = 0  # calls returned without running the transformer (this generation)
         self._attached = False
-        self._patch_parallel = False
+        self._wraps_split = False  # attached outside a sequence split (see attach)
 
     def attach(self) -> None:
         """Attach the hook outside every transformer-level hook the plugins installed so far (cfg-cache's): a
@@ -83,16 +85,21 @@ class OutputForecast:
         rebuilt unconditional rows included), not the part the transformer computed. Called once every plugin is
         installed (:meth:`Plugin.check_companions`): diffusers' registry cannot move a hook once others wrap it."""
         if not self._attached:
-            # Patch parallelism splits the grid inside the model: a rank's output is not the slot's prediction.
-            self._patch_parallel = any(plugin.kind == "parallel" for plugin in self.target.plugins)
+            # diffusers' context parallelism (enabled before accelerate_dit) and patch-parallel (installed before
+            # this) registered their split and gather hooks already, so this hook wraps them: it sees the whole
+            # latent and the gathered output, the same on every rank.
+            self._wraps_split = parallel_setting(self.target.transformer) is not None
             attach(self.target.transformer, _CallHook(self), self.hook_name)
             self._attached = True
 
     def _applies(self, context: CallContext | None) -> bool:
-        """Whether the call holds whole slots on one process (its prediction is the slot's whole prediction)."""
-        if context is None or context.rows is not None or self._patch_parallel:
+        """Whether the call holds whole slots (its output is the slot's whole prediction): on one process, or under
+        sequence / patch parallelism set up before this hook was attached (the ranks decide from all-reduced
+        statistics, so they skip alike and forecast the same gathered outputs). Parallelism enabled after
+        ``accelerate_dit`` splits the inputs outside this hook: those calls compute."""
+        if context is None or context.rows is not None:
             return False
-        return parallel_setting(self.target.transformer) is None  # set on the model, possibly after install
+        return self._wraps_split or parallel_setting(self.target.transformer) is None
 
     def _coefficients(self, context: CallContext) -> tuple[float, float] | None:
         """``(c_input, c_prediction)`` of the clean-sample estimate at this call, ``None`` in prediction space."""

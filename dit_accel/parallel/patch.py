@@ -15,8 +15,11 @@ rank attends with its local queries to
   asynchronous ``all_to_all_single`` posted right after this rank's keys were computed one step earlier, so the
   exchange overlaps a whole step of compute (DistriFusion's displacement).
 
-The first ``warmup_steps`` steps (and any call with nothing to reuse) exchange synchronously and are exact, so a
-warm-up covering every step reproduces the single-process output. In ``pcpp`` mode a rank receives from each other
+The first ``warmup_steps`` steps (and any call with nothing to reuse, or whose layer and CFG slot did not attend on
+the step before, because a cache skipped the blocks, reused the attention or answered the branch) exchange
+synchronously and are exact, so a warm-up covering every step reproduces the single-process output, and under a
+step-skipping cache the computed steps attend to fresh patches (zoo:mmdit, magcache-turbo with DistriFusion over
+2 processes: the single-process images exactly, where patches as old as the last computed step gave 24 dB). In ``pcpp`` mode a rank receives from each other
 patch only its rows within ``band`` rows of its own patch, plus ``pool x pool`` mean tiles of the rest with a
 ``log(count)`` logit bias (see :mod:`dit_accel.parallel.patches`), which cuts the bytes exchanged; by default the
 tiles are expanded back to tokens with the fine structure seen on the last synchronous step (``correction``,
@@ -153,6 +156,7 @@ class PatchParallelPlugin(Plugin):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._state: dict[tuple, _Remote | _Exchange] = {}
+        self._made: dict[tuple, int | None] = {}  # the step each slot's state was computed at
         self._history: dict[tuple, tuple[int, _Remote]] = {}  # extrapolate: the previous remote of each slot
         self.corrections = Corrections()
         self.fallbacks: Counter = Counter()
@@ -198,7 +202,7 @@ class PatchParallelPlugin(Plugin):
         for entry in getattr(self, "_state", {}).values():
             if isinstance(entry, _Exchange):
                 entry.wait()  # every rank posted it: drain, so no exchange outlives its generation
-        self._state, self._history = {}, {}
+        self._state, self._made, self._history = {}, {}, {}
         if hasattr(self, "corrections"):
             self.corrections.clear()
 
@@ -264,6 +268,7 @@ class PatchParallelPlugin(Plugin):
         tokens = torch.cat([k_img, v_img], -1).permute(2, 0, 1, 3)  # (n, B, H, Dk + Dv): rows along dim 0
         slot = (call.layer.name, context.slot if context is not None else None, call.index)
         previous = self._state.pop(slot, None)
+        made = self._made.pop(slot, None)
         step = context.step if context is not None else None
         steps = context.num_steps if context is not None else None
         last = context is None or (steps is not None and step >= steps - 1)
@@ -273,7 +278,10 @@ class PatchParallelPlugin(Plugin):
         correct = config.active_correction if context is not None else "none"
         attend = lambda remote: self._attention(query, tokens, remote, k_txt, v_txt, text_first,  # noqa: E731
                                                 k_img.shape[-1], call)
-        stale = (previous is not None and step is not None
+        # The other patches' state is one step old, as DistriFusion assumes, or this step exchanges synchronously:
+        # a step after steps that ran no attention here (a cache skipped the blocks or reused the attention, or
+        # cfg-cache answered this branch) would otherwise attend to patches several steps old.
+        stale = (previous is not None and step is not None and made == step - 1
                  and not is_sync_step(step, config.warmup_steps, interval, steps, growth)
                  and previous.grid == grid and previous.signature == (tokens.shape[1:], tokens.dtype))
         if stale:
@@ -282,6 +290,7 @@ class PatchParallelPlugin(Plugin):
                 remote = self._extrapolated(slot, remote, step - 1)
             if not last and not is_sync_step(step + 1, config.warmup_steps, interval, steps, growth):
                 self._state[slot] = self._post(self._exchange(tokens, grid, full=band is None), step)
+                self._made[slot] = step
             if correct == "detail":
                 remote = self.corrections.apply_detail(slot, context.generation, remote)
             out = attend(remote)
@@ -293,6 +302,7 @@ class PatchParallelPlugin(Plugin):
         out = attend(remote)
         if not last:
             self._state[slot] = exchange.remote(band, pool) if band is not None else remote
+            self._made[slot] = step
             if config.extrapolate and step is not None:
                 self._history[slot] = (step, self._state[slot])  # this step's keys: the first trend's origin
             if correct == "residual":  # the same keys and values, as PCPP would have seen them
