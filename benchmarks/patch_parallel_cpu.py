@@ -84,14 +84,25 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
         pipe = tiny.build("flux", num_layers=2)
         call = tiny.default_call_kwargs("flux", steps=args.steps)
         call.update(height=args.size, width=args.size)
-    handle = accelerate_dit(pipe, recipe, **settings) if recipe else None
+    handle = None
+    if args.cache:  # the cache alone (the reference), or the cache plus patch-parallel
+        from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
+        from dit_accel.recipe import load_recipe
+
+        cached = load_recipe(args.cache)
+        if model.startswith("zoo:"):
+            cached = with_shipped_calibration(cached, model[len("zoo:"):].split("-")[0])[0]
+        handle = accelerate_dit(pipe, cached + load_recipe(recipe, **settings) if recipe else cached)
+    elif recipe:
+        handle = accelerate_dit(pipe, recipe, **settings)
     call["generator"] = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():
         output = pipe(**call)
     wall = time.perf_counter() - start
     images = output.images.float() if model.startswith("zoo:") else tiny.output_of("flux", output)
-    plugin = handle.transformers[0].plugins[0] if handle is not None else None
+    plugin = next((p for p in handle.transformers[0].plugins if p.name == "patch-parallel"), None) if (
+        handle is not None) else None
     stats = None if plugin is None else {"bytes_per_step": plugin.bytes_per_step,
                                          "bytes_by_step": dict(plugin.bytes_by_step),
                                          "fallbacks": sum(plugin.fallbacks.values()),
@@ -109,7 +120,7 @@ def worker(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = []
     for model in args.models:
-        reference, dense_wall, _ = _generate(model, None, args, {})
+        reference, dense_wall, _ = _generate(model, None, args, {})  # --cache: the cache on one process
         modes = {"distrifusion": ("patch-parallel", {"warmup_steps": args.warmup})}
         for band, pool, fixed_correction, fixed_refresh, growth in args.pcpp:
             for correction in [fixed_correction] if fixed_correction else args.corrections:
@@ -126,7 +137,7 @@ def worker(args) -> None:
             images, wall, stats = _generate(model, recipe, args, settings)
             every = [None] * world
             dist.all_gather_object(every, stats)
-            rows.append({"model": model, "world": world, "mode": mode, "settings": settings,
+            rows.append({"model": model, "world": world, "mode": mode, "settings": settings, "cache": args.cache,
                          "psnr": psnr(images, reference), "dense_wall_s": dense_wall, "wall_s": wall,
                          "bytes_per_step": sum(s["bytes_per_step"] for s in every),
                          "bytes_per_step_with_warmup": sum(sum(s["bytes_by_step"].values())
@@ -155,7 +166,7 @@ def launch(world: int, args) -> list[dict]:
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", str(args.size),
                    "--seed", str(args.seed), "--pcpp", *map(_spec, args.pcpp), "--models", *args.models,
                    "--corrections", *args.corrections, "--refresh", *map(str, args.refresh)] + (
-                       ["--plain"] if args.plain else [])
+                       ["--plain"] if args.plain else []) + (["--cache", args.cache] if args.cache else [])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -184,7 +195,11 @@ def markdown(rows: list[dict], args) -> str:
              "received tiles back to tokens (tile + detail; DistriFusion's memory and attention cost); `residual` "
              "keeps exact minus PCPP attention output and adds it. `refresh K`: every K-th step after warm-up is "
              "synchronous (full bytes, counted; the step before it sends nothing). Seed " + str(args.seed) + ".", "",
-             "PSNR: images against the single-process dense run, same seed. Bytes: all ranks together, counted (the "
+             ("PSNR: images against the single-process dense run, same seed." if not args.cache else
+              f"Every mode is `{args.cache}` + patch-parallel (the zoo models' shipped magcache calibrations); PSNR: "
+              f"images against `{args.cache}` on one process, same seed (its own PSNR against dense is not "
+              "here); the bytes per step average every step after warm-up, the skipped ones (nothing exchanged) "
+              "included.") + " Bytes: all ranks together, counted (the "
              "payloads handed to all_to_all_single), not timed; per step after warm-up (steps that post an "
              "exchange), and averaged over every step including the synchronous warm-up and the last step. Wall "
              f"time is a CPU simulation: every process shares this machine's {os.cpu_count()} cores and gloo's "
@@ -199,6 +214,15 @@ def markdown(rows: list[dict], args) -> str:
                      f"{row['bytes_per_step']:,.0f} | {share:.0%} | {row['bytes_per_step_with_warmup']:,.0f} | "
                      f"{row['wall_s']:.2f} | {row['dense_wall_s']:.2f} |")
     lines.append("")
+    if args.cache:  # the goal is about DistriFusion without a cache; say what the cache saves against that instead
+        for row in rows:
+            # a full exchange (DistriFusion's every step) is the largest step; every rank sends as much
+            full = max(row["bytes_by_step_rank0"].values()) * row["world"]
+            lines.append(f"{row['model']}, {row['world']} processes, {row['mode']}: "
+                         f"{row['bytes_per_step'] / full:.0%} of DistriFusion's bytes per step without the cache "
+                         f"({full:,.0f}).")
+        lines.append("")
+        return "\n".join(lines)
     for mode in sorted({r["mode"] for r in rows} - {"distrifusion"}):
         met = [r["psnr"] >= 30 and r["bytes_per_step"] <= 0.35 * _base(rows, r)["bytes_per_step"]
                for r in rows if r["mode"] == mode]
@@ -251,6 +275,9 @@ def main() -> None:
                         help="PCPP correction settings to run (default: residual none)")
     parser.add_argument("--refresh", type=int, nargs="+", default=[0], metavar="K",
                         help="PCPP refresh_interval settings to run (default: 0, never)")
+    parser.add_argument("--cache", default=None, metavar="RECIPE",
+                        help="compose every mode with this caching recipe (the zoo models' shipped magcache "
+                             "calibrations applied); the reference is then the cache on one process")
     parser.add_argument("--name", default=NAME, help=f"output file stem (default {NAME})")
     parser.add_argument("--title", default="", help="appended to the markdown title (e.g. a calibration note)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -262,7 +289,7 @@ def main() -> None:
         args.worlds, args.steps, args.size = [2], 4, 32
     rows = [row for world in args.worlds for row in launch(world, args)]
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"steps": args.steps, "warmup": args.warmup, "pcpp": args.pcpp, "size": args.size,
+    meta = {"steps": args.steps, "warmup": args.warmup, "pcpp": args.pcpp, "size": args.size, "cache": args.cache,
             "seed": args.seed, "smoke": args.smoke, "corrections": args.corrections, "refresh": args.refresh,
             "models": args.models, "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "wall": "CPU simulation (processes share this machine's cores; gloo loopback)"}
