@@ -2,6 +2,7 @@
 
     python benchmarks/patch_parallel_cpu.py -o benchmarks/results            # the full run (2 and 4 processes)
     python benchmarks/patch_parallel_cpu.py -o /tmp/pp --smoke               # 2 processes, 4 steps, smallest sizes
+    python benchmarks/patch_parallel_cpu.py -o out --device cuda --worlds 2 4  # one GPU per process (NCCL): real times
 
 For each world size the script launches itself under ``torchrun --nproc_per_node=N`` (gloo). Every rank first runs
 the dense pipeline alone (the reference), then the same generation under ``patch-parallel`` (DistriFusion: every
@@ -84,6 +85,7 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
         pipe = tiny.build("flux", num_layers=2)
         call = tiny.default_call_kwargs("flux", steps=args.steps)
         call.update(height=args.size, width=args.size)
+    pipe.to(_device(args))
     handle = None
     if args.cache:  # the cache alone (the reference), or the cache plus patch-parallel
         from dit_accel.pipelines.zoo.calibrations import with_shipped_calibration
@@ -95,12 +97,14 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
         handle = accelerate_dit(pipe, cached + load_recipe(recipe, **settings) if recipe else cached)
     elif recipe:
         handle = accelerate_dit(pipe, recipe, **settings)
-    call["generator"] = torch.Generator().manual_seed(args.seed)
+    call["generator"] = torch.Generator().manual_seed(args.seed)  # CPU noise: the same on every device
+    _synchronize(args)
     start = time.perf_counter()
     with torch.no_grad():
         output = pipe(**call)
+    _synchronize(args)
     wall = time.perf_counter() - start
-    images = output.images.float() if model.startswith("zoo:") else tiny.output_of("flux", output)
+    images = (output.images if model.startswith("zoo:") else tiny.output_of("flux", output)).float().cpu()
     plugin = next((p for p in handle.transformers[0].plugins if p.name == "patch-parallel"), None) if (
         handle is not None) else None
     stats = None if plugin is None else {"bytes_per_step": plugin.bytes_per_step,
@@ -112,11 +116,24 @@ def _generate(model: str, recipe: str | None, args, settings: dict) -> tuple[tor
     return images, wall, stats
 
 
+def _device(args) -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
+
+
+def _synchronize(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.device == "cuda":  # one GPU per process, NCCL: the wall times are real
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:  # processes share this machine's cores over gloo's loopback: the wall times are a simulation
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = []
     for model in args.models:
@@ -166,7 +183,8 @@ def launch(world: int, args) -> list[dict]:
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", str(args.size),
                    "--seed", str(args.seed), "--pcpp", *map(_spec, args.pcpp), "--models", *args.models,
                    "--corrections", *args.corrections, "--refresh", *map(str, args.refresh)] + (
-                       ["--plain"] if args.plain else []) + (["--cache", args.cache] if args.cache else [])
+                       ["--plain"] if args.plain else []) + (["--cache", args.cache] if args.cache else []) + [
+                       "--device", args.device]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -181,15 +199,17 @@ def _base(rows: list[dict], row: dict) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     tokens = args.size // 4
-    lines = [f"# patch-parallel on CPU (gloo){' - SMOKE RUN' if args.smoke else ''}{args.title}", "",
+    gpu = getattr(args, "device", "cpu") == "cuda"
+    lines = [f"# patch-parallel on {'GPUs (NCCL)' if gpu else 'CPU (gloo)'}{' - SMOKE RUN' if args.smoke else ''}"
+             f"{args.title}", "",
              f"{args.steps} steps, the first {args.warmup} synchronous (exact). PCPP: `band` rows next to each patch "
              "exact, the rest of the other patches as `pool` x `pool` mean tiles. Models: tiny Flux (random init, "
              f"{args.size} px = {tokens}x{tokens} tokens; its images depend little on attention, so its PSNR says "
              "little), zoo:mmdit (trained, Flux architecture, 8x8 tokens, 2 images, true CFG) and zoo:mmdit-64 (the "
              "same model at 64 px = 16x16 tokens, OUTSIDE its 32 px training resolution: no real samples, but the "
-             "PSNR against the single process still measures the parallelism), zoo:dit (trained DiT, 8x8 tokens, 2 images, "
-             "batched CFG) and zoo:flowdit (the evaluation-only model, never tuned on: trained flow-matching DiT, "
-             "16x16 tokens, 2 images, batched CFG). Corrections, learned on the synchronous "
+             "PSNR against the single process still measures the parallelism), zoo:dit (trained DiT, 8x8 tokens, "
+             "2 images, batched CFG) and zoo:flowdit (the evaluation-only model, never tuned on: trained "
+             "flow-matching DiT, 16x16 tokens, 2 images, batched CFG). Corrections, learned on the synchronous "
              "steps (warm-up, refreshes), where every rank receives the other patches whole, and used on the PCPP "
              "steps after them, no extra bytes: `detail` keeps the far rows less their tile's mean and expands the "
              "received tiles back to tokens (tile + detail; DistriFusion's memory and attention cost); `residual` "
@@ -202,10 +222,12 @@ def markdown(rows: list[dict], args) -> str:
               "included.") + " Bytes: all ranks together, counted (the "
              "payloads handed to all_to_all_single), not timed; per step after warm-up (steps that post an "
              "exchange), and averaged over every step including the synchronous warm-up and the last step. Wall "
-             f"time is a CPU simulation: every process shares this machine's {os.cpu_count()} cores and gloo's "
-             "loopback; it says nothing about GPU speed.", "",
+             + (f"time is a CPU simulation: every process shares this machine's {os.cpu_count()} cores and gloo's "
+                "loopback; it says nothing about GPU speed." if not gpu else
+                "time: one GPU per process, NCCL, synchronized around each generation (one run each, not a "
+                "median)."), "",
              "| model | processes | mode | PSNR (dB) | bytes / step | vs DistriFusion | bytes / step incl. warm-up "
-             "| wall s (CPU sim.) | dense wall s |",
+             f"| wall s ({'GPU' if gpu else 'CPU sim.'}) | dense wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = _base(rows, row)
@@ -260,7 +282,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pcpp", type=_band_pool, nargs="+", default=[(1, 4, None, None, None), (1, 8, None, None, None)],
+    parser.add_argument("--pcpp", type=_band_pool, nargs="+",
+                        default=[(1, 4, None, None, None), (1, 8, None, None, None)],
                         metavar="BAND:POOL[:CORRECTION[:REFRESH[:GROWTH]]]",
                         help="PCPP settings to compare with DistriFusion (default: 1:4 1:8, each with every "
                              "--corrections and --refresh)")
@@ -278,6 +301,9 @@ def main() -> None:
     parser.add_argument("--cache", default=None, metavar="RECIPE",
                         help="compose every mode with this caching recipe (the zoo models' shipped magcache "
                              "calibrations applied); the reference is then the cache on one process")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo processes sharing this machine (default); cuda: one GPU per process, NCCL "
+                             "(the wall times are then real speedups)")
     parser.add_argument("--name", default=NAME, help=f"output file stem (default {NAME})")
     parser.add_argument("--title", default="", help="appended to the markdown title (e.g. a calibration note)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -292,7 +318,9 @@ def main() -> None:
     meta = {"steps": args.steps, "warmup": args.warmup, "pcpp": args.pcpp, "size": args.size, "cache": args.cache,
             "seed": args.seed, "smoke": args.smoke, "corrections": args.corrections, "refresh": args.refresh,
             "models": args.models, "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "wall": "CPU simulation (processes share this machine's cores; gloo loopback)"}
+            "cpus": os.cpu_count(), "device": args.device,
+            "wall": "CPU simulation (processes share this machine's cores; gloo loopback)" if args.device == "cpu"
+            else f"{torch.cuda.get_device_name()}, one per process, NCCL"}
     (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{args.name}.md").write_text(markdown(rows, args))
     print(markdown(rows, args))

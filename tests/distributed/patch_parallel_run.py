@@ -8,7 +8,8 @@ reference), then under patch-parallel with a warm-up covering every step (must b
 with PCPP after one warm-up step (stale K/V), and the refusals that need a real world (an attention plugin beside
 it, diffusers parallelism already on, a grid whose rows do not split). ``pipeline``: the zoo:mmdit pipeline (Flux
 architecture, true CFG as two calls) end to end: exact, DistriFusion, PCPP, and patch-parallel with fbcache.
-``families``: the tiny DiT, PixArt-Sigma and SD3 pipelines, split with dit_accel's own plans. Every rank's verdict goes to rank 0, which writes them as JSON.
+``families``: the tiny DiT, PixArt-Sigma and SD3 pipelines, split with dit_accel's own plans. Every rank's verdict
+goes to rank 0, which writes them as JSON.
 """
 
 from __future__ import annotations
