@@ -18,8 +18,8 @@ rank attends with its local queries to
 The first ``warmup_steps`` steps (and any call with nothing to reuse, or whose layer and CFG slot did not attend on
 the step before, because a cache skipped the blocks, reused the attention or answered the branch) exchange
 synchronously and are exact, so a warm-up covering every step reproduces the single-process output, and under a
-step-skipping cache the computed steps attend to fresh patches (zoo:mmdit, magcache-turbo with DistriFusion over
-2 processes: the single-process images exactly, where patches as old as the last computed step gave 24 dB).
+step-skipping cache the computed steps attend to fresh patches (with magcache-turbo, zoo:mmdit's images are the
+single-process ones exactly: benchmarks/results/patch-parallel-magcache-cpu.md).
 In ``pcpp`` mode a rank receives from each other patch only its rows within ``band`` rows of its own patch, plus
 ``pool x pool`` mean tiles of the rest with a ``log(count)`` logit bias (see :mod:`dit_accel.parallel.patches`),
 which cuts the bytes exchanged; by default the tiles are expanded back to tokens with the fine structure seen on the
