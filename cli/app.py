@@ -291,8 +291,8 @@ def recipes(json_output: Annotated[bool, typer.Option("--json", help="Print the 
     "--parallel splits every generation over N processes on this machine (one per GPU; CPU: gloo) and relaunches "
     "itself under torchrun: ulysses=N and ring=N with diffusers' context parallelism (models with a _cp_plan: "
     "Flux, Wan, LTX-Video, Qwen-Image; ring needs a CUDA attention backend that returns the log-sum-exp), patch=N "
-    "with the patch-parallel plugin. Process 0 writes the image. Which plugins combine: the README's Parallelism "
-    "table."
+    "with the patch-parallel plugin (those models and DiT, PixArt, SD3). Process 0 writes the image. Which plugins "
+    "combine: the README's Parallelism table."
 )
 def generate(
     recipe: Annotated[str, typer.Option(

@@ -148,9 +148,14 @@ def enable_context_parallel(transformer: torch.nn.Module, parallel: Parallel, de
 
     name = type(transformer).__name__
     if getattr(transformer, "_cp_plan", None) is None:
+        from dit_accel.parallel.plans import OWN_PLANS
+
+        patch = (f"use --parallel patch={parallel.processes} (patch-parallel splits {name} with dit_accel's own plan), "
+                 if name in OWN_PLANS else "")
         raise ValueError(f"--parallel {parallel}: {name} has no diffusers context-parallel plan (_cp_plan), so its "
                          "sequence cannot be split; models with one: Flux, Wan, LTX-Video, Qwen-Image (and Flux2, "
-                         "ChronoEdit, ...); run it without --parallel (or with --processes N for data parallelism)")
+                         f"ChronoEdit, ...); {patch}run it without --parallel (or with --processes N for data "
+                         "parallelism)")
     if parallel.kind == "ring":
         backend = _backend(transformer)
         if backend not in RING_BACKENDS:

@@ -224,8 +224,13 @@ def test_models_that_cannot_split_are_refused(monkeypatch):
     from dit_accel.pipelines import tiny
 
     dit = tiny.build("dit").transformer
-    with pytest.raises(ValueError, match="DiTTransformer2DModel has no diffusers context-parallel plan"):
+    with pytest.raises(ValueError, match="DiTTransformer2DModel has no diffusers context-parallel plan.*use "
+                                         "--parallel patch=2 "):
         par.enable_context_parallel(dit, par.Parallel("ulysses", 2), torch.device("cpu"))
+    hunyuan = tiny.build("hunyuan-video").transformer  # patch-parallel cannot split it either: not suggested
+    with pytest.raises(ValueError, match=r"has no diffusers context-parallel plan \(_cp_plan\), so its sequence "
+                                         r"cannot be split; models with one: .*\.\.\.\); run it without"):
+        par.enable_context_parallel(hunyuan, par.Parallel("ulysses", 2), torch.device("cpu"))
     flux = tiny.build("flux").transformer
     with pytest.raises(ValueError, match="ring attention merges key chunks by their log-sum-exp.*ulysses=2"):
         par.enable_context_parallel(flux, par.Parallel("ring", 2), torch.device("cpu"))
