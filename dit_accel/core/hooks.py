@@ -10,18 +10,46 @@ from __future__ import annotations
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.context_parallel import ContextParallelSplitHook
+from diffusers.models.modeling_utils import ModelMixin
 
 _ABSENT = object()
 _SAVED = "_dit_accel_saved"
 
 
 def attach(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    """Register ``hook`` under ``name`` on ``module`` (outermost of the module's hooks)."""
+    """Register ``hook`` under ``name`` on ``module``: outermost of the module's hooks, except that on a submodule
+    of a model (a block, a projection) a sequence split of context or patch parallelism stays outermost."""
     state = vars(module)
     registry = state.get("_diffusers_hook")
     if _SAVED not in state and (registry is None or not registry.hooks):
         state[_SAVED] = (state.get("forward", _ABSENT), registry is None)
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+    if not isinstance(module, ModelMixin):
+        _splits_outermost(registry)
+
+
+def _splits_outermost(registry: HookRegistry) -> None:
+    """Re-register ``registry``'s hooks so that its ``ContextParallelSplitHook``s wrap the others, in order.
+
+    A parallel plan may split a block's input (Wan's and Qwen-Image's first block) rather than the model's. A
+    dit_accel hook registered on that block after the split would wrap it and see the whole sequence while the
+    block computes on this rank's share, as every later block does (a cache's residual would subtract a whole
+    input from a sharded output). With the split outermost, the hooks on every block see what the block sees, as
+    on models whose plan splits the model's own inputs. The hooks are removed outermost first and registered
+    again, because diffusers' ``remove_hook`` of an inner hook drops a ``new_forward`` hook registered after it.
+    """
+    order = list(registry._hook_order)
+    splits = [name for name in order if isinstance(registry.hooks[name], ContextParallelSplitHook)]
+    if not splits or order[len(order) - len(splits):] == splits:
+        return
+    hooks = [(name, registry.hooks[name]) for name in order]
+    for name in reversed(order):
+        registry.remove_hook(name, recurse=False)
+    for name, hook in [item for item in hooks if item[0] not in splits] + [item for item in hooks
+                                                                          if item[0] in splits]:
+        registry.register_hook(hook, name)
 
 
 def detach(module: torch.nn.Module, name: str) -> None:

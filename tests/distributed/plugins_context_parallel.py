@@ -8,6 +8,8 @@ parallelism. Writes a JSON verdict (rank 0) to argv[1]; argv[2:] picks sections 
   CPU: a float64 one is put in for this script only.
 * ``attention``: every attention plugin but int8 (no CPU kernel) under Ulysses, against its one-process output.
 * ``refusals``: combinations that must raise ``ValueError``, with the text their error must hold.
+* ``first_block_split``: the tiny Wan pipeline, whose plan splits its first block's input: fbcache, fora and
+  magcache under Ulysses and under patch-parallel, against one process.
 """
 
 from __future__ import annotations
@@ -177,15 +179,50 @@ def refusals_section(world: int) -> dict:
     }
 
 
+def first_block_split_section(world: int) -> dict:
+    """Wan's plan splits its first block's input (not the model's): the caches' block hooks must see the block's
+    share of the sequence under Ulysses and under patch-parallel registered before them, as on one process."""
+    from dit_accel.pipelines import tiny
+    from dit_accel.recipe import load_recipe
+
+    caches = {"fbcache": dict(threshold=0.5, warmup_steps=1, last_steps=0), "fora": dict(interval=2),
+              "magcache": dict(threshold=0.5, retention=0.2)}
+
+    def generate(name: str, kind: str | None) -> torch.Tensor:
+        pipe = tiny.build("wan")
+        if kind == "ulysses":
+            mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(mesh=mesh, ulysses_degree=world))
+        cache = load_recipe(name, **caches[name])
+        handle = accelerate_dit(pipe, load_recipe("patch-parallel", warmup_steps=100) + cache if kind == "patch"
+                                else cache)
+        for _ in range(GENERATIONS.get(name, 1)):
+            out = tiny.output_of("wan", pipe(**tiny.default_call_kwargs("wan", steps=6)))
+        acted = any(t.stats.last.totals()["computed"] < t.stats.last.totals()["calls"]
+                    for t in handle.transformers)
+        handle.remove()
+        return out, acted
+
+    results = {}
+    for name in caches:
+        single, acted = generate(name, None)
+        for kind in ("ulysses", "patch"):
+            out, _ = generate(name, kind)
+            results[f"{name}@{kind}"] = {"max_abs_diff": float((out - single).abs().max()), "acted": acted}
+    return results
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.accelerator.device_count = lambda: 1  # diffusers computes rank % device_count, 0 on CPU
-    sections = sys.argv[2:] or ["ulysses", "ring", "patch", "attention", "refusals"]
+    sections = sys.argv[2:] or ["ulysses", "ring", "patch", "attention", "refusals", "first_block_split"]
     verdict = {}
     for section in sections:
         if section == "attention":
             verdict[section] = attention_section(world)
+        elif section == "first_block_split":
+            verdict[section] = first_block_split_section(world)
         elif section == "refusals":
             verdict[section] = refusals_section(world)
         else:
