@@ -239,3 +239,8 @@ def test_stacked_on_a_fixed_schedule_cuts_the_computing_steps():
     pipe(**pipes.call_kwargs("zoo:dit", steps=20))
     assert handle.stats.notes["cfg_cache.rebuilt"] == 3
     remove_acceleration(pipe)
+    # a plugin that skips no step (attention, patch-parallel) leaves the schedule as taylorseer fixes it
+    handle = accelerate_dit(pipe, "taylorseer+cfg-cache+hilbert", first_steps=3, cfg_cache__interval=2)
+    pipe(**pipes.call_kwargs("zoo:dit", steps=20))
+    assert handle.stats.notes["cfg_cache.rebuilt"] == 3
+    remove_acceleration(pipe)

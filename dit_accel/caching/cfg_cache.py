@@ -167,13 +167,16 @@ class CFGCachePlugin(Plugin):
             self._cut_computing = self._cut_computing + 1 if cut else 0
 
     def _fixed_schedule(self, num_steps: int | None) -> list[bool] | None:
-        """Whether each step computes, where the companions' schedules are fixed in advance (else ``None``)."""
+        """Whether each step computes, where the companions' schedules are fixed in advance (else ``None``). Only
+        step-skipping plugins are asked: an attention or parallel plugin runs every step the others compute, so
+        it leaves the schedule as they fix it (patch-parallel beside taylorseer made it unknown, and the rebuilt
+        steps then differed from one process's)."""
         if num_steps is None:
             return None
         if num_steps not in self._fixed:
             computes = None
             for plugin in self.target.plugins:
-                if plugin is not self:
+                if plugin is not self and plugin.kind == "schedule":
                     known = [plugin.computes_step(s, num_steps) for s in range(num_steps)]
                     if None in known:
                         computes = None

@@ -155,9 +155,10 @@ class Plugin:
         """Raise ``ValueError`` if this plugin cannot run with the others installed on the same transformer."""
 
     def computes_step(self, step: int, num_steps: int) -> bool | None:
-        """Whether the transformer computes (rather than reuses or forecasts) at ``step``, for a plugin whose
-        schedule is fixed in advance; ``None`` when it is decided on the fly or the plugin does not skip steps. A
-        plugin that removes part of a step's work (cfg-cache) places itself on the computing steps."""
+        """Whether the transformer computes (rather than reuses or forecasts) at ``step``, for a ``schedule``
+        plugin whose schedule is fixed in advance; ``None`` when it is decided on the fly. Plugins of other kinds
+        skip no step and are not asked. A plugin that removes part of a step's work (cfg-cache) places itself on the
+        computing steps."""
         return None
 
     def needs_whole_calls(self) -> bool:
