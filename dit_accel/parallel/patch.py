@@ -87,10 +87,10 @@ def environment_problem(transformer: torch.nn.Module, world: int | None) -> str 
                 "`torchrun --nproc_per_node=N` with N >= 2")
     name = type(transformer).__name__
     supported = ", ".join(f"{family} ({cls})" for cls, family in SUPPORTED_FAMILIES.items())
-    if name not in SUPPORTED_FAMILIES or sequence_plan(transformer) is None:
+    plan = sequence_plan(transformer)
+    if name not in SUPPORTED_FAMILIES or plan is None:
         return (f"patch-parallel shards the tokens with the model's diffusers `_cp_plan` (or dit_accel's plan for "
-                f"its class), and {name} "
-                f"{'has none' if sequence_plan(transformer) is None else 'is not a family it knows'}; "
+                f"its class), and {name} {'has none' if plan is None else 'is not a family it knows'}; "
                 f"supported: {supported}")
     processors = (getattr(module, "processor", None) for module in transformer.modules())
     if getattr(transformer, "_parallel_config", None) is not None or any(
