@@ -268,7 +268,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{meta['repeats']} pairs of timed runs of {meta['timing_batch']} images, each configured run interleaved with "
         "a dense run in the same process; quality on "
         f"{meta['samples']} images (same seeds as dense): PSNR/SSIM against the dense images, fd against as many real "
-        "images, class consistency. FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
+        f"images, class consistency (one image moves it by {1 / meta['samples']:.3f}; `class-consistency-cpu.md` "
+        "measures the goal recipes' on 400 images). FLOPs speedup is dit_accel's estimate over the transformer blocks (anchors do not "
         "report one); achieved/ideal is wall × over FLOPs ×." + later_runs(meta.get("merged", [])),
     ]
     for model, rows in results["models"].items():

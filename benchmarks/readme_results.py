@@ -90,6 +90,26 @@ def caching_section() -> str:
     ])
 
 
+def class_consistency_section() -> str:
+    md = RESULTS / "class-consistency-cpu.md"
+    if not md.is_file():
+        return ""
+    data = json.loads((RESULTS / "class-consistency-cpu.json").read_text())
+    rows = []
+    for r in data["rows"]:
+        dense = r["recipe"] == "none"
+        rows.append([f"zoo:{r['model']}", f"`{r['recipe']}`", str(r["images"]),
+                     "1.00" if dense else format_number(r["flops_speedup"]),
+                     "∞" if dense else format_number(r["psnr"]), format_number(r["class_consistency"], ".4f"),
+                     "–" if dense else f"{r['difference']:+.4f} ± {r['standard_error']:.4f}",
+                     "–" if dense else format_number(r["agreement"], ".3f")])
+    return "\n\n".join([
+        "### Class consistency of the goal recipes on 400 images (zoo models, CPU)", _method(md),
+        _table(["model", "recipe", "images", "FLOPs ×", "PSNR dB", "class consistency", "Δ vs dense", "agreement"],
+               rows),
+    ])
+
+
 def harness_section() -> str:
     parts = ["### `ditaccel bench` runs (zoo models, CPU)",
              "zoo:dit and zoo:mmdit are the models defaults were chosen on; zoo:flowdit is the evaluation-only model "
@@ -275,8 +295,9 @@ def zoo_section() -> str:
 
 
 def generate() -> str:
-    sections = [harness_section(), custom_loop_section(), reuse_cost_section(), caching_section(), tune_section(),
-                attention_section(), patch_parallel_section(), overhead_section(), kernels_section(), models_gpu_section(), zoo_section()]
+    sections = [harness_section(), custom_loop_section(), reuse_cost_section(), caching_section(),
+                class_consistency_section(), tune_section(), attention_section(), patch_parallel_section(),
+                overhead_section(), kernels_section(), models_gpu_section(), zoo_section()]
     return "\n\n".join([BEGIN] + [s for s in sections if s] + [END])
 
 

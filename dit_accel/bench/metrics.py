@@ -1,4 +1,5 @@
-"""Fidelity metrics against the dense output of the same seed: PSNR and SSIM on images in [0, 1].
+"""Fidelity metrics against the dense output of the same seed: PSNR and SSIM on images in [0, 1], and the paired
+comparison of a classifier's accuracy on two generations of the same seeds.
 
 PSNR is taken over the whole batch's mean squared error; identical batches have infinite PSNR (reported as
 ``inf``, never as a large made-up number). SSIM is averaged over images. SSIM follows Wang et al. (2004): an 11x11 Gaussian window with sigma 1.5, K1 = 0.01,
@@ -8,6 +9,7 @@ K2 = 0.03, on each channel, averaged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -49,3 +51,34 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> float:
     cov = blur(a * b) - mu_a * mu_b
     index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(index.mean())
+
+
+@dataclass(frozen=True)
+class PairedAccuracy:
+    """A classifier's accuracy on accelerated images against its accuracy on the dense images of the same seeds.
+
+    ``difference`` is ``accuracy - reference_accuracy``; ``standard_error`` is the paired difference's,
+    ``std(d) / sqrt(n)`` with ``d_i = [predicted_i == label_i] - [reference_i == label_i]`` (Bessel-corrected; 0 for
+    one image); ``agreement`` is the fraction of images whose two predictions are the same class."""
+
+    accuracy: float
+    reference_accuracy: float
+    difference: float
+    standard_error: float
+    agreement: float
+
+
+def paired_accuracy(predicted: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> PairedAccuracy:
+    """Compare ``predicted`` classes (of accelerated images) with ``reference`` classes (of the dense images of the
+    same seeds), both against ``labels``; three 1-D integer tensors of one length."""
+    predicted, reference, labels = (torch.as_tensor(t).long().flatten().cpu() for t in (predicted, reference, labels))
+    if not (predicted.shape == reference.shape == labels.shape) or predicted.numel() == 0:
+        raise ValueError(f"expected three non-empty class vectors of one length, got {predicted.numel()}, "
+                         f"{reference.numel()} and {labels.numel()}")
+    right, reference_right = (predicted == labels).double(), (reference == labels).double()
+    d = right - reference_right
+    n = d.numel()
+    error = float(d.std() / math.sqrt(n)) if n > 1 else 0.0
+    return PairedAccuracy(accuracy=float(right.mean()), reference_accuracy=float(reference_right.mean()),
+                          difference=float(d.mean()), standard_error=error,
+                          agreement=float((predicted == reference).double().mean()))
