@@ -81,6 +81,11 @@ def test_bench_writes_rows_results_and_plot(bench_dir: Path) -> None:
         assert 0 <= row["class_consistency"] <= 1 and row["fd"] >= 0
         assert row["env"]["torch"] == torch.__version__
     assert rows[2]["cache_bytes"] > 0  # fora holds its outputs
+    assert "class_consistency_change" not in rows[0]  # dense is the reference, not compared with itself
+    none = rows[1]  # the same images as dense: no change, full agreement
+    assert (none["class_consistency_change"], none["class_consistency_change_se"], none["class_agreement"]) == (0, 0, 1)
+    fora = rows[2]
+    assert fora["class_consistency_change"] == pytest.approx(fora["class_consistency"] - rows[0]["class_consistency"])
     markdown = (bench_dir / "results.md").read_text()
     assert "| fora | dit_accel |" in markdown and "unavailable" in markdown and "pareto.png" in markdown
     with Image.open(bench_dir / "pareto.png") as image:

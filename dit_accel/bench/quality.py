@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.metrics import paired_accuracy, psnr, ssim
 
 REAL_SEED = 3_000_000_019  # seed of the zoo's real images for fd (as in benchmarks/caching_cpu.py)
 
@@ -53,6 +53,11 @@ class Quality:
                 notes.append("fd skipped: it needs at least 2 samples")
             if conditioning.get("labels") is not None:
                 result["class_consistency"] = self.evaluator.class_consistency(frames, conditioning["labels"])
+                if dense is not None:  # the change from dense, image by image: is it more than noise?
+                    paired = paired_accuracy(self.evaluator.predict(frames), self.evaluator.predict(_frames(dense)),
+                                             conditioning["labels"])
+                    result.update(class_consistency_change=paired.difference,
+                                  class_consistency_change_se=paired.standard_error, class_agreement=paired.agreement)
             if len(frames) < 1000:
                 notes.append(f"fd on {len(frames)} images: a small-sample estimate, compare within this table only")
         else:

@@ -190,7 +190,7 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
         if scopes:
             lines += [f"Peak memory: {'; '.join(scopes)}.", ""]
         lines += ["| configuration | kind | wall × | transformer × | FLOPs × | latency s | dense latency s | "
-                  "peak MiB | cache MiB | PSNR dB | SSIM | fd | class cons. | FID | CLIP | notes |",
+                  "peak MiB | cache MiB | PSNR dB | SSIM | fd | class cons. (Δ ± se vs dense) | FID | CLIP | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in group:
             notes = "; ".join(r.get("notes") or []).replace("|", "/")
@@ -203,10 +203,18 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
                 f"{format_number(r.get('transformer_speedup'), '.2f')} | {format_number(r.get('flops_speedup'), '.2f')} | "
                 f"{_latency(r.get('latency_s'))} | {_latency(r.get('dense_latency_s'))} | "
                 f"{_mib(r.get('peak_memory_bytes'))} | {_mib(r.get('cache_bytes'))} | {format_number(r.get('psnr'), '.2f')} | "
-                f"{format_number(r.get('ssim'), '.3f')} | {format_number(r.get('fd'), '.3f')} | {format_number(r.get('class_consistency'), '.3f')}"
+                f"{format_number(r.get('ssim'), '.3f')} | {format_number(r.get('fd'), '.3f')} | {_class_cell(r)}"
                 f" | {format_number(r.get('fid'), '.2f')} | {format_number(r.get('clip_score'), '.2f')} | {notes} |")
     lines += ["", f"![speedup vs PSNR]({PARETO_FILE})", ""]
     return "\n".join(lines)
+
+
+def _class_cell(row: dict) -> str:
+    """Class consistency, with its paired change from dense (± one standard error) where the row has one."""
+    cell = format_number(row.get("class_consistency"), ".3f")
+    if row.get("class_consistency_change") is not None:
+        cell += f" ({row['class_consistency_change']:+.3f} ± {row['class_consistency_change_se']:.3f})"
+    return cell
 
 
 # ------------------------------------------------------------------------------------------------------- plot
