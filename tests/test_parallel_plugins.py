@@ -30,7 +30,8 @@ from dit_accel.cli.app import app
 from dit_accel.core import parallel as cp
 from dit_accel.core.attention import AttentionCall, KeyPaddingReader, LayerId
 from dit_accel.core.blocks import TokenGrid, TokenLayout
-from dit_accel.core.parallel import ParallelSetting, first_occurrence, local_choice, shard_positions
+from dit_accel.core.parallel import (ParallelSetting, first_occurrence, local_choice, replica_weights,
+                                     shard_positions)
 
 runner = CliRunner()
 ULYSSES = ParallelSetting("ulysses", world=2, rank=0, text_sharded=True)
@@ -121,6 +122,44 @@ def test_forecast_gain_summed_over_shards_is_the_whole_gain():
         summed = forecast_gain((state[0], [d[:, halves[0]] for d in state[1]]), value[:, halves[0]], 1.5,
                                lambda both: total)
         torch.testing.assert_close(summed, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_replica_weights_count_every_token_once_over_the_ranks():
+    whole = torch.randn(72, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for length, sharded in ((40, False), (36, True), (72, True), (32, True)):  # patch, ulysses, unsplit, image only
+        for text_first in (True, False):
+            layouts = [shard_positions(length, 2, r, 8, 64, text_first, sharded) for r in range(2)]
+            weights = [replica_weights(layout, 2) for layout in layouts]
+            total = sum(float((whole[layout.positions] * (1 if w is None else w)).sum())
+                        for layout, w in zip(layouts, weights))
+            assert total == pytest.approx(float(whole[:layouts[0].total].sum()), abs=1e-12), (length, text_first)
+            assert (weights[0] is None) == (not layouts[0].replicated)
+    patch = replica_weights(shard_positions(40, 2, 1, 8, 64, False, False), 2)  # [image shard, all the text]
+    assert patch.tolist() == [1.0] * 32 + [0.5] * 8
+    assert replica_weights(None, 2) is None
+
+
+def test_forecast_gain_over_shards_with_replicated_text_is_the_whole_gain():
+    """patch-parallel on Flux's single blocks: each rank holds [all the text, its image shard]."""
+    g = torch.Generator().manual_seed(3)
+    value, d0, d1, d2 = (torch.randn(2, 72, 5, generator=g) for _ in range(4))
+    for state in (([1.0, 0.5], [d0, d1]), ([1.0, 0.5, 0.2], [d0, d1, d2])):
+        whole = forecast_gain(state, value, 1.5)
+        layouts = [shard_positions(40, 2, r, 8, 64, True, False) for r in range(2)]
+
+        def local(layout, reduce, weighted=True):
+            return forecast_gain((state[0], [d[:, layout.positions] for d in state[1]]), value[:, layout.positions],
+                                 1.5, reduce, replica_weights(layout, 2) if weighted else None)
+
+        for weighted in (True, False):
+            parts = []
+            for layout in layouts:
+                local(layout, lambda both: parts.append(both.clone()) or both, weighted)
+            summed = local(layouts[0], lambda both: parts[0] + parts[1], weighted)
+            if weighted:
+                torch.testing.assert_close(summed, whole, atol=1e-6, rtol=1e-5)
+            else:  # the text counted twice: a different gain, which is what the weights are for
+                assert not torch.allclose(summed, whole, atol=1e-4)
 
 
 def test_relative_l1_parts_add_up_over_shards():

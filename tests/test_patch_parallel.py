@@ -298,6 +298,9 @@ def test_two_processes_dit_pixart_sd3_with_dit_accels_own_plans(tmp_path):
             assert result["fallbacks"] == {}, f"{name}: every attention call must be split into patches"
             assert result["distrifusion_psnr"] > 20 and result["pcpp_psnr"] > 20, name
             assert math.isfinite(result["distrifusion_psnr"]), f"{name}: stale patches must change the output"
+        flux = verdict["flux_taylorseer"]
+        assert flux["changed"] > 1e-3, "taylorseer-fast must forecast on tiny Flux, or the check below proves nothing"
+        assert flux["max_abs_diff"] < 1e-5, "taylorseer's forecast check must count the replicated text once"
         assert verdict["dit"]["fora_after_reuse_max_abs_diff"] < 1e-5, "a step after a reuse must exchange anew"
         for cache in ("fbcache", "cfg-cache"):  # with every step synchronous, a cache on split tokens decides as one
             assert verdict["dit"][f"with_{cache}_max_abs_diff"] < 1e-5, cache  # process does

@@ -39,7 +39,7 @@ from dit_accel.caching.forecasters import (
 )
 from dit_accel.caching.sublayer import IntervalSubLayerPlugin, flatten_output
 from dit_accel.core.context import CallContext
-from dit_accel.core.parallel import all_reduce_sum, parallel_setting
+from dit_accel.core.parallel import all_reduce_sum, parallel_setting, replica_weights, shard_positions
 from dit_accel.core.plugin import register_plugin
 from dit_accel.recipe import PluginConfig, check_bool, check_choice, check_range, register_config
 
@@ -61,7 +61,8 @@ def extrapolation(state: tuple[list[float], list[torch.Tensor]], position: float
 
 
 def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Tensor, position: float,
-                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """How far to trust the state's forecast change, from how much of it at ``position`` the computed ``value``
     bore out.
 
@@ -70,24 +71,32 @@ def forecast_gain(state: tuple[list[float], list[torch.Tensor]], value: torch.Te
     ``min(1, 2 g)`` clipped at 0: full where forecasting helped, fading to reuse where it did not; 0 where ``e`` is
     zero. Shape ``(B, 1, ...)`` float32, broadcastable against ``value``; computed on the device (no host sync).
     ``reduce`` (the two dot products stacked, ``(2, B)``, to summed ones): under sequence parallelism it sums them
-    over the ranks, so that every rank trusts the forecast alike.
+    over the ranks, so that every rank trusts the forecast alike; ``weights`` (``(L,)``, per token along dim 1 of
+    ``value``; :func:`~dit_accel.core.parallel.replica_weights`) weigh each token's terms, so that tokens every rank
+    holds count once in the sum.
     """
     positions, differences = state
     rows = value.shape[0] if value.dim() > 1 else 1
     shape = (rows,) + (1,) * (value.dim() - 1) if value.dim() > 1 else (1,)
+    if weights is not None:
+        weights = weights.to(value.device, torch.float32).view((1, -1) + (1,) * (value.dim() - 2))
     if len(differences) == 2:
         # Order 1, the common case: e = F[x0,x1] w, so both products are dot products of cached tensors with
         # ``value``; vecdot reads each tensor once and allocates nothing full-size (3x faster on CPU).
-        slope = differences[1].float().reshape(rows, -1)
+        slope = differences[1].float()
+        weighted = (slope if weights is None else slope * weights).reshape(rows, -1)
+        slope = slope.reshape(rows, -1)
         weight = position - positions[0]
-        along = torch.linalg.vecdot(value.float().reshape(rows, -1), slope)
-        along = (along - torch.linalg.vecdot(differences[0].float().reshape(rows, -1), slope)) * weight
-        energy = torch.linalg.vecdot(slope, slope) * (weight * weight)
+        along = torch.linalg.vecdot(value.float().reshape(rows, -1), weighted)
+        along = (along - torch.linalg.vecdot(differences[0].float().reshape(rows, -1), weighted)) * weight
+        energy = torch.linalg.vecdot(slope, weighted) * (weight * weight)
     else:
-        change = extrapolation(state, position).float().reshape(rows, -1)
+        change = extrapolation(state, position).float()
+        weighted = (change if weights is None else change * weights).reshape(rows, -1)
+        change = change.reshape(rows, -1)
         actual = (value.float() - differences[0].float()).reshape(rows, -1)
-        energy = (change * change).sum(1)
-        along = (actual * change).sum(1)
+        energy = (change * weighted).sum(1)
+        along = (actual * weighted).sum(1)
     if reduce is not None:
         along, energy = reduce(torch.stack([along, energy]))
     gain = along / energy.clamp_min(torch.finfo(torch.float32).tiny)
@@ -199,6 +208,14 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         self.store.put(name, context.slot, ([p[1] for p in predictions], gains, dtypes, rebuild))  # FoCa recursion
         return rebuild([p[0].to(dtype) for p, dtype in zip(predictions, dtypes)]), event
 
+    def _replica_weights(self, value: torch.Tensor, context: CallContext, setting) -> torch.Tensor | None:
+        """Under sequence parallelism, the weights that count a token every rank holds once in the gain's sums."""
+        if setting is None or context.grid is None or value.dim() < 3:
+            return None
+        layout = shard_positions(value.shape[1], setting.world, setting.rank, context.num_text_tokens,
+                                 context.grid.num_tokens, self.target.spec.text_position != "last", setting.text_sharded)
+        return replica_weights(layout, setting.world)
+
     def peek(self, context: CallContext, name: str):
         """The forecast for this call whatever the schedule says, without advancing FoCa's recursion (the rows a
         cfg-cache call leaves out take it, which keeps their polynomial's trend)."""
@@ -224,7 +241,7 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         setting = parallel_setting(self.target.transformer)
         reduce = None if setting is None else (lambda both: all_reduce_sum(both, setting))
         gains = [
-            forecast_gain(old, value, position, reduce)
+            forecast_gain(old, value, position, reduce, self._replica_weights(value, context, setting))
             if self._newton and self.config.verify and old is not None and len(old[1]) > 1
             and old[1][0].shape == value.shape else None
             for old, value in zip(previous, values)

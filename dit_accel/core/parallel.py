@@ -8,7 +8,9 @@ between ranks, and ranks that decide differently run different collectives and h
 
 * a ratio of sums (relative L1, magnitudes, least-squares gains) is all-reduced as its numerator and denominator
   (:func:`all_reduce_sum`): every rank then holds the whole sequence's statistic. A tensor every rank holds whole
-  (text tokens diffusers does not split) scales numerator and denominator alike, so the ratio stays right;
+  (text tokens diffusers does not split) scales numerator and denominator alike, so the ratio stays right; a stream
+  that joins text every rank holds to the rank's image shard weighs the text by ``1 / world``
+  (:func:`replica_weights`), or the text would count ``world`` times;
 * a choice over tokens (ToCa's top-k) is made on the scores of the whole sequence (:func:`all_gather_tokens`, put in
   sequence order with :func:`shard_positions`), identically on every rank, and each rank computes its own chosen;
 * math over the whole token grid (FreqCa's DCT) gathers the grid first and keeps the rank's part of the result;
@@ -89,6 +91,19 @@ def shard_positions(length: int, world: int, rank: int, text: int, image: int, t
         return ShardLayout(arange(length), length, text if (joint or only_text) else 0,
                            image if joint else (0 if only_text else length), where, True)
     return None
+
+
+def replica_weights(layout: ShardLayout | None, world: int) -> torch.Tensor | None:
+    """Per local token of ``layout``, the share of it this rank should add to a sum over the ranks: ``1 / world``
+    for a token every rank holds (the text beside an image shard under ``patch-parallel``, a stream no rank splits),
+    1 for the rank's own; ``None`` when every local token is the rank's own (or the layout is unknown), so a plain
+    sum is already right. A ratio of two sums needs this only where the two kinds mix in one stream."""
+    if layout is None or not layout.replicated:
+        return None
+    weights = torch.full((len(layout.positions),), 1.0 / world)
+    if layout.image_slice.stop - layout.image_slice.start < layout.image:  # this rank's shard of the image
+        weights[layout.image_slice] = 1.0
+    return weights
 
 
 def first_occurrence(positions: torch.Tensor, total: int) -> torch.Tensor | None:
@@ -272,5 +287,5 @@ def ulysses_attention(plugin: str, setting: ParallelSetting, attend: AttendFn, q
 
 
 __all__ = ["ParallelSetting", "ShardLayout", "all_gather_tokens", "all_reduce_sum", "attention_refusal",
-           "first_occurrence", "local_choice", "parallel_setting", "refusal", "shard_positions", "ulysses_attention",
-           "whole_stream"]
+           "first_occurrence", "local_choice", "parallel_setting", "refusal", "replica_weights", "shard_positions",
+           "ulysses_attention", "whole_stream"]

@@ -8,7 +8,8 @@ reference), then under patch-parallel with a warm-up covering every step (must b
 with PCPP after one warm-up step (stale K/V), and the refusals that need a real world (an attention plugin beside
 it, diffusers parallelism already on, a grid whose rows do not split). ``pipeline``: the zoo:mmdit pipeline (Flux
 architecture, true CFG as two calls) end to end: exact, DistriFusion, PCPP, and patch-parallel with fbcache.
-``families``: the tiny DiT, PixArt-Sigma and SD3 pipelines, split with dit_accel's own plans. Every rank's verdict
+``families``: the tiny DiT, PixArt-Sigma and SD3 pipelines, split with dit_accel's own plans (and taylorseer's
+forecast check on tiny Flux, whose single blocks join the text every rank holds to the image shard). Every rank's verdict
 goes to rank 0, which writes them as JSON.
 """
 
@@ -168,6 +169,21 @@ def families_case(steps: int = 4) -> dict:
                                   **{prefix + key: value for key, value in settings.items()})
                 verdict[name][f"with_{cache}_max_abs_diff"] = float((out - alone).abs().max())
                 verdict[name][f"with_{cache}_changed"] = float((alone - reference).abs().max())
+
+    def flux(recipe: str | None, **settings) -> torch.Tensor:
+        pipe = tiny.build("flux")
+        handle = accelerate_dit(pipe, recipe, **settings) if recipe else None
+        out = tiny.output_of("flux", pipe(**tiny.default_call_kwargs("flux", steps=10)))
+        if handle is not None:
+            handle.remove()
+        return out
+
+    # Flux's single blocks attend over [text, image shard]: taylorseer's forecast check sums over both, and the text
+    # every rank holds must count once (each rank adding its copy put the output 7e-4 from one process's).
+    alone = flux("taylorseer-fast")
+    out = flux("patch-parallel+taylorseer-fast", patch_parallel__warmup_steps=10)
+    verdict["flux_taylorseer"] = {"max_abs_diff": float((out - alone).abs().max()),
+                                  "changed": float((alone - flux(None)).abs().max())}
     pipe = tiny.build("sd3")
     handle = accelerate_dit(pipe, "patch-parallel")
     latent = torch.randn(1, pipe.transformer.config.in_channels, 8, 8)
