@@ -27,8 +27,8 @@ from dit_accel.bench.runner import pair_speedup
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS, TAYLORSEER_IDENTIFIERS
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
-from dit_accel.bench.metrics import psnr, ssim
-from dit_accel.bench.report import format_number
+from dit_accel.bench.metrics import paired_accuracy, psnr, ssim
+from dit_accel.bench.report import class_consistency_cell, format_number
 from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer
 from dit_accel.pipelines import zoo
@@ -242,7 +242,15 @@ def row(images, dense, speedups, flops_fraction, evaluator, labels, real, kind):
         "ssim": ssim(images, dense),
         "fd": evaluator.fd(images, real[: len(images)]),
         "class_consistency": evaluator.class_consistency(images, labels),
+        **({} if kind == "dense" else class_change(images, dense, evaluator, labels)),
     }
+
+
+def class_change(images, dense, evaluator, labels) -> dict[str, float]:
+    """Class consistency's change from dense, image by image (see ``paired_accuracy``)."""
+    paired = paired_accuracy(evaluator.predict(images), evaluator.predict(dense), torch.tensor(labels))
+    return {"class_consistency_change": paired.difference, "class_consistency_change_se": paired.standard_error,
+            "class_agreement": paired.agreement}
 
 
 
@@ -284,7 +292,7 @@ def write_markdown(results: dict, path: Path) -> None:
                 f"| {name} | {format_number(r['wall_speedup'], '.2f')} | {format_number(r['transformer_speedup'], '.2f')} | "
                 f"{format_number(r['flops_speedup'], '.2f')} | {format_number(achieved(r), '.2f')} | "
                 f"{format_number(r['psnr'], '.2f')} | {format_number(r['ssim'], '.3f')} | "
-                f"{format_number(r['fd'], '.3f')} | {format_number(r['class_consistency'], '.3f')} |"
+                f"{format_number(r['fd'], '.3f')} | {class_consistency_cell(r)} |"
             )
     if "taylorseer_distance" in results:
         lines += ["", "## TaylorSeer: distance in timesteps or in steps, on a non-uniform schedule", "",

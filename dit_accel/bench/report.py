@@ -203,13 +203,13 @@ def markdown(rows: list[dict], title: str = "dit_accel benchmark", command: str 
                 f"{format_number(r.get('transformer_speedup'), '.2f')} | {format_number(r.get('flops_speedup'), '.2f')} | "
                 f"{_latency(r.get('latency_s'))} | {_latency(r.get('dense_latency_s'))} | "
                 f"{_mib(r.get('peak_memory_bytes'))} | {_mib(r.get('cache_bytes'))} | {format_number(r.get('psnr'), '.2f')} | "
-                f"{format_number(r.get('ssim'), '.3f')} | {format_number(r.get('fd'), '.3f')} | {_class_cell(r)}"
+                f"{format_number(r.get('ssim'), '.3f')} | {format_number(r.get('fd'), '.3f')} | {class_consistency_cell(r)}"
                 f" | {format_number(r.get('fid'), '.2f')} | {format_number(r.get('clip_score'), '.2f')} | {notes} |")
     lines += ["", f"![speedup vs PSNR]({PARETO_FILE})", ""]
     return "\n".join(lines)
 
 
-def _class_cell(row: dict) -> str:
+def class_consistency_cell(row: dict) -> str:
     """Class consistency, with its paired change from dense (± one standard error) where the row has one."""
     cell = format_number(row.get("class_consistency"), ".3f")
     if row.get("class_consistency_change") is not None:
