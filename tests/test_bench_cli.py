@@ -229,7 +229,9 @@ def test_tune_target_parsing() -> None:
     assert (target.metric, target.op, target.value) == ("psnr", ">=", 30.0)
     assert target.met({"psnr": 31.0}) and not target.met({"psnr": 29.0}) and not target.met({})
     assert parse_target(" fd <= 12.5 ").met({"fd": 12.5})
-    for bad in ("psnr=30", "speed>=2", "psnr<=30", "fd>=3"):
+    change = parse_target("class_consistency_change>=-0.02")  # no worse than dense by more than 0.02, paired
+    assert change.met({"class_consistency_change": 0.0}) and not change.met({"class_consistency_change": -0.05})
+    for bad in ("psnr=30", "speed>=2", "psnr<=30", "fd>=3", "class_consistency_change<=0"):
         with pytest.raises(ValueError):
             parse_target(bad)
 
@@ -239,6 +241,9 @@ def test_tune_bad_input_exits_2(tmp_path: Path) -> None:
     assert_usage_error(invoke("tune", "--target", "psnr>=30", "--recipes", "nope", "-o", tmp_path / "t.toml"),
                        "unknown recipe 'nope'")
     assert_usage_error(invoke("tune", "--target", "psnr>=30", "-o", tmp_path / "t.json"), ".toml")
+    for metric in ("fd<=10", "class_consistency>=0.5", "class_consistency_change>=-0.02"):  # no evaluator for them
+        assert_usage_error(invoke("tune", "--model", "tiny:flux", "--target", metric, "--steps", "2",
+                                  "-o", tmp_path / "t.toml"), "zoo models only")
 
 
 @needs_zoo
@@ -286,3 +291,15 @@ def test_noisy_timing_is_flagged_not_hidden() -> None:
     assert noisy_timing_notes({"latency_s": steady, "dense_latency_s": steady}) == []
     notes = noisy_timing_notes({"latency_s": steady, "dense_latency_s": busy})
     assert len(notes) == 1 and "dense runs' IQR is 50% of their median" in notes[0]
+
+
+@needs_zoo
+def test_tune_on_class_consistency_change(tmp_path: Path) -> None:
+    """The paired target reaches tune's measurements: every candidate row carries the change from dense."""
+    path = tmp_path / "tuned.toml"
+    result = invoke("tune", "--target", "class_consistency_change>=-0.5", "--recipes", "fora@first_steps=0,last_steps=0",
+                    "--steps", "3", "--num-samples", "2", "--batch", "2", "--seed", "0", "--holdout-seed", "0", "-o",
+                    path, "-q", "--uniform-only")
+    assert result.exit_code == 0, result.output
+    held_out = next(line for line in result.stdout.splitlines() if line.startswith("held-out seeds [0]"))
+    assert "(meets class_consistency_change>=-0.5)" in held_out, result.stdout

@@ -31,8 +31,8 @@ from dit_accel.bench.distributed import launched_distributed
 from dit_accel.bench.layer_plan import PER_LAYER_TYPES, greedy_layer_plan, split_recipe, transformer_blocks
 from dit_accel.bench.quality import Quality, fidelity
 from dit_accel.bench.runner import RecipeToggle, Session, noisy_timing_notes
-from dit_accel.bench.tune_space import (KNOBS, METRICS, SECONDARY_KNOBS, Candidate, Target, TuneResult, _between,
-                                         knobs_of)
+from dit_accel.bench.tune_space import (KNOBS, METRICS, SECONDARY_KNOBS, ZOO_ONLY_METRICS, Candidate, Target,
+                                         TuneResult, _between, knobs_of)
 
 HOLDOUT_OFFSET = 1000
 MAX_COMBINATIONS = 24
@@ -237,7 +237,7 @@ def tune(pipe: Any, spec: str, family: str, recipes: list[Any], target: Target, 
     if spec.startswith("zoo:") and spec[4:] in EVALUATION_ONLY:
         raise ValueError(f"{spec} is the evaluation-only model: nothing is tuned on it, so that what is reported on "
                          "it was not chosen on it; tune on zoo:dit or zoo:mmdit (or your own model)")
-    if target.metric in ("fd", "class_consistency") and not spec.startswith("zoo:"):
+    if target.metric in ZOO_ONLY_METRICS and not spec.startswith("zoo:"):
         raise ValueError(f"--target {target}: {target.metric} is measured on zoo models only; use psnr, ssim or "
                          "rel_l1")
     device = device or torch.device("cpu")

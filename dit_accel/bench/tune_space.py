@@ -34,7 +34,9 @@ SECONDARY_KNOBS: dict[str, tuple[str, list[Any]]] = {
     "magcache": ("forecast_order", [1, 0]),
 }
 DEFAULT_RECIPES = ["fora", "taylorseer", "fbcache", "magcache"]
-METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "fd": "lower", "rel_l1": "lower"}
+METRICS = {"psnr": "higher", "ssim": "higher", "class_consistency": "higher", "fd": "lower", "rel_l1": "lower",
+           "class_consistency_change": "higher"}  # paired against dense on the same seeds: >= -0.02, say
+ZOO_ONLY_METRICS = ("fd", "class_consistency", "class_consistency_change")
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
