@@ -27,7 +27,8 @@ from dit_accel.bench.runner import pair_speedup
 from dit_accel import accelerate_dit, load_recipe, remove_acceleration
 from dit_accel.bench.harness import DEFAULT_BASELINE_SETTINGS, TAYLORSEER_IDENTIFIERS
 from dit_accel.bench.baselines import BaselineUnavailable, apply_baseline, calibrate_magcache
-from dit_accel.bench.metrics import paired_accuracy, psnr, ssim
+from dit_accel.bench.metrics import psnr, ssim
+from dit_accel.bench.quality import class_change
 from dit_accel.bench.report import class_consistency_cell, format_number
 from dit_accel.bench.runner import needs_calibration
 from dit_accel.bench.timing import TransformerTimer
@@ -242,17 +243,8 @@ def row(images, dense, speedups, flops_fraction, evaluator, labels, real, kind):
         "ssim": ssim(images, dense),
         "fd": evaluator.fd(images, real[: len(images)]),
         "class_consistency": evaluator.class_consistency(images, labels),
-        **({} if kind == "dense" else class_change(images, dense, evaluator, labels)),
+        **({} if kind == "dense" else class_change(evaluator, images, dense, labels)),
     }
-
-
-def class_change(images, dense, evaluator, labels) -> dict[str, float]:
-    """Class consistency's change from dense, image by image (see ``paired_accuracy``)."""
-    paired = paired_accuracy(evaluator.predict(images), evaluator.predict(dense), torch.tensor(labels))
-    return {"class_consistency_change": paired.difference, "class_consistency_change_se": paired.standard_error,
-            "class_agreement": paired.agreement}
-
-
 
 
 def achieved(r: dict) -> float | None:

@@ -26,6 +26,15 @@ def fidelity(images: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
             "rel_l1": float((a - b).abs().sum() / b.abs().sum().clamp(min=1e-12))}
 
 
+def class_change(evaluator, images: torch.Tensor, dense: torch.Tensor, labels) -> dict[str, float]:
+    """A row's ``class_consistency_change`` (± ``class_consistency_change_se``) and ``class_agreement``: the zoo
+    evaluator's classes of ``images`` against those of the ``dense`` images of the same seeds
+    (:func:`~dit_accel.bench.metrics.paired_accuracy`)."""
+    paired = paired_accuracy(evaluator.predict(images), evaluator.predict(dense), torch.as_tensor(labels))
+    return {"class_consistency_change": paired.difference, "class_consistency_change_se": paired.standard_error,
+            "class_agreement": paired.agreement}
+
+
 class Quality:
     """The distribution metrics of one benchmark: fd and class consistency on zoo models (offline), FID and CLIP
     score through torchmetrics when the user supplies weights; otherwise skipped, with the reason in ``notes``."""
@@ -54,10 +63,7 @@ class Quality:
             if conditioning.get("labels") is not None:
                 result["class_consistency"] = self.evaluator.class_consistency(frames, conditioning["labels"])
                 if dense is not None:  # the change from dense, image by image: is it more than noise?
-                    paired = paired_accuracy(self.evaluator.predict(frames), self.evaluator.predict(_frames(dense)),
-                                             conditioning["labels"])
-                    result.update(class_consistency_change=paired.difference,
-                                  class_consistency_change_se=paired.standard_error, class_agreement=paired.agreement)
+                    result.update(class_change(self.evaluator, frames, _frames(dense), conditioning["labels"]))
             if len(frames) < 1000:
                 notes.append(f"fd on {len(frames)} images: a small-sample estimate, compare within this table only")
         else:
