@@ -187,6 +187,7 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         self._dtype = _DTYPES[self.config.factor_dtype]
         self._forecaster = config_forecaster(self.config, "order")
         self._newton = self.config.forecaster == "taylor" or self.config.order == 0
+        self._weights: dict[tuple, torch.Tensor | None] = {}  # replica weights by stream layout (_replica_weights)
 
     def _position(self, context: CallContext) -> float:
         return float(context.step) if self.config.distance == "step" else context.timestep
@@ -209,12 +210,18 @@ class TaylorSeerPlugin(IntervalSubLayerPlugin):
         return rebuild([p[0].to(dtype) for p, dtype in zip(predictions, dtypes)]), event
 
     def _replica_weights(self, value: torch.Tensor, context: CallContext, setting) -> torch.Tensor | None:
-        """Under sequence parallelism, the weights that count a token every rank holds once in the gain's sums."""
+        """Under sequence parallelism, the weights that count a token every rank holds once in the gain's sums
+        (made once per stream length, grid and device: a check runs on every sub-layer of every full step)."""
         if setting is None or context.grid is None or value.dim() < 3:
             return None
-        layout = shard_positions(value.shape[1], setting.world, setting.rank, context.num_text_tokens,
-                                 context.grid.num_tokens, self.target.spec.text_position != "last", setting.text_sharded)
-        return replica_weights(layout, setting.world)
+        key = (value.shape[1], context.num_text_tokens, context.grid.num_tokens, setting, value.device)
+        if key not in self._weights:
+            layout = shard_positions(value.shape[1], setting.world, setting.rank, context.num_text_tokens,
+                                     context.grid.num_tokens, self.target.spec.text_position != "last",
+                                     setting.text_sharded)
+            weights = replica_weights(layout, setting.world)
+            self._weights[key] = None if weights is None else weights.to(value.device)
+        return self._weights[key]
 
     def peek(self, context: CallContext, name: str):
         """The forecast for this call whatever the schedule says, without advancing FoCa's recursion (the rows a
