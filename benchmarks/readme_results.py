@@ -104,7 +104,8 @@ def class_consistency_section() -> str:
                      "–" if dense else f"{r['difference']:+.4f} ± {r['standard_error']:.4f}",
                      "–" if dense else format_number(r["agreement"], ".3f")])
     return "\n\n".join([
-        "### Class consistency of the goal recipes on 400 images (zoo models, CPU)", _method(md),
+        f"### Class consistency of the goal recipes on {data['rows'][0]['images']} images (zoo models, CPU)",
+        _method(md),
         _table(["model", "recipe", "images", "FLOPs ×", "PSNR dB", "class consistency", "Δ vs dense", "agreement"],
                rows),
     ])
